@@ -1,0 +1,40 @@
+"""The event contract of spendstream (DESIGN §3) and the names of its topics.
+
+Importable without Kafka or ClickHouse: producers in any process can validate against it.
+"""
+
+from schemas import topics
+from schemas._events import (
+    MAX_ATTRIBUTES,
+    MAX_EVENT_BYTES,
+    UsageEvent,
+    decode_event,
+    encode_event,
+    event_from_obj,
+    event_json_schema,
+)
+from schemas._records import (
+    MONEY_SCALE,
+    DeadLetter,
+    PlanPeriod,
+    PricedEvent,
+    Rollup,
+    Subscription,
+)
+
+__all__ = [
+    "MAX_ATTRIBUTES",
+    "MAX_EVENT_BYTES",
+    "MONEY_SCALE",
+    "DeadLetter",
+    "PlanPeriod",
+    "PricedEvent",
+    "Rollup",
+    "Subscription",
+    "UsageEvent",
+    "decode_event",
+    "encode_event",
+    "event_from_obj",
+    "event_json_schema",
+    "topics",
+]

@@ -1,0 +1,149 @@
+"""The public usage-event contract (DESIGN §3) and its wire codec.
+
+Field names are a public contract: producers in other languages depend on them. Models may add
+optional fields; they never rename or repurpose one.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from spendstream.errors import InvalidEventError
+
+MAX_EVENT_BYTES = 16 * 1024
+"""Largest encoded event accepted; larger messages go to the dead-letter topic."""
+MAX_ATTRIBUTES = 32
+MAX_ATTRIBUTE_KEY_CHARS = 64
+MAX_ATTRIBUTE_VALUE_CHARS = 256
+MAX_TOKENS = 10**12
+"""Upper bound on any token count: far above any real call, far below UInt64 overflow in sums."""
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
+AttrKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ATTRIBUTE_KEY_CHARS)]
+AttrValue = Annotated[str, StringConstraints(max_length=MAX_ATTRIBUTE_VALUE_CHARS)]
+
+
+class UsageEvent(BaseModel):
+    """One model call, as emitted by a gateway after the call (DESIGN §3).
+
+    Token fields follow the provider-neutral convention: ``input_tokens`` counts *all* input
+    tokens of the call, of which ``cached_input_tokens`` were read from and
+    ``cache_write_tokens`` written to the prompt cache; ``output_tokens`` counts all output
+    tokens, of which ``reasoning_tokens`` were spent on reasoning.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=False)
+
+    event_id: Id = Field(description="Unique per call: the idempotency key.")
+    occurred_at: AwareDatetime = Field(
+        description="Event time, RFC 3339 with an offset; stored as UTC."
+    )
+    org_id: Id
+    user_id: Id
+    api_key_id: Id | None = None
+    gateway: Name = Field(description="Which gateway or service emitted the event.")
+    request_id: Id | None = None
+    provider: Name | None = Field(default=None, description="openai, anthropic, bedrock, ...")
+    requested_model: Name = Field(description="The model the client asked for.")
+    served_model: Name | None = Field(
+        default=None, description="The model that answered (routing); defaults to requested."
+    )
+    input_tokens: Tokens = 0
+    cached_input_tokens: Tokens = 0
+    cache_write_tokens: Tokens = 0
+    output_tokens: Tokens = 0
+    reasoning_tokens: Tokens = 0
+    semantic_cache_hit: Annotated[bool, Field(strict=True)] = False
+    status: Literal["ok", "error"] = "ok"
+    latency_ms: Tokens | None = None
+    feature: Name | None = None
+    attributes: dict[AttrKey, AttrValue] | None = Field(
+        default=None, max_length=MAX_ATTRIBUTES, description="Bounded string -> string map."
+    )
+    schema_version: Annotated[int, Field(ge=1, le=1, strict=True)] = 1
+
+    @field_validator("occurred_at", mode="before")
+    @classmethod
+    def _rfc3339_only(cls, value: Any) -> Any:
+        # pydantic would accept unix numbers; the contract is an RFC 3339 string with an offset.
+        if isinstance(value, str | datetime):
+            return value
+        raise ValueError("occurred_at must be an RFC 3339 timestamp string with an offset")
+
+    @field_validator("occurred_at", mode="after")
+    @classmethod
+    def _to_utc(cls, value: datetime) -> datetime:
+        return value.astimezone(UTC)
+
+    @model_validator(mode="after")
+    def _token_classes_fit(self) -> UsageEvent:
+        if self.cached_input_tokens + self.cache_write_tokens > self.input_tokens:
+            raise ValueError(
+                "cached_input_tokens + cache_write_tokens must not exceed input_tokens"
+            )
+        if self.reasoning_tokens > self.output_tokens:
+            raise ValueError("reasoning_tokens must not exceed output_tokens")
+        return self
+
+    @property
+    def model(self) -> str:
+        """The model that answered: ``served_model`` or, without routing, the requested one."""
+        return self.served_model or self.requested_model
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "event"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def decode_event(data: bytes | str) -> UsageEvent:
+    """Parse and validate one wire message; raise :class:`InvalidEventError` with the reason."""
+    if len(data) > MAX_EVENT_BYTES:
+        raise InvalidEventError(f"event is {len(data)} bytes, over the {MAX_EVENT_BYTES} limit")
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEventError(f"not JSON: {exc}") from exc
+    return event_from_obj(obj)
+
+
+def event_from_obj(obj: Any) -> UsageEvent:
+    """Validate an already-parsed JSON object as a :class:`UsageEvent`."""
+    if not isinstance(obj, dict):
+        raise InvalidEventError(f"event must be a JSON object, got {type(obj).__name__}")
+    try:
+        return UsageEvent.model_validate(obj)
+    except ValidationError as exc:
+        raise InvalidEventError(_describe(exc)) from exc
+
+
+def encode_event(event: UsageEvent) -> bytes:
+    """The wire form: compact UTF-8 JSON, UTC timestamps, unset optional fields left out."""
+    return orjson.dumps(event.model_dump(exclude_none=True), option=orjson.OPT_UTC_Z)
+
+
+def event_json_schema() -> dict[str, Any]:
+    """JSON Schema of the contract, for producers in other languages."""
+    schema = UsageEvent.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://spendstream.dev/schemas/usage_event.schema.json"
+    schema["additionalProperties"] = True
+    return schema

@@ -1,0 +1,156 @@
+"""Wire shapes of the records the pipeline itself produces (JSON via orjson, key = user_id).
+
+Money travels as decimal strings (``"0.000123"``), never as JSON numbers, so no consumer can
+read it as a float by accident. Timestamps are RFC 3339 UTC strings.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, TypedDict
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+MONEY_SCALE = 24
+"""Decimal places kept for money everywhere (ClickHouse ``Decimal(38, 24)``).
+
+The LiteLLM price map has per-token prices with up to 24 decimal places (float artefacts such as
+``2.9999900000000002e-06`` are kept exactly as written); token counts are integers, so every cost,
+list value and sum stays exact at this scale."""
+
+
+class PricedEvent(TypedDict):
+    """A validated, deduplicated, priced usage event (topic ``usage.priced``)."""
+
+    event_id: str
+    occurred_at: str
+    org_id: str
+    user_id: str
+    api_key_id: str | None
+    gateway: str
+    request_id: str | None
+    provider: str | None
+    requested_model: str
+    served_model: str
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    semantic_cache_hit: bool
+    status: str
+    latency_ms: int | None
+    feature: str | None
+    attributes: dict[str, str]
+    plan_id: str
+    cost: str
+    list_value: str
+    saved_prompt_cache: str
+    saved_semantic_cache: str
+    saved_routing: str
+    unknown_model: bool
+    late: bool
+    window_start: str
+    processed_at: str
+
+
+class Rollup(TypedDict):
+    """One (user, served model, tumbling window) aggregate (topic ``usage.rollups``).
+
+    Re-emitted in full with a higher ``version`` whenever a late event changes it; stores keep
+    the highest version (ReplacingMergeTree), so a correction replaces, never adds.
+    """
+
+    user_id: str
+    org_id: str
+    plan_id: str
+    served_model: str
+    window_start: str
+    window_end: str
+    requests: int
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    semantic_cache_hits: int
+    cost: str
+    list_value: str
+    version: int
+    updated_at: str
+
+
+class DeadLetter(TypedDict):
+    """A message that could not be processed, with why and where it came from (``usage.dlq``)."""
+
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    key_b64: str | None
+    payload_b64: str
+    reason: str
+    stage: str
+    received_at: str
+
+
+PlanId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class PlanPeriod(BaseModel):
+    """From ``effective_at`` (event time) on, the user is on ``plan_id``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    plan_id: PlanId
+    effective_at: AwareDatetime
+
+
+class Subscription(BaseModel):
+    """Which plan a user is on, since when (topic ``usage.subscriptions``, compacted, key = user).
+
+    The record carries the user's whole plan schedule so that compaction, which keeps only the
+    latest record per user, never loses the plan an older (late) event must be charged under.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    user_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    org_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    timezone: str = Field(default="UTC", description="IANA zone of the billing anchor.")
+    billing_anchor: AwareDatetime = Field(description="Subscription start: anchors billing months.")
+    plans: list[PlanPeriod] = Field(min_length=1, max_length=100)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA timezone {value!r}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _sorted(self) -> Subscription:
+        times = [p.effective_at for p in self.plans]
+        if times != sorted(times):
+            raise ValueError("plans must be ordered by effective_at")
+        return self
+
+    def plan_at(self, when: datetime) -> str:
+        """The plan in force at event time ``when`` (the first plan before the schedule starts)."""
+        current = self.plans[0].plan_id
+        for period in self.plans:
+            if period.effective_at <= when:
+                current = period.plan_id
+            else:
+                break
+        return current

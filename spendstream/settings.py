@@ -1,0 +1,249 @@
+"""One settings object for every deployable (env prefix ``SPENDSTREAM_``, nesting with ``__``).
+
+Examples::
+
+    SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS=broker-1:9092,broker-2:9092
+    SPENDSTREAM_KAFKA__SASL_PASSWORD=...            (a SecretStr: never printed)
+    SPENDSTREAM_CLICKHOUSE__URL=http://clickhouse:8123
+    SPENDSTREAM_TOPICS__EVENTS=prod.usage.events
+    SPENDSTREAM_STATE_DIR=/var/lib/spendstream
+
+Settings are validated once at start-up; :func:`load_settings` turns every problem into one
+:class:`~spendstream.errors.ConfigError` that lists them all.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas import topics
+from spendstream.errors import ConfigError
+
+DEFAULT_LOCAL_KAFKA_PORT = 19092
+
+
+class LocalKafkaSettings(BaseModel):
+    """The broker ``spendstream kafka up`` runs from the jars resolved by deploy/kafka/pom.xml."""
+
+    port: int = Field(default=DEFAULT_LOCAL_KAFKA_PORT, ge=1024, le=65535)
+    controller_port: int | None = Field(
+        default=None, ge=1024, le=65535, description="Defaults to port + 1."
+    )
+    data_dir: Path | None = Field(default=None, description="Defaults to <state_dir>/kafka.")
+    kafka_version: str = Field(default="4.1.1", pattern=r"^\d+\.\d+\.\d+$")
+    heap: str = Field(default="512m", pattern=r"^\d+[mMgG]$")
+    start_timeout_s: float = Field(default=90.0, gt=0)
+
+
+class KafkaSettings(BaseModel):
+    """How every client reaches the cluster."""
+
+    bootstrap_servers: str = Field(default=f"127.0.0.1:{DEFAULT_LOCAL_KAFKA_PORT}", min_length=3)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_key_password: SecretStr | None = None
+    client_id: str = "spendstream"
+    local: LocalKafkaSettings = LocalKafkaSettings()
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL_"):
+            missing = [
+                name
+                for name in ("sasl_mechanism", "sasl_username", "sasl_password")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(
+                    f"security_protocol {self.security_protocol} needs {', '.join(missing)}"
+                )
+        return self
+
+    @property
+    def is_local_default(self) -> bool:
+        """True when the bootstrap points at the loopback broker ``kafka up`` manages."""
+        return self.bootstrap_servers in {
+            f"127.0.0.1:{self.local.port}",
+            f"localhost:{self.local.port}",
+        }
+
+    def confluent_config(self) -> dict[str, Any]:
+        """librdkafka properties for confluent-kafka clients (secrets revealed here only)."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+            "client.id": self.client_id,
+        }
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username is not None:
+            conf["sasl.username"] = self.sasl_username
+        if self.sasl_password is not None:
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_cafile:
+            conf["ssl.ca.location"] = str(self.ssl_cafile)
+        if self.ssl_certfile:
+            conf["ssl.certificate.location"] = str(self.ssl_certfile)
+        if self.ssl_keyfile:
+            conf["ssl.key.location"] = str(self.ssl_keyfile)
+        if self.ssl_key_password is not None:
+            conf["ssl.key.password"] = self.ssl_key_password.get_secret_value()
+        return conf
+
+
+class TopicSettings(BaseModel):
+    """Topic names (defaults in :mod:`schemas.topics`) and partition counts."""
+
+    events: str = topics.EVENTS
+    priced: str = topics.PRICED
+    rollups: str = topics.ROLLUPS
+    dlq: str = topics.DLQ
+    alerts: str = topics.ALERTS
+    overages: str = topics.OVERAGES
+    enforcement: str = topics.ENFORCEMENT
+    subscriptions: str = topics.SUBSCRIPTIONS
+    partitions: int = Field(default=6, ge=1, le=10_000)
+    replication_factor: int = Field(default=1, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> TopicSettings:
+        names = self.names()
+        if len(set(names.values())) != len(names):
+            raise ValueError("topic names must be distinct")
+        return self
+
+    def names(self) -> dict[str, str]:
+        """Role -> topic name."""
+        return {
+            role: getattr(self, role)
+            for role in (
+                "events",
+                "priced",
+                "rollups",
+                "dlq",
+                "alerts",
+                "overages",
+                "enforcement",
+                "subscriptions",
+            )
+        }
+
+    def compacted(self) -> set[str]:
+        """Topics that hold latest-state-per-key and are created with compaction."""
+        return {self.enforcement, self.subscriptions}
+
+
+class ClickHouseSettings(BaseModel):
+    """A ClickHouse server (``url``) or, by default, the embedded chDB engine."""
+
+    url: str | None = Field(
+        default=None,
+        description="http(s)://host:port of a ClickHouse server; unset = embedded chDB.",
+        pattern=r"^https?://[^\s/]+(:\d+)?/?$",
+    )
+    username: str = "default"
+    password: SecretStr = SecretStr("")
+    database: str = Field(default="spendstream", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    embedded_path: Path | None = Field(default=None, description="Defaults to <state_dir>/chdb.")
+    raw_ttl_days: int | None = Field(default=None, ge=1, description="TTL of raw priced events.")
+
+    @property
+    def embedded(self) -> bool:
+        """True when no server URL is configured."""
+        return self.url is None
+
+
+class ProcessorSettings(BaseModel):
+    """The faust workers: dedupe, pricing, windows."""
+
+    app_id: str = Field(default="spendstream", pattern=r"^[A-Za-z0-9_.-]+$")
+    dedupe_horizon_s: int = Field(default=24 * 3600, ge=60)
+    window_s: int = Field(default=60, ge=1, le=24 * 3600)
+    grace_s: int = Field(default=300, ge=0)
+    batch_size: int = Field(default=2000, ge=1, le=100_000)
+    batch_within_s: float = Field(default=0.2, gt=0, le=60)
+    price_catalog: Path | None = Field(
+        default=None, description="LiteLLM-format price map; defaults to the vendored copy."
+    )
+    price_overrides: Path | None = None
+    fallback_input_cost_per_token: Decimal = Field(default=Decimal("0.00001"), ge=0)
+    fallback_output_cost_per_token: Decimal = Field(default=Decimal("0.00003"), ge=0)
+    web_port: int = Field(default=6066, ge=1024, le=65535)
+
+
+class SinkSettings(BaseModel):
+    """The batching ClickHouse sink."""
+
+    group_id: str = "spendstream-sink"
+    batch_rows: int = Field(default=10_000, ge=1, le=1_000_000)
+    batch_age_s: float = Field(default=1.0, gt=0, le=600)
+    max_buffer_rows: int = Field(default=200_000, ge=1)
+    retry_initial_s: float = Field(default=0.5, gt=0)
+    retry_max_s: float = Field(default=30.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything configurable, from the environment (``SPENDSTREAM_*``) or keyword arguments."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SPENDSTREAM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    state_dir: Path = Field(default=Path(".spendstream"), description="Local state and data.")
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    clickhouse: ClickHouseSettings = ClickHouseSettings()
+    processor: ProcessorSettings = ProcessorSettings()
+    sink: SinkSettings = SinkSettings()
+    plans_file: Path | None = Field(default=None, description="Plans YAML; default: sample.")
+    subscriptions_file: Path | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def kafka_data_dir(self) -> Path:
+        """Where the local broker keeps its log segments and metadata."""
+        return self.kafka.local.data_dir or self.state_dir / "kafka"
+
+    @property
+    def chdb_path(self) -> Path:
+        """The embedded ClickHouse data folder."""
+        return self.clickhouse.embedded_path or self.state_dir / "chdb"
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain data, secrets shown as ``**********``."""
+        return self.model_dump(mode="json")
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "SPENDSTREAM_") -> str:
+    """One line per problem, naming the environment variable to fix."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        env = prefix + "__".join(loc).upper() if loc else prefix.rstrip("_")
+        lines.append(f"  - {env}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build and validate the settings; raise one :class:`ConfigError` listing every problem."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        count = exc.error_count()
+        raise ConfigError(
+            f"{count} invalid setting{'s' if count != 1 else ''}:\n"
+            + describe_validation_error(exc)
+        ) from exc
