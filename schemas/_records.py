@@ -68,6 +68,11 @@ class Rollup(TypedDict):
 
     Re-emitted in full with a higher ``version`` whenever a late event changes it; stores keep
     the highest version (ReplacingMergeTree), so a correction replaces, never adds.
+
+    ``segment`` is 0 for the window's main aggregate. An event that arrives after its window
+    closed (window end + grace passed) and whose state was already evicted is emitted as its own
+    segment (a stable hash of its event_id, version 1): the window's value is the sum of its
+    segments, each kept at its highest version, so late events still count exactly once.
     """
 
     user_id: str
@@ -76,6 +81,7 @@ class Rollup(TypedDict):
     served_model: str
     window_start: str
     window_end: str
+    segment: int
     requests: int
     input_tokens: int
     cached_input_tokens: int
