@@ -1,0 +1,30 @@
+"""Producers of usage events for gateways and services (DESIGN §2).
+
+``UsageProducer`` (threads) and ``AsyncUsageProducer`` (asyncio) validate every event against
+the contract of :mod:`schemas`, key it by ``user_id`` and deliver it idempotently with
+``acks=all``; ``publish_subscriptions`` feeds the compacted subscriptions topic.
+"""
+
+from producers._async import AsyncUsageProducer
+from producers._config import PRODUCER_DEFAULTS, producer_config
+from producers._producer import (
+    DeliveryCallback,
+    DeliveryReport,
+    ProducerStats,
+    UsageProducer,
+    validate_event,
+)
+from producers._subscriptions import encode_subscription, publish_subscriptions
+
+__all__ = [
+    "PRODUCER_DEFAULTS",
+    "AsyncUsageProducer",
+    "DeliveryCallback",
+    "DeliveryReport",
+    "ProducerStats",
+    "UsageProducer",
+    "encode_subscription",
+    "producer_config",
+    "publish_subscriptions",
+    "validate_event",
+]

@@ -1,0 +1,330 @@
+"""The synchronous, thread-safe usage-event producer (DESIGN §2: gateway -> usage.events)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from confluent_kafka import KafkaException, Producer
+from pydantic import ValidationError
+
+from producers._config import producer_config
+from schemas import UsageEvent, event_from_obj, topics
+from spendstream.errors import BackpressureError, DeliveryError, KafkaError
+from spendstream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_validate = UsageEvent.__pydantic_validator__.validate_python
+_serialize = UsageEvent.__pydantic_serializer__.to_json
+
+
+def fast_encode(event: UsageEvent) -> bytes:
+    """Byte-for-byte :func:`schemas.encode_event`, without the intermediate dict.
+
+    pydantic-core writes the JSON directly (UTC datetimes as ``...Z``, fields in declaration
+    order, unset optional fields left out), which halves the encoding cost of the hot path.
+    ``tests/unit/test_contract.py`` proves the equality on generated events.
+    """
+    return _serialize(event, exclude_none=True)
+
+
+def validate_event(obj: UsageEvent | dict[str, Any]) -> UsageEvent:
+    """Validate a JSON-ready dict (or pass an event through); raise ``InvalidEventError``."""
+    if type(obj) is UsageEvent:
+        return obj
+    if type(obj) is dict:
+        try:
+            return _validate(obj)  # type: ignore[no-any-return]
+        except ValidationError:
+            pass  # fall through: event_from_obj raises with the contract's wording
+    return event_from_obj(obj)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    """The outcome of one produced message, as handed to ``on_delivery`` callbacks."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    error: str | None = None
+    retriable: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when the broker acknowledged the message (``acks=all``)."""
+        return self.error is None
+
+
+DeliveryCallback = Callable[[DeliveryReport], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerStats:
+    """Counters of one producer. ``delivered`` is exact once the producer has been flushed."""
+
+    sent: int
+    delivered: int
+    failed: int
+    in_flight: int
+    queue_full_waits: int
+    last_error: str | None
+
+
+def kafka_reason(exc: KafkaException) -> str:
+    """The librdkafka error text inside a ``KafkaException``."""
+    inner = exc.args[0] if exc.args else exc
+    return str(inner.str()) if hasattr(inner, "str") else str(inner)
+
+
+def _report(err: Any, msg: Any) -> DeliveryReport:
+    if err is None:
+        return DeliveryReport(msg.topic(), msg.partition(), msg.offset(), msg.key())
+    return DeliveryReport(
+        msg.topic() or "",
+        msg.partition() if msg.partition() is not None else -1,
+        msg.offset() if msg.offset() is not None else -1,
+        msg.key(),
+        error=err.str(),
+        retriable=bool(err.retriable()),
+    )
+
+
+class UsageProducer:
+    """Sends validated usage events to the events topic, keyed by ``user_id``.
+
+    One instance serves every thread of a process (share it; producers are heavy). Messages
+    are batched and compressed by librdkafka in the background; an idempotent producer with
+    ``acks=all`` means a broker restart neither loses nor duplicates an acknowledged event.
+    Failures are never silent: they are counted, logged, and passed to ``on_delivery``.
+
+    Example::
+
+        with UsageProducer(settings) as producer:
+            producer.send({"event_id": "...", "occurred_at": "...", ...})
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+        topic: str | None = None,
+        on_delivery: DeliveryCallback | None = None,
+        poll_interval_s: float = 0.1,
+        queue_full_timeout_s: float | None = 60.0,
+        report_successes: bool | None = None,
+    ) -> None:
+        """Connect lazily to the cluster of ``settings`` (or ``config``).
+
+        ``topic`` defaults to ``settings.topics.events``. ``on_delivery`` is called from the
+        background poll thread for every delivered or failed message. ``queue_full_timeout_s``
+        bounds how long :meth:`send` waits for room in a full local queue before raising
+        :class:`BackpressureError` (``None``: wait as long as it takes).
+        """
+        if settings is None and config is None:
+            settings = Settings()
+        self.topic: str = topic or (settings.topics.events if settings else topics.EVENTS)
+        self._on_delivery = on_delivery
+        self._queue_full_timeout_s = queue_full_timeout_s
+        self._closed = False
+        self._lock = threading.Lock()
+        self._sent = 0
+        self._failed = 0
+        self._queue_full_waits = 0
+        self._reported_ok = 0
+        self._last_error: str | None = None
+        # Per-message success reports cost a Python call each; without a listener only
+        # failures are reported and ``delivered`` is derived from the queue length.
+        self._report_successes = (
+            on_delivery is not None if report_successes is None else report_successes
+        )
+        conf = producer_config(settings, config)
+        conf["delivery.report.only.error"] = not self._report_successes
+        conf["on_delivery"] = self._on_report
+        conf["error_cb"] = self._on_client_error
+        try:
+            self._producer = Producer(conf)
+        except KafkaException as exc:
+            raise KafkaError(f"cannot create a Kafka producer: {kafka_reason(exc)}") from exc
+        except (TypeError, ValueError) as exc:
+            raise KafkaError(f"invalid producer configuration: {exc}") from exc
+        self._stop = threading.Event()
+        self._poller = threading.Thread(
+            target=self._poll_loop, args=(poll_interval_s,), name="usage-producer-poll", daemon=True
+        )
+        self._poller.start()
+
+    # -- delivery reports -------------------------------------------------------------------
+
+    def _on_report(self, err: Any, msg: Any) -> None:
+        if err is None:
+            with self._lock:
+                self._reported_ok += 1
+        else:
+            with self._lock:
+                self._failed += 1
+                self._last_error = err.str()
+                failed = self._failed
+            if failed == 1 or failed % 1000 == 0:
+                log.warning("usage event not delivered (%d so far): %s", failed, err.str())
+        if self._on_delivery is not None:
+            try:
+                self._on_delivery(_report(err, msg))
+            except Exception:  # a listener's bug must not stop delivery reporting
+                log.exception("on_delivery callback raised")
+
+    def _on_client_error(self, err: Any) -> None:
+        with self._lock:
+            self._last_error = err.str()
+        if err.fatal():
+            log.error("fatal Kafka producer error: %s", err.str())
+        else:
+            log.warning("Kafka producer: %s", err.str())
+
+    def _poll_loop(self, interval: float) -> None:
+        poll = self._producer.poll
+        while not self._stop.is_set():
+            poll(interval)
+
+    # -- producing --------------------------------------------------------------------------
+
+    def send(self, event: UsageEvent | dict[str, Any]) -> None:
+        """Validate ``event`` (a :class:`UsageEvent` or its JSON dict) and queue it.
+
+        Raises :class:`InvalidEventError` for an event that breaks the contract (nothing is
+        sent), :class:`BackpressureError` if the local queue stays full, and
+        :class:`DeliveryError` if the client refuses the message.
+        """
+        ev = validate_event(event)
+        self.send_raw(ev.user_id, _serialize(ev, exclude_none=True))
+
+    def send_raw(self, key: str | bytes, value: bytes) -> None:
+        """Queue an already encoded message with ``key`` (the user id), unvalidated."""
+        try:
+            self._producer.produce(self.topic, value, key)
+        except BufferError:
+            self._produce_when_room(key, value, None)
+        except KafkaException as exc:
+            raise DeliveryError(f"cannot produce to {self.topic}: {kafka_reason(exc)}") from exc
+        with self._lock:
+            self._sent += 1
+
+    def _try_produce(
+        self, key: str | bytes, value: bytes, on_delivery: Callable[[Any, Any], None] | None
+    ) -> bool:
+        """Produce once; False if the local queue is full. Counts the message when queued."""
+        try:
+            if on_delivery is None:
+                self._producer.produce(self.topic, value, key)
+            else:
+                self._producer.produce(self.topic, value, key, on_delivery=on_delivery)
+        except BufferError:
+            with self._lock:
+                self._queue_full_waits += 1
+            return False
+        except KafkaException as exc:
+            raise DeliveryError(f"cannot produce to {self.topic}: {kafka_reason(exc)}") from exc
+        with self._lock:
+            self._sent += 1
+        return True
+
+    def _produce_when_room(
+        self, key: str | bytes, value: bytes, on_delivery: Callable[[Any, Any], None] | None
+    ) -> None:
+        with self._lock:
+            self._queue_full_waits += 1
+        deadline = (
+            None
+            if self._queue_full_timeout_s is None
+            else time.monotonic() + self._queue_full_timeout_s
+        )
+        while True:
+            # Serving reports frees queue slots; it also waits a little for the broker.
+            self._producer.poll(0.05)
+            try:
+                if on_delivery is None:
+                    self._producer.produce(self.topic, value, key)
+                else:
+                    self._producer.produce(self.topic, value, key, on_delivery=on_delivery)
+                return
+            except BufferError:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise BackpressureError(
+                        f"local producer queue for {self.topic} still full after "
+                        f"{self._queue_full_timeout_s}s ({len(self._producer)} messages waiting)",
+                        retry_after=1.0,
+                    ) from None
+            except KafkaException as exc:
+                raise DeliveryError(f"cannot produce to {self.topic}: {kafka_reason(exc)}") from exc
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def flush(self, timeout_s: float = 30.0) -> int:
+        """Wait until every queued message is delivered or failed; return how many remain."""
+        return int(self._producer.flush(timeout_s))
+
+    def poll(self, timeout_s: float = 0.0) -> int:
+        """Serve pending delivery reports now (the background thread does this anyway)."""
+        return int(self._producer.poll(timeout_s))
+
+    def stats(self) -> ProducerStats:
+        """A consistent snapshot of the counters."""
+        in_flight = 0 if self._closed else len(self._producer)
+        with self._lock:
+            sent, failed, ok = self._sent, self._failed, self._reported_ok
+            waits, last = self._queue_full_waits, self._last_error
+        delivered = ok if self._report_successes else max(0, sent - failed - in_flight)
+        return ProducerStats(sent, delivered, failed, in_flight, waits, last)
+
+    def close(self, timeout_s: float = 30.0) -> ProducerStats:
+        """Flush, stop the poll thread and return the final counters.
+
+        Raises :class:`DeliveryError` if messages are still undelivered after ``timeout_s``
+        (they are counted as failed) or if any message failed during the producer's life.
+        """
+        if self._closed:
+            return self.stats()
+        remaining = self.flush(timeout_s)
+        self._stop.set()
+        self._poller.join()
+        self._closed = True
+        if remaining:
+            with self._lock:
+                self._failed += remaining
+                self._last_error = f"{remaining} messages still queued at close"
+        final = self.stats()
+        if final.failed:
+            raise DeliveryError(
+                f"{final.failed} of {final.sent} usage events were not delivered to "
+                f"{self.topic} (last error: {final.last_error})"
+            )
+        return final
+
+    def __enter__(self) -> UsageProducer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except DeliveryError:
+            log.exception("while closing the producer after an error")
+
+    def __len__(self) -> int:
+        """Messages queued or in flight."""
+        return len(self._producer)
