@@ -1,0 +1,458 @@
+"""Embedded ClickHouse (chDB) as a :class:`~sinks.Store`, with one owner process (DESIGN §6).
+
+chDB locks its data folder: only one process can open it. The process that opens it is the
+*owner*: it writes an owner file next to the folder (pid, command, the address of a local
+query endpoint and a random token, mode 0600) and serves read-only queries on 127.0.0.1 from a
+second session opened with ``readonly=1``. Any other process reads through that endpoint
+(:class:`RemoteChdbStore`); a second writer fails at once with
+:class:`~spendstream.errors.StoreLockedError` naming the owner and the way out.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import secrets
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from sinks._store import (
+    Columns,
+    Parameters,
+    QueryResult,
+    apply_migrations,
+    check_read_only,
+    decode_json_compact,
+    params_as_text,
+    to_arrow_table,
+)
+from spendstream.errors import StoreError, StoreLockedError
+
+_SESSION_SETTINGS = (
+    # Decimals as JSON strings so that no reader ever parses money as a float.
+    "SET output_format_json_quote_decimals = 1",
+    "SET output_format_json_quote_64bit_integers = 0",
+)
+_TOKEN_HEADER = "X-Spendstream-Token"
+_MAX_BODY = 1 << 20
+
+
+@dataclass(frozen=True)
+class OwnerInfo:
+    """What the owner file says about the process that holds the chDB folder."""
+
+    pid: int
+    command: str
+    endpoint: str
+    token: str
+    path: str
+    started_at: float
+
+    def describe(self) -> str:
+        """``pid 123 (spendstream sink)``."""
+        return f"pid {self.pid} ({self.command})"
+
+
+def owner_file(path: Path) -> Path:
+    """The owner file of the chDB folder ``path`` (beside it, not inside chDB's own files)."""
+    return path.parent / f"{path.name}.owner.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_owner(path: Path) -> OwnerInfo | None:
+    """The live owner of ``path``, or None; a stale owner file (dead pid) is removed."""
+    file = owner_file(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        info = OwnerInfo(**data)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError):
+        # Half-written or foreign file: the chDB lock, not this file, is the authority.
+        return None
+    if info.pid != os.getpid() and not _pid_alive(info.pid):
+        with contextlib.suppress(OSError):
+            file.unlink()
+        return None
+    return info
+
+
+def _write_owner(path: Path, info: OwnerInfo) -> None:
+    file = owner_file(path)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)  # the token in it guards the query endpoint
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(asdict(info), fh)
+        os.replace(tmp, file)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    # chDB prints "Cannot lock file ..." on fd 2 before raising; the caller reports it better.
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _locked_message(path: Path, owner: OwnerInfo | None) -> str:
+    who = owner.describe() if owner else "another process"
+    return (
+        f"the embedded ClickHouse store {path} is in use by {who}; stop that process, "
+        "or point SPENDSTREAM_CLICKHOUSE__URL at a ClickHouse server"
+    )
+
+
+class ChdbStore:
+    """The embedded store, owned by this process while open (file-backed chDB session)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        database: str = "spendstream",
+        command: str | None = None,
+        serve: bool = True,
+        ttl_days: int | None = None,
+    ) -> None:
+        from chdb import session as chdb_session
+
+        self.path = Path(path).resolve()
+        self.database = database
+        self._ttl_days = ttl_days
+        self._lock = threading.Lock()
+        self._types: dict[str, dict[str, str]] = {}
+        self._server: ThreadingHTTPServer | None = None
+        self._ro: Any = None
+        self.path.mkdir(parents=True, exist_ok=True)
+        owner = read_owner(self.path)
+        if owner is not None and owner.pid != os.getpid():
+            raise StoreLockedError(_locked_message(self.path, owner))
+        try:
+            with _quiet_stderr():
+                self._session: Any = chdb_session.Session(str(self.path))
+        except Exception as exc:
+            text = str(exc)
+            if "already initialized with path" in text:
+                raise StoreError(
+                    f"this process already has another chDB folder open; close it before "
+                    f"opening {self.path}"
+                ) from exc
+            if "EmbeddedServer" in text or "lock" in text.lower():
+                raise StoreLockedError(_locked_message(self.path, read_owner(self.path))) from exc
+            raise StoreError(
+                f"cannot open the embedded ClickHouse store {self.path}: {text}"
+            ) from exc
+        try:
+            for statement in _SESSION_SETTINGS:
+                self._session.query(statement)
+            self.owner: OwnerInfo | None = None
+            if serve:
+                self._serve(command or " ".join(sys.argv) or "python")
+        except Exception:
+            self.close()
+            raise
+        atexit.register(self.close)
+
+    # -- Store -----------------------------------------------------------------------------
+
+    def migrate(self) -> list[str]:
+        """Apply pending migrations (see :func:`sinks._store.apply_migrations`)."""
+        applied = apply_migrations(self.database, self._execute, self.query, self._ttl_days)
+        self._types.clear()
+        return applied
+
+    def insert(self, table: str, columns: Columns, dedup_token: str) -> int:
+        """Insert a batch through chDB's ``Python()`` table function (zero-copy from Arrow)."""
+        arrow = to_arrow_table(columns, self._column_types(table))
+        if arrow.num_rows == 0:
+            return 0
+        names = ", ".join(f"`{n}`" for n in arrow.column_names)
+        token = dedup_token.replace("\\", "\\\\").replace("'", "\\'")
+        # chDB resolves Python(batch) from this frame's locals: no row ever becomes SQL text.
+        batch = arrow  # noqa: F841 - referenced by name in the SQL below
+        sql = (
+            f"INSERT INTO {self.database}.{table} ({names}) "
+            f"SETTINGS insert_deduplication_token = '{token}' "
+            f"SELECT {names} FROM Python(batch)"
+        )
+        self._run(sql, None)
+        return int(arrow.num_rows)
+
+    def query(self, sql: str, parameters: Parameters | None = None) -> QueryResult:
+        """Run one statement with ``{name:Type}`` parameters; rows typed from the result meta."""
+        return _decode(self._run(sql, parameters, fmt="JSONCompact"))
+
+    def query_json(self, sql: str, parameters: Parameters | None, *, readonly: bool) -> bytes:
+        """Raw ``JSONCompact`` bytes of a query (the endpoint answers with these)."""
+        session = self._readonly_session() if readonly else self._session
+        return self._run(sql, parameters, fmt="JSONCompact", session=session)
+
+    def close(self) -> None:
+        """Stop the endpoint, remove the owner file, release the folder lock."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if getattr(self, "owner", None) is not None:
+            current = read_owner(self.path)
+            if current is not None and current.pid == os.getpid():
+                with contextlib.suppress(OSError):
+                    owner_file(self.path).unlink()
+            self.owner = None
+        for name in ("_ro", "_session"):
+            session = getattr(self, name, None)
+            if session is not None:
+                setattr(self, name, None)
+                with contextlib.suppress(Exception):
+                    session.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _execute(self, sql: str) -> None:
+        self._run(sql, None)
+
+    def _run(
+        self, sql: str, parameters: Parameters | None, fmt: str = "CSV", session: Any = None
+    ) -> bytes:
+        session = session or self._session
+        if session is None:
+            raise StoreError("the embedded store is closed")
+        params = params_as_text(parameters)
+        try:
+            result = session.query(sql, fmt, params=params) if params else session.query(sql, fmt)
+        except Exception as exc:
+            raise StoreError(
+                f"ClickHouse (chDB) refused the statement: {_first_line(exc)}"
+            ) from exc
+        return bytes(result.bytes()) if hasattr(result, "bytes") else str(result).encode()
+
+    def _column_types(self, table: str) -> dict[str, str]:
+        if table not in self._types:
+            _, rows = self.query(
+                "SELECT name, type FROM system.columns WHERE database = {d:String} "
+                "AND table = {t:String} ORDER BY position",
+                {"d": self.database, "t": table},
+            )
+            if not rows:
+                raise StoreError(
+                    f"no table {self.database}.{table}; run `spendstream clickhouse migrate`"
+                )
+            self._types[table] = {str(r[0]): str(r[1]) for r in rows}
+        return self._types[table]
+
+    def _readonly_session(self) -> Any:
+        with self._lock:
+            if self._ro is None:
+                from chdb import session as chdb_session
+
+                # A second session on the same folder, read-only at the engine level: the
+                # endpoint's guard against writes does not rest on parsing SQL alone.
+                self._ro = chdb_session.Session(f"{self.path}?readonly=1")
+                for statement in _SESSION_SETTINGS:
+                    with contextlib.suppress(Exception):
+                        self._ro.query(statement)
+            return self._ro
+
+    def _serve(self, command: str) -> None:
+        token = secrets.token_urlsafe(24)
+        handler = _make_handler(self, token)
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        thread = threading.Thread(
+            target=server.serve_forever, name="spendstream-chdb-endpoint", daemon=True
+        )
+        thread.start()
+        self._server = server
+        port = server.server_address[1]
+        self.owner = OwnerInfo(
+            pid=os.getpid(),
+            command=command,
+            endpoint=f"http://127.0.0.1:{port}",
+            token=token,
+            path=str(self.path),
+            started_at=time.time(),
+        )
+        _write_owner(self.path, self.owner)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _decode(raw: bytes) -> QueryResult:
+    if not raw.strip():
+        return [], []
+    try:
+        return decode_json_compact(orjson.loads(raw))
+    except orjson.JSONDecodeError as exc:
+        raise StoreError(f"unreadable result from chDB: {exc}") from exc
+
+
+def _make_handler(store: ChdbStore, token: str) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "spendstream-chdb"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return  # quiet: the owner's console is for the owner
+
+        def _reply(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path == "/ping":
+                self._reply(200, orjson.dumps({"pid": os.getpid()}))
+            else:
+                self._reply(404, orjson.dumps({"error": "POST /query"}))
+
+        def do_POST(self) -> None:
+            if self.headers.get(_TOKEN_HEADER) != token:
+                self._reply(403, orjson.dumps({"error": "bad or missing token"}))
+                return
+            if self.path != "/query":
+                self._reply(404, orjson.dumps({"error": "POST /query"}))
+                return
+            try:
+                length = int(self.headers.get("Content-Length", "0"))
+                if length > _MAX_BODY:
+                    raise StoreError("request too large")
+                request = orjson.loads(self.rfile.read(length))
+                sql = check_read_only(str(request["sql"]))
+                params = request.get("parameters") or {}
+                if not isinstance(params, dict):
+                    raise StoreError("parameters must be an object")
+                body = store.query_json(sql, params, readonly=True)
+            except (StoreError, KeyError, ValueError, orjson.JSONDecodeError) as exc:
+                self._reply(400, orjson.dumps({"error": str(exc)}))
+                return
+            self._reply(200, body or b"{}")
+
+    return Handler
+
+
+class RemoteChdbStore:
+    """Read-only client of the owner's local query endpoint (same results as the owner)."""
+
+    def __init__(self, owner: OwnerInfo, *, database: str, timeout_s: float = 30.0) -> None:
+        self.owner = owner
+        self.database = database
+        self._timeout = timeout_s
+
+    def migrate(self) -> list[str]:
+        """Not possible through the owner: raises :class:`StoreLockedError`."""
+        raise StoreLockedError(_locked_message(Path(self.owner.path), self.owner))
+
+    def insert(self, table: str, columns: Columns, dedup_token: str) -> int:
+        """Not possible through the owner: raises :class:`StoreLockedError`."""
+        raise StoreLockedError(_locked_message(Path(self.owner.path), self.owner))
+
+    def query(self, sql: str, parameters: Parameters | None = None) -> QueryResult:
+        """Ask the owner (read-only statements only)."""
+        check_read_only(sql)
+        body = orjson.dumps({"sql": sql, "parameters": params_as_text(parameters)})
+        request = urllib.request.Request(
+            self.owner.endpoint + "/query",
+            data=body,
+            headers={"Content-Type": "application/json", _TOKEN_HEADER: self.owner.token},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                message = str(orjson.loads(exc.read()).get("error", exc))
+            except (orjson.JSONDecodeError, AttributeError):
+                message = str(exc)
+            raise StoreError(message) from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise StoreError(
+                f"the store owner {self.owner.describe()} did not answer at "
+                f"{self.owner.endpoint}: {exc}"
+            ) from exc
+        return _decode(raw)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _ping(owner: OwnerInfo, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(owner.endpoint + "/ping", timeout=timeout_s) as response:
+            return int(orjson.loads(response.read()).get("pid", -1)) == owner.pid
+    except (urllib.error.URLError, OSError, ValueError, orjson.JSONDecodeError):
+        return False
+
+
+def open_embedded(
+    path: Path,
+    *,
+    database: str,
+    readonly: bool = False,
+    command: str | None = None,
+    ttl_days: int | None = None,
+    wait_s: float = 3.0,
+) -> ChdbStore | RemoteChdbStore:
+    """Own the chDB folder, or (``readonly``) read through its live owner; never hangs."""
+    path = Path(path).resolve()
+    deadline = time.monotonic() + wait_s
+    while True:
+        owner = read_owner(path)
+        if owner is not None and owner.pid != os.getpid() and not _ping(owner):
+            # pid alive but no endpoint: maybe a reused pid. The chDB lock decides below.
+            owner = None
+        if owner is not None and owner.pid != os.getpid():
+            if readonly:
+                return RemoteChdbStore(owner, database=database)
+            raise StoreLockedError(_locked_message(path, owner))
+        try:
+            return ChdbStore(path, database=database, command=command, ttl_days=ttl_days)
+        except StoreLockedError:
+            # Locked but no owner file yet: the owner may be starting. Wait briefly for its
+            # file, then give up with the clear message.
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
