@@ -1,0 +1,51 @@
+"""Exact money as integers of 10**-24 USD.
+
+Every price in the catalog has at most :data:`~schemas.MONEY_SCALE` decimal places and token
+counts are integers, so costs and sums are exact integers in these units: no float, no rounding,
+no decimal context to get wrong (Python's default context keeps only 28 significant digits,
+which a long sum of 24-place prices exceeds).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from schemas import MONEY_SCALE
+from spendstream.errors import ConfigError
+
+SCALE = 10**MONEY_SCALE
+
+
+def to_units(value: Decimal | str | int) -> int:
+    """Exact conversion to units of 10**-24 USD; more decimal places than that is an error."""
+    dec = value if isinstance(value, Decimal) else Decimal(value)
+    if not dec.is_finite():
+        raise ConfigError(f"money must be a finite number, got {value!r}")
+    sign, digits, exponent = dec.as_tuple()
+    assert isinstance(exponent, int)
+    if exponent < -MONEY_SCALE:
+        # Trailing zeros beyond the scale are harmless: normalize them away first.
+        dec = dec.normalize()
+        sign, digits, exponent = dec.as_tuple()
+        assert isinstance(exponent, int)
+        if exponent < -MONEY_SCALE:
+            raise ConfigError(
+                f"{value} has more than {MONEY_SCALE} decimal places; spendstream keeps money "
+                f"exact at that scale"
+            )
+    magnitude = int("".join(map(str, digits)) or "0") * 10 ** (exponent + MONEY_SCALE)
+    return -magnitude if sign else magnitude
+
+
+def units_to_str(units: int) -> str:
+    """Decimal string of an amount in units, e.g. ``123 -> "0.000000000000000000000123"``."""
+    sign = "-" if units < 0 else ""
+    whole, frac = divmod(abs(units), SCALE)
+    if frac == 0:
+        return f"{sign}{whole}"
+    return f"{sign}{whole}.{frac:0{MONEY_SCALE}d}".rstrip("0")
+
+
+def units_to_decimal(units: int) -> Decimal:
+    """The amount as an exact :class:`~decimal.Decimal`."""
+    return Decimal(units_to_str(units))

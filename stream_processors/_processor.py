@@ -1,0 +1,431 @@
+"""The pure heart of the worker: validate, dedupe, price and roll up a batch of messages.
+
+No Kafka, no faust: a batch of raw records goes in with three pieces of partitioned state, and
+the messages to publish come out. The faust agent (``_app.py``) only moves bytes in and out.
+
+Event time and lateness. Each partition keeps a watermark: the largest event time seen on it.
+A tumbling window is *closed* once ``window_end + grace <= watermark``. Events for open windows
+are pre-aggregated per (user, served model, window) within the batch and applied to the window's
+state once, which is then re-emitted in full with the next version (an upsert). Closed windows are
+evicted. An event for a closed window is still priced and landed raw, flagged ``late``, and its
+correction is emitted as a separate rollup segment, so it still counts exactly once. Events older
+than the dedupe horizon cannot be checked for duplicates any more and go to the dead-letter topic
+with that reason instead of risking a double count.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import orjson
+
+from schemas import DeadLetter, PricedEvent, Rollup, Subscription, UsageEvent, decode_event
+from spendstream.errors import InvalidEventError
+from stream_processors._money import units_to_str
+from stream_processors._pricing import PriceCatalog, Quote
+from stream_processors._state import PartitionedState
+
+_US = 1_000_000
+_HOUR_US = 3600 * _US
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+NO_PLAN = ""
+"""plan_id of events whose user has no known subscription (counted as ``no_subscription``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InRecord:
+    """One consumed message."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+@dataclass(slots=True)
+class PricedRecord:
+    """A priced event together with the parsed fields later stages (caps) need."""
+
+    event: UsageEvent
+    quote: Quote
+    plan_id: str
+    partition: int
+    late: bool
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """Messages to publish (key, value) per output topic, plus counters for this batch."""
+
+    priced: list[tuple[str, bytes]] = field(default_factory=list)
+    rollups: list[tuple[str, bytes]] = field(default_factory=list)
+    dead: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    accepted: list[PricedRecord] = field(default_factory=list)
+    counters: Counter[str] = field(default_factory=Counter)
+
+
+def to_micros(when: datetime) -> int:
+    """Microseconds since the epoch of an aware datetime (exact, no float)."""
+    delta = when - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * _US + delta.microseconds
+
+
+def micros_to_iso(micros: int) -> str:
+    """RFC 3339 UTC string of an epoch-microseconds timestamp."""
+    seconds, us = divmod(micros, _US)
+    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{us:06d}Z" if us else f"{stamp}Z"
+
+
+def late_segment(event_id: str) -> int:
+    """Stable non-zero 63-bit segment id for a beyond-grace late event."""
+    digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") >> 1) or 1
+
+
+def dead_letter(record: InRecord, reason: str, stage: str, now: datetime) -> bytes:
+    """Encode a dead letter that keeps the original bytes and where they came from."""
+    letter: DeadLetter = {
+        "source_topic": record.topic,
+        "source_partition": record.partition,
+        "source_offset": record.offset,
+        "key_b64": base64.b64encode(record.key).decode() if record.key is not None else None,
+        "payload_b64": base64.b64encode(record.value).decode(),
+        "reason": reason[:2000],
+        "stage": stage,
+        "received_at": micros_to_iso(to_micros(now)),
+    }
+    return orjson.dumps(letter)
+
+
+class _WindowAgg:
+    """Sums of one (user, served model, window) within a batch, then merged into its state."""
+
+    __slots__ = (
+        "cached",
+        "cost",
+        "inp",
+        "list_value",
+        "org_id",
+        "out",
+        "plan_id",
+        "reasoning",
+        "requests",
+        "semantic",
+        "written",
+    )
+
+    def __init__(self, org_id: str, plan_id: str) -> None:
+        self.org_id = org_id
+        self.plan_id = plan_id
+        self.requests = self.inp = self.cached = self.written = 0
+        self.out = self.reasoning = self.semantic = self.cost = self.list_value = 0
+
+    def add(self, event: UsageEvent, quote: Quote) -> None:
+        self.requests += 1
+        self.inp += event.input_tokens
+        self.cached += event.cached_input_tokens
+        self.written += event.cache_write_tokens
+        self.out += event.output_tokens
+        self.reasoning += event.reasoning_tokens
+        self.semantic += event.semantic_cache_hit
+        self.cost += quote.cost
+        self.list_value += quote.list_value
+
+    def merge_state(self, raw: bytes | None) -> int:
+        """Fold the stored state into this aggregate; return the stored version."""
+        if raw is None:
+            return 0
+        st = orjson.loads(raw)
+        # [partition, org, plan, requests, in, cached, written, out, reasoning, semantic,
+        #  cost, list_value, version]; money as strings: it exceeds 64-bit integers.
+        self.requests += st[3]
+        self.inp += st[4]
+        self.cached += st[5]
+        self.written += st[6]
+        self.out += st[7]
+        self.reasoning += st[8]
+        self.semantic += st[9]
+        self.cost += int(st[10])
+        self.list_value += int(st[11])
+        return int(st[12])
+
+    def encode_state(self, partition: int, version: int) -> bytes:
+        return orjson.dumps(
+            [
+                partition,
+                self.org_id,
+                self.plan_id,
+                self.requests,
+                self.inp,
+                self.cached,
+                self.written,
+                self.out,
+                self.reasoning,
+                self.semantic,
+                str(self.cost),
+                str(self.list_value),
+                version,
+            ]
+        )
+
+    def rollup(
+        self,
+        user_id: str,
+        model: str,
+        start_us: int,
+        window_us: int,
+        segment: int,
+        version: int,
+        now_iso: str,
+    ) -> Rollup:
+        return {
+            "user_id": user_id,
+            "org_id": self.org_id,
+            "plan_id": self.plan_id,
+            "served_model": model,
+            "window_start": micros_to_iso(start_us),
+            "window_end": micros_to_iso(start_us + window_us),
+            "segment": segment,
+            "requests": self.requests,
+            "input_tokens": self.inp,
+            "cached_input_tokens": self.cached,
+            "cache_write_tokens": self.written,
+            "output_tokens": self.out,
+            "reasoning_tokens": self.reasoning,
+            "semantic_cache_hits": self.semantic,
+            "cost": units_to_str(self.cost),
+            "list_value": units_to_str(self.list_value),
+            "version": version,
+            "updated_at": now_iso,
+        }
+
+
+class UsageProcessor:
+    """Validate, dedupe, price and roll up batches of usage messages (pure; state injected).
+
+    ``seen`` maps event_id -> the event's hour, for deduplication; ``windows`` holds open
+    window aggregates; ``marks`` the per-partition watermarks. All three are written with the
+    partition of the message that caused the write.
+    """
+
+    def __init__(
+        self,
+        catalog: PriceCatalog,
+        subscriptions: Callable[[str], Subscription | None],
+        *,
+        seen: PartitionedState,
+        windows: PartitionedState,
+        marks: PartitionedState,
+        window_s: int = 60,
+        grace_s: int = 300,
+        dedupe_horizon_s: int = 86_400,
+    ) -> None:
+        self.catalog = catalog
+        self._subscriptions = subscriptions
+        self.seen = seen
+        self.windows = windows
+        self.marks = marks
+        self.window_us = window_s * _US
+        self.grace_us = grace_s * _US
+        self.horizon_us = dedupe_horizon_s * _US
+        self._marks: dict[int, int] = {}
+        self._open: dict[int, dict[int, set[str]]] | None = None
+        self._seen_by_hour: dict[int, dict[int, list[str]]] | None = None
+
+    # -- watermarks -------------------------------------------------------------------------
+    def watermark(self, partition: int) -> int:
+        """Largest event time (epoch µs) seen on ``partition``; 0 before any event."""
+        mark = self._marks.get(partition)
+        if mark is None:
+            raw = self.marks.get(f"wm:{partition}")
+            mark = int(raw) if raw is not None else 0
+            self._marks[partition] = mark
+        return mark
+
+    def reset_caches(self) -> None:
+        """Forget in-memory caches after a rebalance; they are rebuilt from the tables."""
+        self._marks.clear()
+        self._open = None
+        self._seen_by_hour = None
+
+    # -- the batch --------------------------------------------------------------------------
+    def process(self, batch: Sequence[InRecord], now: datetime | None = None) -> BatchResult:
+        """Process one batch in order; return what to publish. Never raises on bad input."""
+        now = now or datetime.now(UTC)
+        now_iso = micros_to_iso(to_micros(now))
+        result = BatchResult()
+        counters = result.counters
+        aggs: dict[tuple[str, str, int], _WindowAgg] = {}
+        agg_partition: dict[tuple[str, str, int], int] = {}
+        batch_ids: set[str] = set()
+        moved: dict[int, int] = {}
+        window_us, grace_us = self.window_us, self.grace_us
+        open_windows, seen_by_hour = self._index()
+
+        for rec in batch:
+            counters["in"] += 1
+            try:
+                event = decode_event(rec.value)
+            except InvalidEventError as exc:
+                counters["dead_letters"] += 1
+                result.dead.append((rec.key, dead_letter(rec, str(exc), "validate", now)))
+                continue
+            event_id = event.event_id
+            if event_id in batch_ids or self.seen.get(event_id) is not None:
+                counters["duplicates"] += 1
+                continue
+            t_us = to_micros(event.occurred_at)
+            mark = moved.get(rec.partition)
+            if mark is None:
+                mark = self.watermark(rec.partition)
+            if t_us < mark - self.horizon_us:
+                counters["dead_letters"] += 1
+                counters["beyond_dedupe_horizon"] += 1
+                reason = (
+                    "event is older than the dedupe horizon "
+                    f"({self.horizon_us // _US} s behind the partition's event time): "
+                    "it cannot be checked for duplicates"
+                )
+                result.dead.append((rec.key, dead_letter(rec, reason, "dedupe", now)))
+                continue
+            batch_ids.add(event_id)
+            hour = t_us // _HOUR_US
+            self.seen.put(rec.partition, event_id, b"%d:%d" % (rec.partition, hour))
+            seen_by_hour.setdefault(rec.partition, {}).setdefault(hour, []).append(event_id)
+
+            start_us = t_us - t_us % window_us
+            late = start_us + window_us + grace_us <= mark
+            plan_id = self._plan_of(event)
+            if plan_id == NO_PLAN:
+                counters["no_subscription"] += 1
+            quote = self.catalog.quote(event)
+            if quote.unknown_model:
+                counters["unknown_model"] += 1
+            model = event.served_model or event.requested_model
+            result.priced.append(
+                (event.user_id, self._priced(event, quote, plan_id, late, start_us, now_iso))
+            )
+            result.accepted.append(PricedRecord(event, quote, plan_id, rec.partition, late))
+            counters["priced"] += 1
+
+            if late:
+                counters["late"] += 1
+                solo = _WindowAgg(event.org_id, plan_id)
+                solo.add(event, quote)
+                roll = solo.rollup(
+                    event.user_id, model, start_us, window_us, late_segment(event_id), 1, now_iso
+                )
+                result.rollups.append((event.user_id, orjson.dumps(roll)))
+            else:
+                key = (event.user_id, model, start_us)
+                agg = aggs.get(key)
+                if agg is None:
+                    agg = aggs[key] = _WindowAgg(event.org_id, plan_id)
+                    agg_partition[key] = rec.partition
+                agg.add(event, quote)
+            if t_us > mark:
+                moved[rec.partition] = t_us
+
+        for key, agg in aggs.items():
+            user_id, model, start_us = key
+            skey = orjson.dumps(key).decode()
+            version = agg.merge_state(self.windows.get(skey)) + 1
+            partition = agg_partition[key]
+            self.windows.put(partition, skey, agg.encode_state(partition, version))
+            open_windows.setdefault(partition, {}).setdefault(start_us, set()).add(skey)
+            roll = agg.rollup(user_id, model, start_us, window_us, 0, version, now_iso)
+            result.rollups.append((user_id, orjson.dumps(roll)))
+
+        for partition, mark in moved.items():
+            self._marks[partition] = mark
+            self.marks.put(partition, f"wm:{partition}", b"%d" % mark)
+            evicted_windows, evicted_ids = self._evict(partition, mark)
+            counters["evicted_windows"] += evicted_windows
+            counters["evicted_ids"] += evicted_ids
+        return result
+
+    # -- eviction -----------------------------------------------------------------------------
+    def _index(self) -> tuple[dict[int, dict[int, set[str]]], dict[int, dict[int, list[str]]]]:
+        """In-memory indexes of open windows and seen ids by partition and time.
+
+        Built once from the restored state (a worker restart or rebalance restores the tables
+        from their changelogs), then maintained on every write, so eviction never scans.
+        """
+        if self._open is None or self._seen_by_hour is None:
+            self._open, self._seen_by_hour = {}, {}
+            for skey, raw in self.windows.items():
+                partition = orjson.loads(raw)[0]
+                start_us = orjson.loads(skey)[2]
+                self._open.setdefault(partition, {}).setdefault(start_us, set()).add(skey)
+            for event_id, raw in self.seen.items():
+                partition, hour = (int(x) for x in raw.split(b":"))
+                self._seen_by_hour.setdefault(partition, {}).setdefault(hour, []).append(event_id)
+        return self._open, self._seen_by_hour
+
+    def _evict(self, partition: int, mark: int) -> tuple[int, int]:
+        """Drop closed windows and ids past the dedupe horizon of ``partition``."""
+        open_windows, seen_by_hour = self._index()
+        closed_before = mark - self.grace_us - self.window_us
+        evicted_windows = 0
+        starts = open_windows.get(partition, {})
+        for start_us in [s for s in starts if s <= closed_before]:
+            for skey in starts.pop(start_us):
+                self.windows.delete(partition, skey)
+                evicted_windows += 1
+        horizon_hour = (mark - self.horizon_us) // _HOUR_US - 1
+        evicted_ids = 0
+        hours = seen_by_hour.get(partition, {})
+        for hour in [h for h in hours if h < horizon_hour]:
+            for event_id in hours.pop(hour):
+                self.seen.delete(partition, event_id)
+                evicted_ids += 1
+        return evicted_windows, evicted_ids
+
+    def _plan_of(self, event: UsageEvent) -> str:
+        sub = self._subscriptions(event.user_id)
+        return sub.plan_at(event.occurred_at) if sub is not None else NO_PLAN
+
+    @staticmethod
+    def _priced(
+        event: UsageEvent, quote: Quote, plan_id: str, late: bool, start_us: int, now_iso: str
+    ) -> bytes:
+        priced: PricedEvent = {
+            "event_id": event.event_id,
+            "occurred_at": micros_to_iso(to_micros(event.occurred_at)),
+            "org_id": event.org_id,
+            "user_id": event.user_id,
+            "api_key_id": event.api_key_id,
+            "gateway": event.gateway,
+            "request_id": event.request_id,
+            "provider": event.provider,
+            "requested_model": event.requested_model,
+            "served_model": event.served_model or event.requested_model,
+            "input_tokens": event.input_tokens,
+            "cached_input_tokens": event.cached_input_tokens,
+            "cache_write_tokens": event.cache_write_tokens,
+            "output_tokens": event.output_tokens,
+            "reasoning_tokens": event.reasoning_tokens,
+            "semantic_cache_hit": event.semantic_cache_hit,
+            "status": event.status,
+            "latency_ms": event.latency_ms,
+            "feature": event.feature,
+            "attributes": dict(event.attributes or {}),
+            "plan_id": plan_id,
+            "cost": units_to_str(quote.cost),
+            "list_value": units_to_str(quote.list_value),
+            "saved_prompt_cache": units_to_str(quote.saved_prompt_cache),
+            "saved_semantic_cache": units_to_str(quote.saved_semantic_cache),
+            "saved_routing": units_to_str(quote.saved_routing),
+            "unknown_model": quote.unknown_model,
+            "late": late,
+            "window_start": micros_to_iso(start_us),
+            "processed_at": now_iso,
+        }
+        return orjson.dumps(priced)

@@ -1,0 +1,59 @@
+"""Partitioned key-value state: a faust Table in the worker, a dict in tests.
+
+Writes name the partition explicitly. faust would otherwise take it from the "current event",
+which in a batch (``take_events``) is the batch's last event, so a key could land in the
+changelog partition of another user and be restored on the wrong worker after a rebalance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+
+class PartitionedState(Protocol):
+    """Key -> bytes, each key written to the changelog partition of the data it came from."""
+
+    def get(self, key: str) -> bytes | None:
+        """The value, or ``None``."""
+
+    def put(self, partition: int, key: str, value: bytes) -> None:
+        """Set ``key`` and record the change in ``partition`` of the changelog."""
+
+    def delete(self, partition: int, key: str) -> None:
+        """Remove ``key`` (a tombstone in ``partition`` of the changelog)."""
+
+    def items(self) -> Iterator[tuple[str, bytes]]:
+        """Every key and value held by this process."""
+
+    def __len__(self) -> int:
+        """Number of keys held by this process."""
+
+
+class DictState:
+    """In-memory :class:`PartitionedState` that records writes per partition (for tests)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.writes: list[tuple[int, str, bytes | None]] = []
+
+    def get(self, key: str) -> bytes | None:
+        """The value, or ``None``."""
+        return self.data.get(key)
+
+    def put(self, partition: int, key: str, value: bytes) -> None:
+        """Set and record the write."""
+        self.data[key] = value
+        self.writes.append((partition, key, value))
+
+    def delete(self, partition: int, key: str) -> None:
+        """Remove and record the tombstone."""
+        self.data.pop(key, None)
+        self.writes.append((partition, key, None))
+
+    def items(self) -> Iterator[tuple[str, bytes]]:
+        """Every key and value."""
+        return iter(list(self.data.items()))
+
+    def __len__(self) -> int:
+        return len(self.data)

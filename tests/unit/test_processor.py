@@ -1,0 +1,263 @@
+"""The pure batch processor: validation to DLQ, dedupe, windows, lateness, pre-aggregation."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas import PlanPeriod, Subscription, event_from_obj
+from stream_processors import DictState, InRecord, PriceCatalog, UsageProcessor, units_to_decimal
+
+CATALOG = PriceCatalog.load()
+T0 = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
+
+
+def sub(user: str, plan: str = "pro") -> Subscription:
+    return Subscription(
+        user_id=user,
+        org_id="o",
+        billing_anchor=T0 - timedelta(days=3),
+        plans=[PlanPeriod(plan_id=plan, effective_at=T0 - timedelta(days=3))],
+    )
+
+
+SUBS = {"u1": sub("u1"), "u2": sub("u2", "free")}
+
+
+def make(**kw: Any) -> UsageProcessor:
+    return UsageProcessor(
+        CATALOG,
+        SUBS.get,
+        seen=DictState(),
+        windows=DictState(),
+        marks=DictState(),
+        window_s=kw.pop("window_s", 60),
+        grace_s=kw.pop("grace_s", 120),
+        dedupe_horizon_s=kw.pop("dedupe_horizon_s", 3600),
+    )
+
+
+def ev(i: int | str, at: datetime, user: str = "u1", **kw: Any) -> dict[str, Any]:
+    return {
+        "event_id": f"e{i}",
+        "occurred_at": at.isoformat(),
+        "org_id": "o",
+        "user_id": user,
+        "gateway": "gw",
+        "requested_model": kw.pop("model", "gpt-4o"),
+        "input_tokens": kw.pop("input_tokens", 1000),
+        "output_tokens": kw.pop("output_tokens", 100),
+        **kw,
+    }
+
+
+_offset = iter(range(10**9))
+
+
+def rec(obj: dict[str, Any] | bytes, partition: int = 0) -> InRecord:
+    value = obj if isinstance(obj, bytes) else orjson.dumps(obj)
+    return InRecord("usage.events", partition, next(_offset), b"k", value)
+
+
+def rollups(result_rollups: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    return [orjson.loads(v) for _, v in result_rollups]
+
+
+def test_invalid_messages_become_dead_letters_with_reason_and_source() -> None:
+    p = make()
+    bad = [b"not json", orjson.dumps({"event_id": "x"}), orjson.dumps(ev(1, T0, input_tokens=-1))]
+    r = p.process([rec(b) for b in bad])
+    assert len(r.dead) == 3 and not r.priced
+    letters = [orjson.loads(v) for _, v in r.dead]
+    assert base64.b64decode(letters[0]["payload_b64"]) == b"not json"
+    assert "not JSON" in letters[0]["reason"]
+    assert "occurred_at" in letters[1]["reason"]
+    assert "input_tokens" in letters[2]["reason"]
+    assert {lt["source_topic"] for lt in letters} == {"usage.events"}
+    assert r.counters["dead_letters"] == 3
+
+
+def test_duplicates_within_and_across_batches_count_once() -> None:
+    p = make()
+    r1 = p.process([rec(ev(1, T0)), rec(ev(1, T0)), rec(ev(2, T0))])
+    r2 = p.process([rec(ev(2, T0)), rec(ev(3, T0))])
+    assert (len(r1.priced), len(r2.priced)) == (2, 1)
+    assert r1.counters["duplicates"] == 1 and r2.counters["duplicates"] == 1
+
+
+@pytest.mark.parametrize(
+    ("seconds", "window_start"),
+    [
+        (0, "2026-11-27T10:00:00Z"),
+        (59.999999, "2026-11-27T10:00:00Z"),
+        (60, "2026-11-27T10:01:00Z"),
+        (-0.000001, "2026-11-27T09:59:00Z"),
+    ],
+)
+def test_window_assignment(seconds: float, window_start: str) -> None:
+    p = make()
+    r = p.process([rec(ev(1, T0 + timedelta(seconds=seconds)))])
+    assert orjson.loads(r.priced[0][1])["window_start"] == window_start
+    assert rollups(r.rollups)[0]["window_start"] == window_start
+
+
+def test_batch_pre_aggregation_writes_state_once_per_window() -> None:
+    p = make()
+    batch = [rec(ev(i, T0 + timedelta(seconds=i))) for i in range(50)]
+    r = p.process(batch)
+    assert len(r.priced) == 50
+    assert len(r.rollups) == 1
+    assert isinstance(p.windows, DictState)
+    assert len([w for w in p.windows.writes if w[2] is not None]) == 1
+    roll = rollups(r.rollups)[0]
+    assert roll["requests"] == 50 and roll["version"] == 1 and roll["plan_id"] == "pro"
+    r2 = p.process([rec(ev(99, T0 + timedelta(seconds=5)))])
+    roll2 = rollups(r2.rollups)[0]
+    assert roll2["requests"] == 51 and roll2["version"] == 2
+
+
+def test_out_of_order_within_grace_corrects_its_window() -> None:
+    p = make(grace_s=120)
+    p.process([rec(ev(1, T0)), rec(ev(2, T0 + timedelta(seconds=150)))])
+    r = p.process([rec(ev(3, T0 + timedelta(seconds=10)))])  # window 10:00 closes at 10:03
+    roll = rollups(r.rollups)[0]
+    assert roll["window_start"] == "2026-11-27T10:00:00Z"
+    assert (roll["requests"], roll["version"], roll["segment"]) == (2, 2, 0)
+    assert r.counters["late"] == 0
+
+
+def test_beyond_grace_is_priced_flagged_and_emitted_as_its_own_segment() -> None:
+    p = make(grace_s=60)
+    p.process([rec(ev(1, T0))])
+    r = p.process([rec(ev(2, T0 + timedelta(minutes=10)))])
+    assert r.counters["evicted_windows"] == 1
+    late = p.process([rec(ev(3, T0 + timedelta(seconds=5)))])
+    assert late.counters["late"] == 1
+    assert orjson.loads(late.priced[0][1])["late"] is True
+    roll = rollups(late.rollups)[0]
+    assert roll["segment"] != 0 and roll["requests"] == 1 and roll["version"] == 1
+
+
+def test_older_than_dedupe_horizon_goes_to_dlq() -> None:
+    p = make(dedupe_horizon_s=3600)
+    p.process([rec(ev(1, T0))])
+    r = p.process([rec(ev(2, T0 - timedelta(hours=2)))])
+    assert not r.priced and r.counters["beyond_dedupe_horizon"] == 1
+    assert "dedupe horizon" in orjson.loads(r.dead[0][1])["reason"]
+
+
+def test_seen_ids_expire_after_the_horizon() -> None:
+    p = make(dedupe_horizon_s=3600)
+    p.process([rec(ev(1, T0))])
+    r = p.process([rec(ev(2, T0 + timedelta(hours=3)))])
+    assert r.counters["evicted_ids"] == 1
+    assert p.seen.get("e1") is None and p.seen.get("e2") is not None
+
+
+def test_unknown_user_and_model_are_counted_not_dropped() -> None:
+    p = make()
+    r = p.process([rec(ev(1, T0, user="nobody", model="mystery-model"))])
+    assert len(r.priced) == 1
+    priced = orjson.loads(r.priced[0][1])
+    assert priced["plan_id"] == "" and priced["unknown_model"] is True
+    assert r.counters["no_subscription"] == 1 and r.counters["unknown_model"] == 1
+
+
+def test_plan_follows_the_subscription_schedule_at_event_time() -> None:
+    schedule = Subscription(
+        user_id="u9",
+        org_id="o",
+        billing_anchor=T0 - timedelta(days=3),
+        plans=[
+            PlanPeriod(plan_id="free", effective_at=T0 - timedelta(days=3)),
+            PlanPeriod(plan_id="pro", effective_at=T0),
+        ],
+    )
+    p = UsageProcessor(
+        CATALOG, {"u9": schedule}.get, seen=DictState(), windows=DictState(), marks=DictState()
+    )
+    r = p.process([rec(ev(1, T0 - timedelta(seconds=1), user="u9")), rec(ev(2, T0, user="u9"))])
+    assert [orjson.loads(v)["plan_id"] for _, v in r.priced] == ["free", "pro"]
+
+
+def test_state_survives_a_restart_through_the_tables() -> None:
+    p = make()
+    p.process([rec(ev(1, T0)), rec(ev(2, T0))])
+    # A new processor over the same (restored) tables: as after a worker restart.
+    q = UsageProcessor(
+        CATALOG,
+        SUBS.get,
+        seen=p.seen,
+        windows=p.windows,
+        marks=p.marks,
+        window_s=60,
+        grace_s=120,
+        dedupe_horizon_s=3600,
+    )
+    r = q.process([rec(ev(2, T0)), rec(ev(3, T0))])
+    assert r.counters["duplicates"] == 1
+    assert rollups(r.rollups)[0]["requests"] == 3
+
+
+# -- whole-stream exactness as a property ------------------------------------------------------
+
+event_st = st.builds(
+    lambda i, sec, user, model, inp, cached, out, hit: ev(
+        i,
+        T0 + timedelta(seconds=sec),
+        user=user,
+        model=model,
+        input_tokens=inp,
+        cached_input_tokens=min(cached, inp),
+        output_tokens=out,
+        semantic_cache_hit=hit,
+    ),
+    st.integers(0, 60),
+    st.integers(-30, 1500),
+    st.sampled_from(["u1", "u2"]),
+    st.sampled_from(["gpt-4o", "claude-sonnet-4-5", "unknown-x"]),
+    st.integers(0, 50_000),
+    st.integers(0, 50_000),
+    st.integers(0, 5_000),
+    st.booleans(),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(event_st, max_size=80), st.lists(st.integers(1, 15), min_size=1, max_size=10))
+def test_rollups_sum_exactly_to_unique_events_whatever_order_and_batching(
+    events: list[dict[str, Any]], cuts: list[int]
+) -> None:
+    p = make(grace_s=120)
+    records = [rec(e) for e in events]
+    final: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+    i = 0
+    k = 0
+    while i < len(records):
+        size = cuts[k % len(cuts)]
+        r = p.process(records[i : i + size])
+        for roll in rollups(r.rollups):
+            key = (roll["user_id"], roll["served_model"], roll["window_start"], roll["segment"])
+            if key not in final or final[key]["version"] < roll["version"]:
+                final[key] = roll
+        i += size
+        k += 1
+    unique: dict[str, dict[str, Any]] = {}
+    for e in events:
+        unique.setdefault(e["event_id"], e)
+    expected_cost = sum(
+        (units_to_decimal(CATALOG.quote(event_from_obj(e)).cost) for e in unique.values()),
+        Decimal(0),
+    )
+    assert sum(r["requests"] for r in final.values()) == len(unique)
+    assert sum((Decimal(r["cost"]) for r in final.values()), Decimal(0)) == expected_cost
+    assert sum(r["input_tokens"] for r in final.values()) == sum(
+        e["input_tokens"] for e in unique.values()
+    )
