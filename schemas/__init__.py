@@ -21,12 +21,20 @@ from schemas._records import (
     Rollup,
     Subscription,
 )
+from schemas.adapters import (
+    EventContext,
+    from_anthropic_usage,
+    from_cloudevent,
+    from_openai_chat_usage,
+    from_openai_responses_usage,
+)
 
 __all__ = [
     "MAX_ATTRIBUTES",
     "MAX_EVENT_BYTES",
     "MONEY_SCALE",
     "DeadLetter",
+    "EventContext",
     "PlanPeriod",
     "PricedEvent",
     "Rollup",
@@ -36,5 +44,9 @@ __all__ = [
     "encode_event",
     "event_from_obj",
     "event_json_schema",
+    "from_anthropic_usage",
+    "from_cloudevent",
+    "from_openai_chat_usage",
+    "from_openai_responses_usage",
     "topics",
 ]

@@ -1,0 +1,343 @@
+"""``produce``, ``simulate`` and ``consume``: getting usage events in and looking at topics."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+import typer
+
+from spendstream.commands._common import console, err_console, fail, settings_or_exit
+from spendstream.errors import SpendstreamError
+
+
+def _parse_start(value: str | None) -> datetime:
+    if value is None:
+        return datetime.now(UTC).replace(microsecond=0)
+    try:
+        start = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"--start {value!r} is not an ISO 8601 timestamp (e.g. 2025-06-02T00:00:00+00:00)")
+    if start.tzinfo is None:
+        fail(f"--start {value!r} needs a UTC offset (e.g. 2025-06-02T00:00:00Z)")
+    return start
+
+
+def _fraction(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise typer.BadParameter("must be a fraction between 0 and 1")
+    return value
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``produce``, ``simulate`` and ``consume`` commands."""
+
+    @app.command("produce")
+    def produce(
+        file: str = typer.Argument(
+            "-", help="JSON-lines file of usage events, or - for standard input."
+        ),
+    ) -> None:
+        """Validate and send usage events, one JSON object per line, to the events topic.
+
+        Every invalid line is reported on standard error with its line number and the reason;
+        the valid lines are sent. Exits 1 if any line was invalid or not delivered.
+        """
+        from producers import UsageProducer
+        from schemas import decode_event
+        from spendstream.errors import InvalidEventError
+
+        settings = settings_or_exit()
+        if file == "-":
+            stream: IO[bytes] = sys.stdin.buffer
+        else:
+            path = Path(file)
+            if not path.is_file():
+                fail(f"no such file: {path}")
+            stream = path.open("rb")
+        sent = invalid = blank = 0
+        try:
+            with stream, UsageProducer(settings) as producer:
+                for number, raw in enumerate(stream, start=1):
+                    line = raw.rstrip(b"\r\n")
+                    if not line.strip():
+                        blank += 1
+                        continue
+                    try:
+                        event = decode_event(line)
+                    except InvalidEventError as exc:
+                        invalid += 1
+                        typer.echo(f"line {number}: {exc}", err=True)
+                        continue
+                    producer.send(event)
+                    sent += 1
+        except SpendstreamError as exc:
+            fail(f"{exc} ({sent} events sent before the error)")
+        console.print(
+            f"sent {sent} events to {settings.topics.events}; {invalid} invalid lines"
+            + (f"; {blank} blank lines skipped" if blank else ""),
+            highlight=False,
+        )
+        if invalid:
+            raise typer.Exit(1)
+
+    @app.command("simulate")
+    def simulate(
+        users: int = typer.Option(100, "--users", "-u", min=1, help="Simulated users."),
+        duration: float = typer.Option(
+            60.0, "--duration", "-d", min=0.1, help="Seconds of traffic to produce."
+        ),
+        rate: float = typer.Option(
+            100.0, "--rate", "-r", min=0.001, help="Mean events per second."
+        ),
+        seed: int = typer.Option(0, "--seed", "-s", help="Random seed: same seed, same traffic."),
+        out_of_order: float = typer.Option(
+            0.0,
+            "--out-of-order",
+            callback=_fraction,
+            help="Fraction of events dated 30 s to 15 min back (late arrivals).",
+        ),
+        duplicates: float = typer.Option(
+            0.0,
+            "--duplicates",
+            callback=_fraction,
+            help="Fraction of items that re-send an earlier event unchanged.",
+        ),
+        malformed: float = typer.Option(
+            0.0,
+            "--malformed",
+            callback=_fraction,
+            help="Fraction of items that break the contract (they should reach the DLQ).",
+        ),
+        start: str | None = typer.Option(
+            None,
+            "--start",
+            help="Event time of the first event, ISO 8601 with offset (default: now). "
+            "Give it for byte-identical runs.",
+        ),
+        dry_run: Path | None = typer.Option(
+            None,
+            "--dry-run",
+            help="Write the events as JSON lines to this file (- for standard output) "
+            "instead of producing them; no Kafka needed, no real-time pacing, daily rhythm on.",
+        ),
+    ) -> None:
+        """Publish subscriptions for simulated users, then produce realistic traffic.
+
+        Users are spread over the free/pro/team/enterprise plans with heavy-tailed volumes;
+        events use real model names, routing, prompt and semantic caching and reasoning.
+        Traffic is paced in real time at --rate for --duration seconds.
+        """
+        from spendstream.simulate import Simulator
+
+        sim = Simulator(
+            users,
+            seed,
+            _parse_start(start),
+            rate=rate,
+            out_of_order=out_of_order,
+            duplicates=duplicates,
+            malformed=malformed,
+            rhythm=dry_run is not None,
+        )
+        if dry_run is not None:
+            _simulate_to_file(sim, duration, dry_run)
+            return
+        try:
+            _simulate_live(sim, duration, rate)
+        except SpendstreamError as exc:
+            fail(str(exc))
+
+    @app.command("consume")
+    def consume(
+        topic: str = typer.Argument(
+            ...,
+            help="A topic role (events, priced, rollups, dlq, alerts, overages, enforcement, "
+            "subscriptions) or a literal topic name.",
+        ),
+        from_beginning: bool = typer.Option(
+            False, "--from-beginning", "-b", help="Start at the oldest message, not the newest."
+        ),
+        max_messages: int | None = typer.Option(
+            None, "--max", "-n", min=1, help="Stop after this many messages."
+        ),
+        timeout: float | None = typer.Option(
+            None,
+            "--timeout",
+            "-t",
+            min=0.0,
+            help="Stop after this many seconds without a message (default: run until Ctrl-C).",
+        ),
+    ) -> None:
+        """Print a topic as JSON lines (key, partition, offset, timestamp, value) for debugging.
+
+        The value is shown as JSON when it is JSON, as text when it is UTF-8, else as base64.
+        """
+        settings = settings_or_exit()
+        name = settings.topics.names().get(topic, topic)
+        try:
+            _consume(settings, name, from_beginning, max_messages, timeout)
+        except SpendstreamError as exc:
+            fail(str(exc))
+
+
+def _simulate_to_file(sim: Any, duration: float, out: Path) -> None:
+    counts: Counter[str] = Counter()
+    target: IO[bytes] = sys.stdout.buffer if str(out) == "-" else out.open("wb")
+    with target:
+        for item in sim.stream():
+            if (item.emitted_at - sim.start).total_seconds() >= duration:
+                break
+            payload = item.payload
+            target.write(payload if isinstance(payload, bytes) else orjson.dumps(payload))
+            target.write(b"\n")
+            counts[item.kind] += 1
+    if str(out) != "-":
+        err_console.print(f"wrote {sum(counts.values())} lines to {out}: {_kinds(counts)}")
+
+
+def _kinds(counts: Counter[str]) -> str:
+    return ", ".join(f"{counts[k]} {k}" for k in ("event", "late", "duplicate", "malformed"))
+
+
+def _simulate_live(sim: Any, duration: float, rate: float) -> None:
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from producers import UsageProducer, publish_subscriptions
+
+    settings = settings_or_exit()
+    subs = sim.subscriptions()
+    published = publish_subscriptions(settings, subs)
+    console.print(f"published {published} subscriptions to {settings.topics.subscriptions}")
+
+    counts: Counter[str] = Counter()
+    progress = Progress(
+        TextColumn("[bold]simulate"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+        TextColumn("{task.fields[sent]} events"),
+        TextColumn("[cyan]{task.fields[rate]:.0f} events/s"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with UsageProducer(settings) as producer, progress:
+        task = progress.add_task("traffic", total=duration, sent=0, rate=0.0)
+        t0 = time.monotonic()
+        last_update = t0
+        sent = 0
+        for item in sim.stream():
+            offset = (item.emitted_at - sim.start).total_seconds()
+            if offset >= duration:
+                break
+            ahead = t0 + offset - time.monotonic()
+            if ahead > 0.002:
+                time.sleep(ahead)
+            payload = item.payload
+            if isinstance(payload, bytes):
+                producer.send_raw(b"malformed", payload)
+            else:
+                producer.send(payload)
+            sent += 1
+            counts[item.kind] += 1
+            now = time.monotonic()
+            if now - last_update >= 0.2:
+                last_update = now
+                progress.update(
+                    task, completed=min(now - t0, duration), sent=sent, rate=sent / (now - t0)
+                )
+        elapsed = time.monotonic() - t0
+        progress.update(task, completed=duration, sent=sent, rate=sent / max(elapsed, 1e-9))
+    stats = producer.stats()
+    console.print(
+        f"produced {sent} items to {settings.topics.events} in {elapsed:.1f} s "
+        f"({sent / max(elapsed, 1e-9):.0f}/s, target {rate:g}/s): {_kinds(counts)}; "
+        f"delivered {stats.delivered}, failed {stats.failed}",
+        highlight=False,
+    )
+
+
+def _render(msg: Any) -> bytes:
+    value = msg.value()
+    out: dict[str, Any] = {
+        "topic": msg.topic(),
+        "partition": msg.partition(),
+        "offset": msg.offset(),
+        "timestamp": msg.timestamp()[1],
+        "key": None if msg.key() is None else msg.key().decode("utf-8", "replace"),
+    }
+    if value is None:
+        out["value"] = None
+    else:
+        try:
+            out["value"] = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            try:
+                out["value"] = value.decode("utf-8")
+            except UnicodeDecodeError:
+                import base64
+
+                out["value_b64"] = base64.b64encode(value).decode("ascii")
+    return orjson.dumps(out)
+
+
+def _consume(
+    settings: Any,
+    topic: str,
+    from_beginning: bool,
+    max_messages: int | None,
+    timeout: float | None,
+) -> None:
+    from confluent_kafka import Consumer, KafkaException
+    from confluent_kafka import KafkaError as RdKafkaError
+
+    from spendstream.errors import KafkaError
+
+    conf = settings.kafka.confluent_config()
+    conf.update(
+        {
+            "group.id": f"spendstream-consume-{uuid.uuid4().hex[:12]}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest" if from_beginning else "latest",
+            "enable.partition.eof": False,
+        }
+    )
+    try:
+        consumer = Consumer(conf)
+    except KafkaException as exc:
+        raise KafkaError(f"cannot create a Kafka consumer: {exc}") from exc
+    out = sys.stdout.buffer
+    seen = 0
+    last = time.monotonic()
+    try:
+        consumer.subscribe([topic])
+        while max_messages is None or seen < max_messages:
+            msg = consumer.poll(0.2)
+            if msg is None:
+                if timeout is not None and time.monotonic() - last >= timeout:
+                    break
+                continue
+            err = msg.error()
+            if err is not None:
+                unknown = (RdKafkaError._UNKNOWN_TOPIC, RdKafkaError.UNKNOWN_TOPIC_OR_PART)
+                if err.fatal() or err.code() in unknown:
+                    raise KafkaError(f"cannot consume {topic}: {err.str()}")
+                continue
+            last = time.monotonic()
+            out.write(_render(msg) + b"\n")
+            out.flush()
+            seen += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
