@@ -256,7 +256,7 @@ def to_arrow_array(values: Sequence[Any], typ: pa.DataType) -> pa.Array:
     through a float.
     """
     if isinstance(values, pa.Array | pa.ChunkedArray):
-        return values.cast(typ) if values.type != typ else values  # type: ignore[no-any-return]
+        return values.cast(typ) if values.type != typ else values
     sample = next((v for v in values if v is not None), None)
     try:
         if isinstance(sample, str) and (
