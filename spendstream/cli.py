@@ -9,7 +9,7 @@ import typer
 from spendstream.errors import SpendstreamError
 
 # Modules under spendstream.commands that contribute commands; each has register(app).
-COMMAND_MODULES = ("core", "traffic")
+COMMAND_MODULES = ("core", "traffic", "store")
 
 app = typer.Typer(
     name="spendstream",
