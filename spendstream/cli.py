@@ -9,7 +9,12 @@ import typer
 from spendstream.errors import SpendstreamError
 
 # Modules under spendstream.commands that contribute commands; each has register(app).
-COMMAND_MODULES = ("core", "traffic", "store")
+COMMAND_MODULES = (
+    "core",
+    "worker",
+    "traffic",
+    "store",
+)
 
 app = typer.Typer(
     name="spendstream",

@@ -33,7 +33,8 @@ def to_units(value: Decimal | str | int) -> int:
                 f"{value} has more than {MONEY_SCALE} decimal places; spendstream keeps money "
                 f"exact at that scale"
             )
-    magnitude = int("".join(map(str, digits)) or "0") * 10 ** (exponent + MONEY_SCALE)
+    shift: int = 10 ** (exponent + MONEY_SCALE)
+    magnitude = int("".join(map(str, digits)) or "0") * shift
     return -magnitude if sign else magnitude
 
 

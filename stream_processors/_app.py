@@ -1,0 +1,219 @@
+"""The faust-streaming application, built by a factory: no module-level app, no import effects.
+
+The agent is thin: it takes batches of events (``take_events``), hands their raw bytes to the pure
+:class:`~stream_processors.UsageProcessor`, and publishes what it returns. Outputs go to the same
+partition number as their source message, so one user's data stays co-partitioned end to end
+whatever hash function a producer used.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+from faust.types.auth import SASLMechanism
+
+from producers._view import CompactedTopicView
+from schemas import Subscription
+from spendstream.settings import Settings
+from stream_processors._pricing import PriceCatalog
+from stream_processors._processor import InRecord, UsageProcessor
+
+log = logging.getLogger(__name__)
+
+
+class TableState:
+    """:class:`~stream_processors.PartitionedState` over a faust Table, partition explicit."""
+
+    def __init__(self, table: Any) -> None:
+        self._table = table
+
+    def get(self, key: str) -> bytes | None:
+        """The value, or ``None``."""
+        value = self._table.data.get(key)
+        return value if value is not None else None
+
+    def put(self, partition: int, key: str, value: bytes) -> None:
+        """Set and send the change to ``partition`` of the changelog."""
+        store = self._table.data
+        store[key] = value
+        # The memory store uses this to drop keys of partitions assigned elsewhere.
+        store._key_partition[key] = partition
+        self._table.send_changelog(partition, key, value, value_serializer="raw")
+
+    def delete(self, partition: int, key: str) -> None:
+        """Remove and send a tombstone to ``partition`` of the changelog."""
+        store = self._table.data
+        store.data.pop(key, None)
+        store._key_partition.pop(key, None)
+        self._table.send_changelog(partition, key, None, value_serializer="raw")
+
+    def items(self) -> Iterator[tuple[str, bytes]]:
+        """Every key and value held by this worker."""
+        return iter([(k, v) for k, v in self._table.data.items() if v is not None])
+
+    def __len__(self) -> int:
+        return len(self._table.data)
+
+
+@dataclass
+class WorkerStats:
+    """Counters of a worker since start (exposed as metrics and in logs)."""
+
+    counters: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+
+
+@dataclass
+class WorkerApp:
+    """The faust app with the pieces a runner, a test or a benchmark needs to reach."""
+
+    app: faust.App
+    processor: UsageProcessor
+    stats: WorkerStats
+    subscriptions: CompactedTopicView[Subscription] | None
+
+
+def broker_credentials(settings: Settings) -> Any:
+    """faust/aiokafka credentials from the same settings confluent-kafka uses."""
+    k = settings.kafka
+    context: ssl.SSLContext | None = None
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
+        if k.ssl_certfile:
+            context.load_cert_chain(
+                str(k.ssl_certfile),
+                str(k.ssl_keyfile) if k.ssl_keyfile else None,
+                k.ssl_key_password.get_secret_value() if k.ssl_key_password else None,
+            )
+    if k.security_protocol.startswith("SASL_"):
+        assert k.sasl_username is not None and k.sasl_password is not None
+        password = k.sasl_password.get_secret_value()
+        if k.sasl_mechanism == "PLAIN":
+            return faust.SASLCredentials(
+                username=k.sasl_username, password=password, ssl_context=context
+            )
+        mechanism = SASLMechanism(k.sasl_mechanism)
+        return faust.SASLCredentials(
+            username=k.sasl_username, password=password, ssl_context=context, mechanism=mechanism
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def build_app(
+    settings: Settings,
+    *,
+    catalog: PriceCatalog | None = None,
+    subscriptions: Callable[[str], Subscription | None] | None = None,
+    on_batch: Callable[[Any], None] | None = None,
+) -> WorkerApp:
+    """Build the worker's faust App from settings.
+
+    ``subscriptions`` looks up a user's plan schedule; by default a
+    :class:`~producers.CompactedTopicView` over the subscriptions topic, started with the app.
+    ``on_batch`` (tests, benchmarks) sees every :class:`~stream_processors.BatchResult`.
+    """
+    p = settings.processor
+    t = settings.topics
+    bootstrap = ",".join(
+        f"kafka://{h.strip()}" for h in settings.kafka.bootstrap_servers.split(",")
+    )
+    app = faust.App(
+        p.app_id,
+        broker=bootstrap,
+        broker_credentials=broker_credentials(settings),
+        store="memory://",
+        topic_partitions=t.partitions,
+        topic_replication_factor=t.replication_factor,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        web_port=p.web_port,
+        producer_linger_ms=5,
+        producer_max_batch_size=256 * 1024,
+        stream_buffer_maxsize=max(4 * p.batch_size, 4096),
+        broker_commit_every=max(p.batch_size, 1000),
+        table_cleanup_interval=3600.0,
+        autodiscover=False,
+        loghandlers=[],
+    )
+    catalog = catalog or PriceCatalog.load(
+        p.price_catalog,
+        p.price_overrides,
+        fallback_input=p.fallback_input_cost_per_token,
+        fallback_output=p.fallback_output_cost_per_token,
+    )
+
+    view = None
+    if subscriptions is None:
+        view = CompactedTopicView(
+            settings.kafka.confluent_config(), t.subscriptions, Subscription.model_validate_json
+        )
+        subscriptions = view.get
+
+    def table(name: str) -> Any:
+        # key_type=str -> JSON-encoded keys restored as str; value_type=bytes -> raw values.
+        return app.Table(name, partitions=t.partitions, key_type=str, value_type=bytes)
+
+    seen_t, windows_t, marks_t = table("seen"), table("windows"), table("marks")
+    processor = UsageProcessor(
+        catalog,
+        subscriptions,
+        seen=TableState(seen_t),
+        windows=TableState(windows_t),
+        marks=TableState(marks_t),
+        window_s=p.window_s,
+        grace_s=p.grace_s,
+        dedupe_horizon_s=p.dedupe_horizon_s,
+    )
+    stats = WorkerStats()
+
+    events = app.topic(t.events, key_serializer="raw", value_serializer="raw")
+    priced = app.topic(t.priced, key_serializer="raw", value_serializer="raw")
+    rollups = app.topic(t.rollups, key_serializer="raw", value_serializer="raw")
+    dlq = app.topic(t.dlq, key_serializer="raw", value_serializer="raw")
+
+    @app.agent(events, name="price-and-rollup")
+    async def price_and_rollup(stream: Any) -> None:
+        # faust's default pending-send buffer (100 messages) throttles every batch; ours emits
+        # a batch's outputs at once and flushes before each commit anyway.
+        app.producer.buffer.max_messages = 20 * p.batch_size
+        async for batch in stream.take_events(p.batch_size, within=p.batch_within_s):
+            records = [
+                InRecord(
+                    e.message.topic,
+                    e.message.partition,
+                    e.message.offset,
+                    e.message.key,
+                    e.message.value,
+                )
+                for e in batch
+            ]
+            result = processor.process(records)
+            partition_of = {r.event.user_id: r.partition for r in result.accepted}
+            for key, value in result.priced:
+                priced.send_soon(key=key.encode(), value=value, partition=partition_of[key])
+            for key, value in result.rollups:
+                rollups.send_soon(key=key.encode(), value=value, partition=partition_of[key])
+            for rec_key, value in result.dead:
+                dlq.send_soon(key=rec_key, value=value)
+            stats.batches += 1
+            stats.counters.update(result.counters)
+            if on_batch is not None:
+                on_batch(result)
+
+    @app.on_rebalance_complete.connect
+    async def _on_rebalance(sender: Any, /, *args: Any, **kwargs: Any) -> None:
+        processor.reset_caches()
+
+    # The caller starts the subscriptions view (and waits until it has read the topic) before
+    # the worker consumes: pricing with an unknown plan would be wrong, not just late.
+    return WorkerApp(app, processor, stats, view)
