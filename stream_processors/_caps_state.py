@@ -1,0 +1,287 @@
+"""Per-user cap state: window usage, fired thresholds, wallet; compact JSON-safe serialization.
+
+The state is plain data mutated only by :class:`~stream_processors.caps.CapEngine`. It is kept
+small because a faust Table writes it to its changelog topic on every update: fixed windows keep
+only the instances still open (plus grace), rolling windows a sparse map of sub-buckets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stream_processors._caps_util import units_from_str, units_str
+
+NEVER = -(2**62)
+"""Watermark of a state that has seen no event yet."""
+FORMAT_VERSION = 1
+MAX_TOPUP_IDS = 32
+"""Top-up ids remembered for idempotence (a replayed top-up is not credited twice)."""
+
+
+def mask_to_list(mask: int) -> list[int]:
+    """Fired-threshold bitmask (bit p = p percent) to the sorted list of percents."""
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
+
+
+def list_to_mask(percents: list[int]) -> int:
+    """Inverse of :func:`mask_to_list`."""
+    mask = 0
+    for p in percents:
+        mask |= 1 << p
+    return mask
+
+
+def _enc(value: int, usd: bool) -> str | int:
+    # USD units as a short decimal string ("0.0123"): 10**-24 units would be 23-digit integers,
+    # too long and beyond orjson's 64-bit integers. Tokens and requests stay JSON integers.
+    return units_str(value) if usd else value
+
+
+def _dec(value: str | int) -> int:
+    return units_from_str(value) if isinstance(value, str) else int(value)
+
+
+class Instance:
+    """One instance ``[start, end)`` of a fixed window (or a billing month for break-even)."""
+
+    __slots__ = ("billed", "end", "fired", "start", "usage")
+
+    def __init__(self, start: int, end: int, usage: int = 0, fired: int = 0, billed: int = 0):
+        self.start = start
+        self.end = end
+        self.usage = usage
+        self.fired = fired
+        """Bitmask of fired thresholds, bit p = p percent (break-even uses bit 100)."""
+        self.billed = billed
+        """Overage billed in this instance, in USD units (for the ceiling)."""
+
+
+class FixedState:
+    """The open instances of a fixed window, ordered by start (rarely more than two)."""
+
+    __slots__ = ("insts", "usd")
+
+    def __init__(self, usd: bool, insts: list[Instance] | None = None) -> None:
+        self.usd = usd
+        self.insts: list[Instance] = insts if insts is not None else []
+
+    def find(self, t: int) -> Instance | None:
+        """The instance containing ``t``, if it is held."""
+        for inst in reversed(self.insts):  # the newest is the likeliest
+            if inst.start <= t < inst.end:
+                return inst
+        return None
+
+    def add(self, inst: Instance) -> None:
+        """Insert keeping the order by start."""
+        self.insts.append(inst)
+        if len(self.insts) > 1 and self.insts[-2].start > inst.start:
+            self.insts.sort(key=lambda i: i.start)
+
+    def evict(self, horizon: int) -> None:
+        """Drop instances that ended at or before ``horizon`` (= watermark - grace)."""
+        if self.insts and self.insts[0].end <= horizon:
+            self.insts = [i for i in self.insts if i.end > horizon]
+
+    def empty(self) -> bool:
+        """True when nothing is held."""
+        return not self.insts
+
+    def to_obj(self) -> Any:
+        """Compact JSON-safe form."""
+        usd = self.usd
+        return {
+            "i": [
+                [i.start, i.end, _enc(i.usage, usd), mask_to_list(i.fired), units_str(i.billed)]
+                if i.billed
+                else [i.start, i.end, _enc(i.usage, usd), mask_to_list(i.fired)]
+                for i in self.insts
+            ]
+        }
+
+    @classmethod
+    def from_obj(cls, obj: Any, usd: bool) -> FixedState:
+        """Inverse of :meth:`to_obj`."""
+        insts = [
+            Instance(
+                int(row[0]),
+                int(row[1]),
+                _dec(row[2]),
+                list_to_mask(row[3]),
+                units_from_str(row[4]) if len(row) > 4 else 0,
+            )
+            for row in obj["i"]
+        ]
+        return cls(usd, insts)
+
+
+class RollingState:
+    """Sub-bucket sums of a rolling window plus the running sum at the current bucket.
+
+    ``buckets[j]`` is the usage of events with ``t // bucket_s == j`` (only non-zero buckets are
+    held). ``cur_sum`` is the sum of buckets ``(cur - M, cur]`` with ``M = span / bucket_s``: the
+    rolling usage at any time in bucket ``cur``. ``fired`` maps an epoch-aligned block of the
+    window's span to the bitmask of thresholds fired in it.
+    """
+
+    __slots__ = ("buckets", "cur", "cur_sum", "fired", "usd")
+
+    def __init__(self, usd: bool, cur: int) -> None:
+        self.usd = usd
+        self.buckets: dict[int, int] = {}
+        self.cur = cur
+        self.cur_sum = 0
+        self.fired: dict[int, int] = {}
+
+    def advance(self, k: int, m: int) -> None:
+        """Move the running sum to bucket ``k`` (no bucket beyond ``cur`` exists yet)."""
+        cur = self.cur
+        if k <= cur:
+            return
+        if k - cur >= m or not self.buckets:
+            self.cur_sum = 0
+        else:
+            get = self.buckets.get
+            total = self.cur_sum
+            for j in range(cur - m + 1, k - m + 1):
+                total -= get(j, 0)
+            self.cur_sum = total
+        self.cur = k
+
+    def sum_at(self, k: int, m: int) -> int:
+        """Rolling usage in bucket ``k``: buckets ``(k - m, k]``."""
+        if k == self.cur:
+            return self.cur_sum
+        lo = k - m
+        return sum(v for j, v in self.buckets.items() if lo < j <= k)
+
+    def evict(self, min_bucket: int, min_block: int) -> None:
+        """Drop buckets below ``min_bucket`` and fired blocks below ``min_block``."""
+        if any(j < min_bucket for j in self.buckets):
+            self.buckets = {j: v for j, v in self.buckets.items() if j >= min_bucket}
+        if any(b < min_block for b in self.fired):
+            self.fired = {b: f for b, f in self.fired.items() if b >= min_block}
+
+    def empty(self) -> bool:
+        """True when nothing is held."""
+        return not self.buckets and not self.fired
+
+    def to_obj(self) -> Any:
+        """Compact JSON-safe form: bucket indices delta-encoded, interleaved with values."""
+        flat: list[str | int] = []
+        prev = 0
+        usd = self.usd
+        for j in sorted(self.buckets):
+            flat.append(j - prev)
+            flat.append(_enc(self.buckets[j], usd))
+            prev = j
+        return {
+            "k": self.cur,
+            "b": flat,
+            "f": [[b, mask_to_list(f)] for b, f in sorted(self.fired.items())],
+        }
+
+    @classmethod
+    def from_obj(cls, obj: Any, usd: bool, m: int) -> RollingState:
+        """Inverse of :meth:`to_obj`; the running sum is recomputed, not stored."""
+        state = cls(usd, int(obj["k"]))
+        flat = obj["b"]
+        j = 0
+        for index in range(0, len(flat), 2):
+            j += int(flat[index])
+            state.buckets[j] = _dec(flat[index + 1])
+        state.fired = {int(b): list_to_mask(f) for b, f in obj["f"]}
+        lo = state.cur - m
+        state.cur_sum = sum(v for b, v in state.buckets.items() if lo < b <= state.cur)
+        return state
+
+
+class UserCapState:
+    """Everything the cap engine remembers about one user (one faust Table value).
+
+    Restore with :meth:`from_dict` (the window sizes of the plans are needed to rebuild the
+    running sums, so pass the engine's catalog via :meth:`CapEngine.restore
+    <stream_processors.caps.CapEngine.restore>`).
+    """
+
+    __slots__ = (
+        "enf",
+        "months",
+        "org_id",
+        "topups",
+        "user_id",
+        "version",
+        "wallet",
+        "watermark",
+        "windows",
+    )
+
+    def __init__(self, user_id: str, org_id: str = "") -> None:
+        self.user_id = user_id
+        self.org_id = org_id
+        self.watermark = NEVER
+        """Largest event time seen (epoch seconds): 'now' for enforcement and eviction."""
+        self.wallet = 0
+        """Prepaid credit balance, USD units."""
+        self.topups: list[str] = []
+        self.version = 0
+        """Number of enforcement records emitted so far."""
+        self.enf: tuple[Any, ...] | None = None
+        """What the last emitted enforcement record said (to emit only changes)."""
+        self.months = FixedState(usd=True)
+        """Billing months, for the break-even alert (usage = inference cost)."""
+        self.windows: dict[str, FixedState | RollingState] = {}
+        """Window key (``plan.window``) -> its state."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Compact JSON-safe form (ints, strings, lists; money as decimal strings)."""
+        out: dict[str, Any] = {"v": FORMAT_VERSION, "u": self.user_id}
+        if self.org_id:
+            out["o"] = self.org_id
+        if self.watermark != NEVER:
+            out["w"] = self.watermark
+        if self.wallet:
+            out["c"] = units_str(self.wallet)
+        if self.topups:
+            out["t"] = self.topups
+        if self.version:
+            out["n"] = self.version
+        if self.enf is not None:
+            out["e"] = list(self.enf)
+        if self.months.insts:
+            out["m"] = self.months.to_obj()["i"]
+        if self.windows:
+            out["x"] = {key: ws.to_obj() for key, ws in self.windows.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], spans: dict[str, tuple[bool, int]]) -> UserCapState:
+        """Inverse of :meth:`to_dict`.
+
+        ``spans`` maps a window key to ``(is_usd, m)`` where ``m`` is the number of sub-buckets
+        of a rolling window (0 for a fixed window); windows of plans no longer in the catalog
+        are dropped.
+        """
+        if obj.get("v") != FORMAT_VERSION:
+            raise ValueError(f"unsupported cap state format {obj.get('v')!r}")
+        state = cls(str(obj["u"]), str(obj.get("o", "")))
+        state.watermark = int(obj.get("w", NEVER))
+        state.wallet = units_from_str(obj["c"]) if "c" in obj else 0
+        state.topups = [str(t) for t in obj.get("t", [])]
+        state.version = int(obj.get("n", 0))
+        state.enf = tuple(obj["e"]) if obj.get("e") is not None else None
+        state.months = FixedState.from_obj({"i": obj.get("m", [])}, usd=True)
+        for key, wobj in obj.get("x", {}).items():
+            if key not in spans:
+                continue
+            usd, m = spans[key]
+            if "i" in wobj:
+                state.windows[key] = FixedState.from_obj(wobj, usd)
+            else:
+                state.windows[key] = RollingState.from_obj(wobj, usd, m)
+        return state
