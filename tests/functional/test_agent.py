@@ -1,0 +1,76 @@
+"""The faust agent in-process through ``test_context()``: no broker, the real app factory."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from schemas import PlanPeriod, Subscription
+from spendstream.settings import load_settings
+from stream_processors import BatchResult, build_app
+
+START = datetime(2026, 11, 1, tzinfo=UTC)
+SUBS = {
+    "u1": Subscription(
+        user_id="u1",
+        org_id="o",
+        billing_anchor=START,
+        plans=[PlanPeriod(plan_id="team", effective_at=START)],
+    )
+}
+
+
+def event(i: int, user: str = "u1", **kw: Any) -> bytes:
+    return orjson.dumps(
+        {
+            "event_id": f"e{i}",
+            "occurred_at": "2026-11-27T10:00:00+02:00",
+            "org_id": "o",
+            "user_id": user,
+            "gateway": "g",
+            "requested_model": "gpt-4o",
+            "input_tokens": 1000,
+            "cached_input_tokens": 200,
+            "output_tokens": 50,
+            **kw,
+        }
+    )
+
+
+def run_through_agent(values: list[bytes]) -> list[BatchResult]:
+    settings = load_settings(
+        kafka={"bootstrap_servers": "127.0.0.1:1"},
+        processor={"batch_size": 4, "batch_within_s": 0.05},
+    )
+    results: list[BatchResult] = []
+    worker = build_app(settings, subscriptions=SUBS.get, on_batch=results.append)
+    agent = worker.app.agents["price-and-rollup"]
+
+    async def feed() -> None:
+        async with agent.test_context() as ctx:
+            for value in values:
+                await ctx.put(key=b"u1", value=value)
+            await asyncio.sleep(0.3)
+
+    asyncio.run(feed())
+    return results
+
+
+def test_agent_prices_dedupes_and_dead_letters_in_batches() -> None:
+    values = [event(i) for i in range(6)] + [event(2), b"{broken", event(7, input_tokens=-5)]
+    results = run_through_agent(values)
+    priced = [orjson.loads(v) for r in results for _, v in r.priced]
+    dead = [orjson.loads(v) for r in results for _, v in r.dead]
+    assert [p["event_id"] for p in priced] == [f"e{i}" for i in range(6)]
+    assert {p["plan_id"] for p in priced} == {"team"}
+    # 800 * 2.5e-6 + 200 * 1.25e-6 + 50 * 1e-5 (gpt-4o in the vendored LiteLLM map)
+    assert {p["cost"] for p in priced} == {"0.00275"}
+    assert priced[0]["occurred_at"] == "2026-11-27T08:00:00Z"
+    assert len(dead) == 2
+    assert sum(r.counters["duplicates"] for r in results) == 1
+    assert len(results) >= 2  # batch_size 4: the agent really took batches
+    last = max((orjson.loads(v) for r in results for _, v in r.rollups), key=lambda x: x["version"])
+    assert last["requests"] == 6 and last["cost"] == "0.0165"
