@@ -252,6 +252,7 @@ class Drained:
     offsets: Mapping[tuple[str, int], int]
     """(topic, partition) -> next offset to consume (highest buffered offset + 1)."""
     dead_lettered: int = 0
+    """Records the sink itself turned into dead letters (malformed on our own topics)."""
 
     @property
     def rows(self) -> int:
@@ -291,6 +292,7 @@ class SinkBuffer:
         self._drained: dict[tuple[str, int], int] = {}
         self._commit: dict[tuple[str, int], int] = {}
         self._rows = 0
+        self._dead = 0
         self._oldest: float | None = None
 
     def __len__(self) -> int:
@@ -324,14 +326,16 @@ class SinkBuffer:
                 retry_after=min(self.batch_age_s, 1.0),
             )
         if value is None:
-            table, row = DEAD_LETTERS_TABLE, None
+            table = DEAD_LETTERS_TABLE
             row = dead_letter_row(topic, partition, offset, key, value, "empty value (tombstone)")
+            self._dead += 1
         else:
             try:
                 table, row = spec.table, spec.decode(value)
             except RecordError as exc:
                 table = DEAD_LETTERS_TABLE
                 row = dead_letter_row(topic, partition, offset, key, value, str(exc))
+                self._dead += 1
         pending = self._pending.get(table)
         if pending is None:
             pending = self._pending[table] = _Pending()
@@ -389,10 +393,10 @@ class SinkBuffer:
         self._seen = set()
         self._rows = 0
         self._oldest = None
+        dead_lettered, self._dead = self._dead, 0
 
         batches: list[Batch] = []
         dead = pending.pop(DEAD_LETTERS_TABLE, None) or _Pending()
-        dead_lettered = len(dead.keys)
         for table in sorted(pending):
             part = pending[table]
             spec = self._tables[table]
