@@ -109,9 +109,7 @@ def run_sink_bench(settings: Settings, rows: int, batch_rows: int | None = None)
                 t_insert += t3 - t2
                 latencies.append(t3 - t2)
         total = time.perf_counter() - start
-        _, stored = store.query(
-            f"SELECT count(), sum(cost) FROM {store.database}.priced_events"  # noqa: S608
-        )
+        _, stored = store.query(f"SELECT count(), sum(cost) FROM {store.database}.priced_events")
     finally:
         store.close()
         shutil.rmtree(workdir, ignore_errors=True)

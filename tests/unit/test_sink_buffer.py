@@ -259,3 +259,41 @@ def test_unknown_topic_is_a_programming_error() -> None:
     buf, _ = make()
     with pytest.raises(ValueError, match="no table registered"):
         buf.add("elsewhere", 0, 0, b"{}")
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        [{}, {}, {}],
+        [{"a": "1"}, {}, {"b": "2", "a": "3"}],
+        [{"region": "eu", "team": "x"}, {"team": "y"}, {"z": ""}],
+    ],
+)
+def test_json_lines_fast_path_equals_record_path(attributes: list[dict[str, str]]) -> None:
+    events = [{**sample_priced_event(i), "attributes": a} for i, a in enumerate(attributes)]
+    fast = PRICED_EVENTS.from_json_lines([orjson.dumps(e) for e in events])
+    slow = PRICED_EVENTS.to_arrow([orjson.loads(orjson.dumps(e)) for e in events])
+    assert fast.schema == slow.schema
+    assert fast.drop_columns(["attributes"]).equals(slow.drop_columns(["attributes"]))
+    # Same pairs; key order inside one map may differ (first-seen order across the batch).
+    assert [dict(r["attributes"]) for r in fast.to_pylist()] == attributes
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param({"attributes": {"n": 1}}, id="attribute-not-text"),
+        pytest.param({"attributes": None}, id="attributes-null"),
+        pytest.param({"cost": 1.5}, id="money-float"),
+        pytest.param({"user_id": None}, id="required-null"),
+        pytest.param({"occurred_at": "yesterday"}, id="bad-timestamp"),
+    ],
+)
+def test_one_bad_record_in_a_fast_batch_is_isolated(bad: dict[str, Any]) -> None:
+    buf, _ = make()
+    for i in range(5):
+        buf.add("p", 0, i, priced(i, **bad) if i == 2 else priced(i))
+    tables = {b.table: b for b in buf.drain().batches}
+    assert tables["priced_events"].rows == 4
+    (dead,) = tables["dead_letters"].data.to_pylist()
+    assert dead["source_offset"] == 2 and dead["reason"].startswith("priced_events: ")
