@@ -17,11 +17,16 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any, Final, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 import orjson
 
 from schemas import PlanPeriod, Subscription
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from spendstream.settings import Settings
 
 DEFAULT_START: Final = datetime(2025, 6, 2, 0, 0, tzinfo=UTC)
 """Start of simulated time when none is given (a Monday), so that runs are reproducible."""
@@ -447,3 +452,92 @@ def _prompt_cache(rng: random.Random, provider: str, input_tokens: int) -> tuple
     if rng.random() < 0.25:
         return int(input_tokens * rng.uniform(0.3, 0.9)), 0
     return 0, 0
+
+
+def run_simulation(
+    settings: Settings,
+    sim: Simulator,
+    duration_s: float,
+    *,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Publish ``sim``'s subscriptions, then produce its traffic in real time for ``duration_s``.
+
+    Items are sent when the wall clock reaches their ``emitted_at`` (relative to ``sim.start``),
+    so the rate follows the simulator (pass ``rhythm=False`` for a flat rate). Malformed items
+    are sent as they are, for the pipeline's dead-letter path. Shows a progress bar with the
+    events/s on ``console`` and returns the counts; raises :class:`DeliveryError` if any item
+    was not delivered.
+    """
+    import time
+    from collections import Counter
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from producers import UsageProducer, publish_subscriptions
+
+    console = console or Console()
+    published = publish_subscriptions(settings, sim.subscriptions())
+    console.print(f"published {published} subscriptions to {settings.topics.subscriptions}")
+
+    counts: Counter[str] = Counter()
+    progress = Progress(
+        TextColumn("[bold]simulate"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+        TextColumn("{task.fields[sent]} events"),
+        TextColumn("[cyan]{task.fields[rate]:.0f} events/s"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    sent = 0
+    with UsageProducer(settings) as producer, progress:
+        task = progress.add_task("traffic", total=duration_s, sent=0, rate=0.0)
+        t0 = time.monotonic()
+        last_update = t0
+        for item in sim.stream():
+            offset = (item.emitted_at - sim.start).total_seconds()
+            if offset >= duration_s:
+                break
+            ahead = t0 + offset - time.monotonic()
+            if ahead > 0.002:
+                time.sleep(ahead)
+            payload = item.payload
+            if isinstance(payload, bytes):
+                producer.send_raw(b"malformed", payload)
+            else:
+                producer.send(payload)
+            sent += 1
+            counts[item.kind] += 1
+            now = time.monotonic()
+            if now - last_update >= 0.2:
+                last_update = now
+                progress.update(
+                    task, completed=min(now - t0, duration_s), sent=sent, rate=sent / (now - t0)
+                )
+        # Wait out the tail of the window so the run lasts ``duration_s`` like it says.
+        remaining = t0 + duration_s - time.monotonic()
+        if remaining > 0:
+            time.sleep(remaining)
+        elapsed = time.monotonic() - t0
+        progress.update(task, completed=duration_s, sent=sent, rate=sent / max(elapsed, 1e-9))
+    stats = producer.stats()
+    summary: dict[str, Any] = {
+        "subscriptions": published,
+        "items": sent,
+        **{kind: counts[kind] for kind in ("event", "late", "duplicate", "malformed")},
+        "seconds": round(elapsed, 3),
+        "per_s": round(sent / max(elapsed, 1e-9), 1),
+        "delivered": stats.delivered,
+        "failed": stats.failed,
+        "topic": settings.topics.events,
+    }
+    console.print(
+        f"produced {sent} items to {settings.topics.events} in {elapsed:.1f} s "
+        f"({summary['per_s']:.0f}/s): {counts['event']} events, {counts['late']} late, "
+        f"{counts['duplicate']} duplicates, {counts['malformed']} malformed; "
+        f"delivered {stats.delivered}, failed {stats.failed}",
+        highlight=False,
+    )
+    return summary

@@ -149,8 +149,11 @@ def register(app: typer.Typer) -> None:
         if dry_run is not None:
             _simulate_to_file(sim, duration, dry_run)
             return
+        from spendstream.simulate import run_simulation
+
+        settings = settings_or_exit()
         try:
-            _simulate_live(sim, duration, rate)
+            run_simulation(settings, sim, duration, console=console)
         except SpendstreamError as exc:
             fail(str(exc))
 
@@ -204,67 +207,6 @@ def _simulate_to_file(sim: Any, duration: float, out: Path) -> None:
 
 def _kinds(counts: Counter[str]) -> str:
     return ", ".join(f"{counts[k]} {k}" for k in ("event", "late", "duplicate", "malformed"))
-
-
-def _simulate_live(sim: Any, duration: float, rate: float) -> None:
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    from producers import UsageProducer, publish_subscriptions
-
-    settings = settings_or_exit()
-    subs = sim.subscriptions()
-    published = publish_subscriptions(settings, subs)
-    console.print(f"published {published} subscriptions to {settings.topics.subscriptions}")
-
-    counts: Counter[str] = Counter()
-    progress = Progress(
-        TextColumn("[bold]simulate"),
-        BarColumn(),
-        TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
-        TextColumn("{task.fields[sent]} events"),
-        TextColumn("[cyan]{task.fields[rate]:.0f} events/s"),
-        TimeElapsedColumn(),
-        console=console,
-    )
-    with UsageProducer(settings) as producer, progress:
-        task = progress.add_task("traffic", total=duration, sent=0, rate=0.0)
-        t0 = time.monotonic()
-        last_update = t0
-        sent = 0
-        for item in sim.stream():
-            offset = (item.emitted_at - sim.start).total_seconds()
-            if offset >= duration:
-                break
-            ahead = t0 + offset - time.monotonic()
-            if ahead > 0.002:
-                time.sleep(ahead)
-            payload = item.payload
-            if isinstance(payload, bytes):
-                producer.send_raw(b"malformed", payload)
-            else:
-                producer.send(payload)
-            sent += 1
-            counts[item.kind] += 1
-            now = time.monotonic()
-            if now - last_update >= 0.2:
-                last_update = now
-                progress.update(
-                    task, completed=min(now - t0, duration), sent=sent, rate=sent / (now - t0)
-                )
-        elapsed = time.monotonic() - t0
-        progress.update(task, completed=duration, sent=sent, rate=sent / max(elapsed, 1e-9))
-    stats = producer.stats()
-    console.print(
-        f"produced {sent} items to {settings.topics.events} in {elapsed:.1f} s "
-        f"({sent / max(elapsed, 1e-9):.0f}/s, target {rate:g}/s): {_kinds(counts)}; "
-        f"delivered {stats.delivered}, failed {stats.failed}",
-        highlight=False,
-    )
 
 
 def _render(msg: Any) -> bytes:
