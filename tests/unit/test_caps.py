@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from schemas import Subscription
+from stream_processors._caps_state import RollingState
 from stream_processors._caps_util import (
     billing_month_bounds,
     day_bounds,
@@ -553,3 +554,15 @@ def test_sample_catalog_compiles() -> None:
         "pro.5h",
         "pro.weekly",
     ]
+
+
+def test_state_roundtrip_keeps_awkward_money_exact(catalog: PlanCatalog) -> None:
+    engine = CapEngine(catalog)
+    events = [_ev(0, 0, "123456789012.000000000000000001"), _ev(1, 7, "0.5")]
+    _, state = _run(engine, _sub("roll"), events)
+    data = json.loads(json.dumps(state.to_dict()))
+    restored = engine.restore(data)
+    before, after = state.windows["roll.5h"], restored.windows["roll.5h"]
+    assert isinstance(before, RollingState) and isinstance(after, RollingState)
+    assert after.buckets == before.buckets
+    assert after.cur_sum == before.cur_sum == to_units(Decimal("123456789012.500000000000000001"))
