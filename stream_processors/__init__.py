@@ -8,6 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from stream_processors._caps_records import (
+    AlertRecord,
+    CreditDrawRecord,
+    EnforcementRecord,
+    LateUsage,
+    OverageRecord,
+    RejectedEvent,
+)
 from stream_processors._money import to_units, units_to_decimal, units_to_str
 from stream_processors._pricing import VENDORED_CATALOG, ModelPrice, PriceCatalog, Quote
 from stream_processors._processor import (
@@ -19,24 +27,50 @@ from stream_processors._processor import (
     late_segment,
 )
 from stream_processors._state import DictState, PartitionedState
+from stream_processors.caps import (
+    DEFAULT_GRACE_S,
+    CapEngine,
+    CapEvent,
+    Effects,
+    UserCapState,
+    WindowUsage,
+)
+from stream_processors.plans import SAMPLE_PLANS, Plan, PlanCatalog, load_plans, parse_plans
 
 if TYPE_CHECKING:
     from stream_processors._app import build_app
 
 __all__ = [
+    "DEFAULT_GRACE_S",
     "NO_PLAN",
+    "SAMPLE_PLANS",
     "VENDORED_CATALOG",
+    "AlertRecord",
     "BatchResult",
+    "CapEngine",
+    "CapEvent",
+    "CreditDrawRecord",
     "DictState",
+    "Effects",
+    "EnforcementRecord",
     "InRecord",
+    "LateUsage",
     "ModelPrice",
+    "OverageRecord",
     "PartitionedState",
+    "Plan",
+    "PlanCatalog",
     "PriceCatalog",
     "PricedRecord",
     "Quote",
+    "RejectedEvent",
     "UsageProcessor",
+    "UserCapState",
+    "WindowUsage",
     "build_app",
     "late_segment",
+    "load_plans",
+    "parse_plans",
     "to_units",
     "units_to_decimal",
     "units_to_str",
