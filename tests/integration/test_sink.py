@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
@@ -25,7 +26,13 @@ COST = Decimal("0.000000546875") * 123457
 @pytest.fixture
 def settings(kafka_broker: Any, make_settings: Callable[..., Settings]) -> Settings:
     s = make_settings(
-        sink={"batch_rows": 200, "batch_age_s": 0.3, "retry_initial_s": 0.05, "retry_max_s": 0.2}
+        sink={
+            "group_id": f"sink-{uuid.uuid4().hex[:8]}",
+            "batch_rows": 200,
+            "batch_age_s": 0.3,
+            "retry_initial_s": 0.05,
+            "retry_max_s": 0.2,
+        }
     )
     ensure_topics(s)
     return s
@@ -140,13 +147,13 @@ def test_replay_after_crash_between_insert_and_commit(settings: Settings, store:
 
     first = Sink(settings, store)
     try:
-        deadline = 0
-        while len(first.buffer) < n and deadline < 600:
+        attempts = 0
+        while len(first.buffer) < n and attempts < 600:
             # Only read: keep the whole topic in the buffer (no size/age flush yet).
             first.buffer.batch_rows = 10**9
             first.buffer.batch_age_s = 10**9
             first.poll(0.2)
-            deadline += 1
+            attempts += 1
         assert len(first.buffer) == n
         assert first.flush(commit=False) == n  # stored ...
     finally:
