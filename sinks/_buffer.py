@@ -244,6 +244,7 @@ ROLLUPS = TableSpec(
         Column("served_model", pa.string()),
         Column("window_start", TIMESTAMP),
         Column("window_end", TIMESTAMP),
+        Column("segment", pa.uint64()),
         Column("requests", pa.uint64()),
         Column("input_tokens", pa.uint64()),
         Column("cached_input_tokens", pa.uint64()),

@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS ${db}.rollups (
     served_model LowCardinality(String),
     window_start DateTime64(6, 'UTC'),
     window_end DateTime64(6, 'UTC'),
+    segment UInt64,
     requests UInt64,
     input_tokens UInt64,
     cached_input_tokens UInt64,
@@ -72,7 +73,7 @@ CREATE TABLE IF NOT EXISTS ${db}.rollups (
     updated_at DateTime64(6, 'UTC')
 ) ENGINE = ReplacingMergeTree(version)
 PARTITION BY toYYYYMM(window_start)
-ORDER BY (user_id, served_model, window_start)
+ORDER BY (user_id, served_model, window_start, segment)
 SETTINGS non_replicated_deduplication_window = 1000;
 
 -- Dead letters: the original bytes (payload, decoded from payload_b64) with the reason and the

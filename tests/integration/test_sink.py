@@ -69,6 +69,7 @@ def rollup(version: int, cost: str) -> tuple[bytes, bytes]:
         "served_model": "gpt-4o-mini",
         "window_start": "2024-05-01T12:00:00+00:00",
         "window_end": "2024-05-01T12:01:00+00:00",
+        "segment": 0,
         "requests": version,
         "input_tokens": 100 * version,
         "cached_input_tokens": 0,

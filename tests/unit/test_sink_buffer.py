@@ -48,6 +48,7 @@ def rollup(version: int = 1, cost: str = "0.5") -> bytes:
             "served_model": "m",
             "window_start": "2024-05-01T12:00:00+00:00",
             "window_end": "2024-05-01T12:01:00+00:00",
+            "segment": 0,
             "requests": 3,
             "input_tokens": 10,
             "cached_input_tokens": 0,
