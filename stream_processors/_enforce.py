@@ -1,0 +1,234 @@
+"""The caps stage of the worker: priced events in, alerts / enforcement / overages out.
+
+A thin, pure adapter between :class:`~stream_processors.UsageProcessor` (which returns the batch's
+accepted events as :class:`~stream_processors.PricedRecord`) and the
+:class:`~stream_processors.CapEngine`: it groups a batch by user, reads each user's
+:class:`~stream_processors.UserCapState` once, applies the user's events with
+:meth:`CapEngine.apply_batch`, writes the state back once and encodes what the engine emitted.
+No Kafka, no clock: the faust agent (``_app.py``) passes ``now`` and publishes the outputs.
+
+State
+-----
+One key per user in the ``caps`` table: ``key = user_id``, value = ``orjson`` of
+:meth:`UserCapState.to_dict`, written to the changelog partition of that user's events in the
+batch (the partition their messages came from, so a rebalance restores the state on the worker
+that owns the user's events). The fired-threshold set is part of that value, which is what makes
+a restart (state restored from the changelog) never fire an alert again.
+
+Wire decisions
+--------------
+* ``alerts`` (key = user_id): :class:`~stream_processors.AlertRecord` as JSON.
+* ``enforcement`` (compacted, key = user_id): :class:`~stream_processors.EnforcementRecord`.
+  Only the last record of a user per batch is published (the engine already emits at most one
+  per :meth:`~CapEngine.apply_batch`): the topic is compacted, gateways only need the latest.
+* ``overages`` (key = user_id) carries two kinds of records, told apart by the added
+  ``"record"`` field: ``"overage"`` (:class:`~stream_processors.OverageRecord`, what billing
+  sums) and ``"credit_draw"`` (:class:`~stream_processors.CreditDrawRecord`). One topic because
+  billing nets them per window instance and must see both in the user's order; a consumer that
+  only bills filters on ``record == "overage"``.
+* Events the engine *rejects* (it could not apply them at all, e.g. money it cannot represent)
+  go to the dead-letter topic with ``stage = "caps"``. The priced event already landed, so the
+  dead letter is for operators, not for replay. Its source is the events topic and partition;
+  the message offset is not known at this stage, so ``source_offset`` is the negative of the
+  event's stable 63-bit id (:func:`~stream_processors.late_segment`): never a real offset, and a
+  replayed rejection is stored once by the ``dead_letters`` table (keyed by source and offset).
+* Events with no plan (``plan_id == ""``: no subscription), with a subscription that vanished,
+  or on a plan missing from the plans catalog are counted (``caps_no_plan``,
+  ``caps_no_subscription``, ``caps_unknown_plan``) and skipped: usage is still priced and
+  landed, only caps do not apply. Events too late for some window are counted (``caps_late``).
+
+Delivery is at least once, like the rest of the worker: after a crash between a state write and
+the publication of its outputs, a replayed alert carries the same deterministic ``alert_id``
+(``user|window_id|threshold``), so consumers drop the copy.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from schemas import DeadLetter, Subscription, encode_event
+from stream_processors._money import units_to_decimal
+from stream_processors._processor import NO_PLAN, PricedRecord, late_segment, micros_to_iso
+from stream_processors._processor import to_micros as _to_micros
+from stream_processors._state import PartitionedState
+from stream_processors.caps import CapEngine, CapEvent, Effects, UserCapState
+
+log = logging.getLogger(__name__)
+
+SubscriptionLookup = Callable[[str], Subscription | None]
+"""user_id -> the user's subscription (plan schedule), or ``None`` when unknown."""
+
+
+@dataclass(slots=True)
+class CapOutputs:
+    """Messages to publish per output topic, as ``(key, value)`` with ``key = user_id``."""
+
+    alerts: list[tuple[str, bytes]] = field(default_factory=list)
+    """To ``topics.alerts``."""
+    enforcement: list[tuple[str, bytes]] = field(default_factory=list)
+    """To ``topics.enforcement`` (compacted)."""
+    overages: list[tuple[str, bytes]] = field(default_factory=list)
+    """To ``topics.overages``: overage and credit-draw records (field ``record``)."""
+    dead: list[tuple[str, bytes]] = field(default_factory=list)
+    """To ``topics.dlq``: events the cap engine rejected (``stage = "caps"``)."""
+    partitions: dict[str, int] = field(default_factory=dict)
+    """user_id -> the partition the user's events came from (where outputs go)."""
+    counters: Counter[str] = field(default_factory=Counter)
+    """``caps_*`` counters of this batch."""
+
+    def __bool__(self) -> bool:
+        return bool(self.alerts or self.enforcement or self.overages or self.dead)
+
+
+def cap_event(rec: PricedRecord) -> CapEvent:
+    """What the cap engine needs of a priced record (cost exact: integer units -> Decimal)."""
+    ev = rec.event
+    return CapEvent(
+        event_id=ev.event_id,
+        user_id=ev.user_id,
+        occurred_at=ev.occurred_at,
+        cost=units_to_decimal(rec.quote.cost),
+        tokens=ev.input_tokens + ev.output_tokens,
+        served_model=ev.served_model or ev.requested_model,
+    )
+
+
+class CapStage:
+    """Applies each batch's accepted events to per-user cap state and encodes the effects.
+
+    ``subscriptions`` looks up a user's plan schedule (the same lookup the processor prices
+    with); ``state`` holds one :class:`UserCapState` per user (a faust Table in the worker, a
+    :class:`~stream_processors.DictState` in tests); ``events_topic`` names the source topic in
+    dead letters.
+    """
+
+    def __init__(
+        self,
+        engine: CapEngine,
+        subscriptions: SubscriptionLookup,
+        state: PartitionedState,
+        *,
+        events_topic: str = "usage.events",
+    ) -> None:
+        self.engine = engine
+        self._subscriptions = subscriptions
+        self.state = state
+        self.events_topic = events_topic
+
+    def process(self, accepted: Sequence[PricedRecord], now: datetime) -> CapOutputs:
+        """Apply one batch; one state read and one state write per user. Never raises on data.
+
+        ``now`` (aware) is stamped on the records as ``detected_at``/``updated_at``.
+        """
+        out = CapOutputs()
+        counters = out.counters
+        catalog = self.engine.catalog
+        by_user: dict[str, list[PricedRecord]] = {}
+        for rec in accepted:
+            counters["caps_in"] += 1
+            if rec.plan_id == NO_PLAN:
+                counters["caps_no_plan"] += 1
+            elif rec.plan_id not in catalog:
+                counters["caps_unknown_plan"] += 1
+            else:
+                by_user.setdefault(rec.event.user_id, []).append(rec)
+
+        for user_id, recs in by_user.items():
+            sub = self._subscriptions(user_id)
+            if sub is None:
+                # Deleted between pricing and now (a tombstone): nothing to cap against.
+                counters["caps_no_subscription"] += len(recs)
+                continue
+            # The batch is in partition order, so the user's last record names the partition
+            # their state and outputs belong to (all of a user's events share one anyway).
+            partition = recs[-1].partition
+            state = self._load(user_id, sub, counters)
+            effects = self.engine.apply_batch(state, sub, [cap_event(r) for r in recs], now)
+            self.state.put(partition, user_id, orjson.dumps(state.to_dict()))
+            counters["caps_users"] += 1
+            counters["caps_applied"] += len(recs)
+            out.partitions[user_id] = partition
+            self._encode(user_id, partition, recs, effects, now, out)
+        return out
+
+    # -- internals ----------------------------------------------------------------------------
+    def _load(self, user_id: str, sub: Subscription, counters: Counter[str]) -> UserCapState:
+        raw = self.state.get(user_id)
+        if raw is None:
+            return self.engine.new_state(user_id, sub.org_id)
+        try:
+            obj: Any = orjson.loads(raw)
+            return self.engine.restore(obj)
+        except (ValueError, KeyError, TypeError) as exc:
+            # A value this code cannot read (corrupt, or a future format): starting afresh may
+            # fire alerts again (consumers dedupe on alert_id); crashing would stop every user.
+            counters["caps_bad_state"] += 1
+            log.error("unreadable cap state of %r, starting afresh: %s", user_id, exc)
+            return self.engine.new_state(user_id, sub.org_id)
+
+    def _encode(
+        self,
+        user_id: str,
+        partition: int,
+        recs: Sequence[PricedRecord],
+        effects: Effects,
+        now: datetime,
+        out: CapOutputs,
+    ) -> None:
+        counters = out.counters
+        dumps = orjson.dumps
+        for alert in effects.alerts:
+            out.alerts.append((user_id, dumps(alert)))
+        if effects.enforcement:
+            out.enforcement.append((user_id, dumps(effects.enforcement[-1])))
+        if effects.credit_draws:
+            # Keep the user's event order on the shared topic (per event: the draw, then the
+            # billed rest, as the engine computes them).
+            position = {r.event.event_id: i for i, r in enumerate(recs)}
+            money: list[tuple[int, int, dict[str, Any]]] = [
+                (position.get(d["event_id"], 0), 0, {"record": "credit_draw", **d})
+                for d in effects.credit_draws
+            ]
+            money += [
+                (position.get(o["event_id"], 0), 1, {"record": "overage", **o})
+                for o in effects.overages
+            ]
+            money.sort(key=lambda m: (m[0], m[1]))
+            out.overages.extend((user_id, dumps(m[2])) for m in money)
+        else:
+            for overage in effects.overages:
+                out.overages.append((user_id, dumps({"record": "overage", **overage})))
+        counters["caps_alerts"] += len(effects.alerts)
+        counters["caps_enforcement"] += len(effects.enforcement)
+        counters["caps_overages"] += len(effects.overages)
+        counters["caps_credit_draws"] += len(effects.credit_draws)
+        counters["caps_late"] += len(effects.late)
+        if effects.rejected:
+            counters["caps_rejected"] += len(effects.rejected)
+            by_id = {r.event.event_id: r for r in recs}
+            for rejected in effects.rejected:
+                rec = by_id.get(rejected.event_id)
+                if rec is not None:
+                    out.dead.append((user_id, self._dead_letter(rec, rejected.reason, now)))
+
+    def _dead_letter(self, rec: PricedRecord, reason: str, now: datetime) -> bytes:
+        letter: DeadLetter = {
+            "source_topic": self.events_topic,
+            "source_partition": rec.partition,
+            # Unknown here (see the module docstring): a stable negative id per event instead.
+            "source_offset": -late_segment(rec.event.event_id),
+            "key_b64": base64.b64encode(rec.event.user_id.encode()).decode(),
+            "payload_b64": base64.b64encode(encode_event(rec.event)).decode(),
+            "reason": f"cap engine: {reason}"[:2000],
+            "stage": "caps",
+            "received_at": micros_to_iso(_to_micros(now)),
+        }
+        return orjson.dumps(letter)
