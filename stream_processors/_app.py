@@ -1,9 +1,10 @@
 """The faust-streaming application, built by a factory: no module-level app, no import effects.
 
 The agent is thin: it takes batches of events (``take_events``), hands their raw bytes to the pure
-:class:`~stream_processors.UsageProcessor`, and publishes what it returns. Outputs go to the same
-partition number as their source message, so one user's data stays co-partitioned end to end
-whatever hash function a producer used.
+:class:`~stream_processors.UsageProcessor`, the accepted (priced) events to the pure caps stage
+(:class:`~stream_processors._enforce.CapStage`), and publishes what they return. Outputs go to
+the same partition number as their source message, so one user's data stays co-partitioned end
+to end whatever hash function a producer used.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import ssl
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import faust
@@ -21,8 +23,11 @@ from faust.types.auth import SASLMechanism
 from producers._view import CompactedTopicView
 from schemas import Subscription
 from spendstream.settings import Settings
+from stream_processors._enforce import CapStage
 from stream_processors._pricing import PriceCatalog
 from stream_processors._processor import InRecord, UsageProcessor
+from stream_processors.caps import CapEngine
+from stream_processors.plans import SAMPLE_PLANS, PlanCatalog, load_plans
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,8 @@ class WorkerApp:
     processor: UsageProcessor
     stats: WorkerStats
     subscriptions: CompactedTopicView[Subscription] | None
+    caps: CapStage
+    """The caps stage (its ``state`` is the ``caps`` table, its ``engine`` the plans)."""
 
 
 def broker_credentials(settings: Settings) -> Any:
@@ -112,13 +119,17 @@ def build_app(
     *,
     catalog: PriceCatalog | None = None,
     subscriptions: Callable[[str], Subscription | None] | None = None,
+    plans: PlanCatalog | None = None,
     on_batch: Callable[[Any], None] | None = None,
+    on_caps: Callable[[Any], None] | None = None,
 ) -> WorkerApp:
     """Build the worker's faust App from settings.
 
     ``subscriptions`` looks up a user's plan schedule; by default a
     :class:`~producers.CompactedTopicView` over the subscriptions topic, started with the app.
-    ``on_batch`` (tests, benchmarks) sees every :class:`~stream_processors.BatchResult`.
+    ``plans`` is the plans catalog; by default ``settings.plans_file`` or the sample plans.
+    ``on_batch`` (tests, benchmarks) sees every :class:`~stream_processors.BatchResult` and
+    ``on_caps`` every :class:`~stream_processors._enforce.CapOutputs`.
     """
     p = settings.processor
     t = settings.topics
@@ -164,6 +175,8 @@ def build_app(
         return app.Table(name, partitions=t.partitions, key_type=str, value_type=bytes)
 
     seen_t, windows_t, marks_t = table("seen"), table("windows"), table("marks")
+    # One value per user: orjson of UserCapState.to_dict() (see stream_processors._enforce).
+    caps_t = table("caps")
     processor = UsageProcessor(
         catalog,
         subscriptions,
@@ -174,12 +187,22 @@ def build_app(
         grace_s=p.grace_s,
         dedupe_horizon_s=p.dedupe_horizon_s,
     )
+    plans = plans or load_plans(settings.plans_file or SAMPLE_PLANS)
+    caps = CapStage(
+        CapEngine(plans, grace_s=p.grace_s),
+        subscriptions,
+        TableState(caps_t),
+        events_topic=t.events,
+    )
     stats = WorkerStats()
 
     events = app.topic(t.events, key_serializer="raw", value_serializer="raw")
     priced = app.topic(t.priced, key_serializer="raw", value_serializer="raw")
     rollups = app.topic(t.rollups, key_serializer="raw", value_serializer="raw")
     dlq = app.topic(t.dlq, key_serializer="raw", value_serializer="raw")
+    alerts = app.topic(t.alerts, key_serializer="raw", value_serializer="raw")
+    enforcement = app.topic(t.enforcement, key_serializer="raw", value_serializer="raw")
+    overages = app.topic(t.overages, key_serializer="raw", value_serializer="raw")
 
     @app.agent(events, name="price-and-rollup")
     async def price_and_rollup(stream: Any) -> None:
@@ -205,10 +228,25 @@ def build_app(
                 rollups.send_soon(key=key.encode(), value=value, partition=partition_of[key])
             for rec_key, value in result.dead:
                 dlq.send_soon(key=rec_key, value=value)
+            # Caps after pricing, in the same batch: the processor already deduplicated, so
+            # each event counts once toward the user's windows.
+            capped = caps.process(result.accepted, datetime.now(UTC))
+            cap_partition = capped.partitions
+            for out_topic, messages in (
+                (alerts, capped.alerts),
+                (enforcement, capped.enforcement),
+                (overages, capped.overages),
+                (dlq, capped.dead),
+            ):
+                for key, value in messages:
+                    out_topic.send_soon(key=key.encode(), value=value, partition=cap_partition[key])
             stats.batches += 1
             stats.counters.update(result.counters)
+            stats.counters.update(capped.counters)
             if on_batch is not None:
                 on_batch(result)
+            if on_caps is not None:
+                on_caps(capped)
 
     @app.on_rebalance_complete.connect
     async def _on_rebalance(sender: Any, /, *args: Any, **kwargs: Any) -> None:
@@ -216,4 +254,4 @@ def build_app(
 
     # The caller starts the subscriptions view (and waits until it has read the topic) before
     # the worker consumes: pricing with an unknown plan would be wrong, not just late.
-    return WorkerApp(app, processor, stats, view)
+    return WorkerApp(app, processor, stats, view, caps)
