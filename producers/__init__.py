@@ -7,6 +7,7 @@ the contract of :mod:`schemas`, key it by ``user_id`` and deliver it idempotentl
 
 from producers._async import AsyncUsageProducer
 from producers._config import PRODUCER_DEFAULTS, producer_config
+from producers._guard import CapGuard, Decision
 from producers._producer import (
     DeliveryCallback,
     DeliveryReport,
@@ -15,10 +16,14 @@ from producers._producer import (
     validate_event,
 )
 from producers._subscriptions import encode_subscription, publish_subscriptions
+from producers._view import CompactedTopicView
 
 __all__ = [
     "PRODUCER_DEFAULTS",
     "AsyncUsageProducer",
+    "CapGuard",
+    "CompactedTopicView",
+    "Decision",
     "DeliveryCallback",
     "DeliveryReport",
     "ProducerStats",
