@@ -12,6 +12,7 @@ from spendstream.errors import SpendstreamError
 COMMAND_MODULES = (
     "core",
     "worker",
+    "demo",
     "traffic",
     "store",
 )

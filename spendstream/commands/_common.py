@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import NoReturn
 
 import typer
@@ -10,7 +11,8 @@ from rich.console import Console
 from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.settings import Settings, load_settings
 
-console = Console()
+# Piped output (CI logs, files) gets a width that fits the report tables instead of 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
 

@@ -1,0 +1,250 @@
+"""``spendstream demo``: the whole pipeline on one machine, then a per-tier report.
+
+Local Kafka (unless one is configured) -> topics -> ClickHouse migrations (embedded chDB unless a
+server is configured) -> a worker process and an in-process sink -> simulated gateway traffic ->
+wait until everything is landed (consumer lag 0) -> report -> clean shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from spendstream.errors import KafkaError, SpendstreamError
+from spendstream.settings import Settings
+
+TIER_ORDER = ("free", "pro", "team", "enterprise")
+
+TIER_SQL = """
+SELECT
+    if(plan_id = '', '(no plan)', plan_id) AS tier,
+    uniqExact(user_id) AS users,
+    count() AS requests,
+    sum(input_tokens) AS tokens_in,
+    sum(output_tokens) AS tokens_out,
+    sum(cost) AS cost_usd,
+    sum(list_value) AS list_value_usd,
+    sum(saved_prompt_cache) + sum(saved_semantic_cache) AS saved_caching_usd,
+    sum(saved_routing) AS saved_routing_usd
+FROM {db}.priced_events FINAL
+GROUP BY plan_id
+ORDER BY indexOf(['free', 'pro', 'team', 'enterprise'], plan_id), plan_id
+"""
+
+PIPELINE_SQL = """
+SELECT
+    (SELECT count() FROM {db}.priced_events FINAL) AS priced_events,
+    (SELECT countIf(late) FROM {db}.priced_events FINAL) AS late_events,
+    (SELECT countIf(unknown_model) FROM {db}.priced_events FINAL) AS unknown_model_events,
+    (SELECT count() FROM {db}.dead_letters FINAL) AS dead_letters,
+    (SELECT sum(requests) FROM {db}.rollups FINAL) AS rollup_requests
+"""
+
+
+@dataclass
+class DemoOptions:
+    """What to simulate."""
+
+    users: int = 2000
+    duration_s: float = 60.0
+    rate: float = 300.0
+    seed: int | None = None
+    out_of_order: float = 0.02
+    duplicates: float = 0.01
+    malformed: float = 0.002
+    drain_timeout_s: float = 300.0
+
+
+class _WorkerProcess:
+    """``spendstream worker`` as a child process with its log in the state folder."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "spendstream", "worker"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=os.environ.copy(),
+            start_new_session=True,
+        )
+
+    def check_alive(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-15:]
+            raise SpendstreamError(
+                f"the worker exited with code {code}; last lines of {self.log_path}:\n"
+                + "\n".join(tail)
+            )
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+def wait_for_lag_zero(
+    settings: Settings,
+    group_id: str,
+    topics: list[str],
+    timeout_s: float,
+    *,
+    check: Callable[[], None] = lambda: None,
+    stable_s: float = 1.0,
+) -> None:
+    """Block until ``group_id`` has committed everything on ``topics`` (and stays so)."""
+    from spendstream.lag import group_lag
+
+    conf = settings.kafka.confluent_config()
+    deadline = time.monotonic() + timeout_s
+    zero_since: float | None = None
+    while time.monotonic() < deadline:
+        check()
+        lag = sum(group_lag(conf, group_id, topics).values())
+        if lag == 0:
+            zero_since = zero_since or time.monotonic()
+            if time.monotonic() - zero_since >= stable_s:
+                return
+        else:
+            zero_since = None
+        time.sleep(0.5)
+    raise KafkaError(
+        f"group {group_id!r} still has lag on {', '.join(topics)} after {timeout_s:.0f} s"
+    )
+
+
+def run_demo(settings: Settings, options: DemoOptions, console: Console) -> dict[str, Any]:
+    """Run the demo end to end; return the report rows (also printed)."""
+    from sinks import Sink, open_store
+    from spendstream.kafka_admin import ensure_topics
+    from spendstream.localkafka import LocalKafka
+    from spendstream.simulate import Simulator, run_simulation
+
+    seed = options.seed if options.seed is not None else int(time.time())
+    local: LocalKafka | None = None
+    worker: _WorkerProcess | None = None
+    sink: Sink | None = None
+    sink_thread: threading.Thread | None = None
+    stop_sink = threading.Event()
+    store = None
+    try:
+        if settings.kafka.is_local_default:
+            local = LocalKafka.from_settings(settings)
+            if local.status().answering:
+                console.print(f"[green]✓[/] Kafka already running at {local.bootstrap}")
+                local = None  # not ours to stop
+            else:
+                with console.status("starting the local Kafka broker (KRaft)…"):
+                    local.up()
+                console.print(f"[green]✓[/] Kafka {local.bootstrap} (log: {local.log_path})")
+        else:
+            console.print(f"[green]✓[/] Kafka at {settings.kafka.bootstrap_servers}")
+        ensure_topics(settings)
+        console.print("[green]✓[/] topics ready")
+
+        store = open_store(settings, command="spendstream demo")
+        applied = store.migrate()
+        where = settings.clickhouse.url or f"embedded chDB at {settings.chdb_path}"
+        console.print(f"[green]✓[/] ClickHouse: {where} ({len(applied)} new migrations)")
+
+        worker = _WorkerProcess(settings.state_dir / "worker.log")
+        console.print(f"[green]✓[/] worker started (pid {worker.proc.pid}, log {worker.log_path})")
+        sink = Sink(settings, store)
+        sink_thread = threading.Thread(target=sink.run, args=(stop_sink,), name="sink", daemon=True)
+        sink_thread.start()
+        console.print("[green]✓[/] sink started")
+
+        sim = Simulator(
+            options.users,
+            seed,
+            datetime.now(UTC),
+            rhythm=False,  # live traffic: a flat rate, so event time never runs ahead of now
+            rate=options.rate,
+            out_of_order=options.out_of_order,
+            duplicates=options.duplicates,
+            malformed=options.malformed,
+        )
+        console.print(
+            f"simulating {options.users} users for {options.duration_s:g} s at about "
+            f"{options.rate:g} events/s (seed {seed})"
+        )
+        run_simulation(settings, sim, options.duration_s, console=console)
+
+        with console.status("waiting for the worker to process everything…"):
+            wait_for_lag_zero(
+                settings,
+                settings.processor.app_id,
+                [settings.topics.events],
+                options.drain_timeout_s,
+                check=worker.check_alive,
+            )
+        console.print("[green]✓[/] worker caught up (lag 0)")
+        sink_topics = [settings.topics.priced, settings.topics.rollups, settings.topics.dlq]
+        with console.status("waiting for the sink to land everything in ClickHouse…"):
+            wait_for_lag_zero(
+                settings, settings.sink.group_id, sink_topics, options.drain_timeout_s
+            )
+        console.print("[green]✓[/] sink drained (lag 0)")
+
+        report = print_report(store, settings, console)
+        return report
+    finally:
+        if worker is not None:
+            worker.stop()
+        if sink_thread is not None and sink is not None:
+            stop_sink.set()
+            sink_thread.join(timeout=30)
+            sink.close()
+        if store is not None:
+            store.close()
+        if local is not None:
+            local.down()
+            console.print("[green]✓[/] local Kafka stopped")
+
+
+def print_report(store: Any, settings: Settings, console: Console) -> dict[str, Any]:
+    """Print the per-tier table and pipeline counts from ClickHouse SQL; return them."""
+    db = settings.clickhouse.database
+    columns, rows = store.query(TIER_SQL.format(db=db))
+    table = Table(title="Usage and inference cost per tier (ClickHouse, priced_events FINAL)")
+    money_cols = {"cost_usd", "list_value_usd", "saved_caching_usd", "saved_routing_usd"}
+    for name in columns:
+        table.add_column(name.replace("_", " "), justify="left" if name == "tier" else "right")
+    for row in rows:
+        table.add_row(
+            *[
+                f"{v:,.2f}" if c in money_cols else (f"{v:,}" if isinstance(v, int) else str(v))
+                for c, v in zip(columns, row, strict=True)
+            ]
+        )
+    console.print(table)
+    count_cols, count_rows = store.query(PIPELINE_SQL.format(db=db))
+    summary = dict(zip(count_cols, count_rows[0], strict=True)) if count_rows else {}
+    console.print(
+        "pipeline: "
+        + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in summary.items() if v is not None)
+    )
+    return {
+        "tiers": [dict(zip(columns, r, strict=True)) for r in rows],
+        "pipeline": summary,
+    }
