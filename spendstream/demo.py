@@ -7,22 +7,15 @@ wait until everything is landed (consumer lag 0) -> report -> clean shutdown.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from spendstream.errors import KafkaError, SpendstreamError
 from spendstream.settings import Settings
 
 TIER_ORDER = ("free", "pro", "team", "enterprise")
@@ -67,82 +60,17 @@ class DemoOptions:
     drain_timeout_s: float = 300.0
 
 
-class _WorkerProcess:
-    """``spendstream worker`` as a child process with its log in the state folder."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "spendstream", "worker"],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=os.environ.copy(),
-            start_new_session=True,
-        )
-
-    def check_alive(self) -> None:
-        code = self.proc.poll()
-        if code is not None:
-            tail = self.log_path.read_text(errors="replace").splitlines()[-15:]
-            raise SpendstreamError(
-                f"the worker exited with code {code}; last lines of {self.log_path}:\n"
-                + "\n".join(tail)
-            )
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-
-
-def wait_for_lag_zero(
-    settings: Settings,
-    group_id: str,
-    topics: list[str],
-    timeout_s: float,
-    *,
-    check: Callable[[], None] = lambda: None,
-    stable_s: float = 1.0,
-) -> None:
-    """Block until ``group_id`` has committed everything on ``topics`` (and stays so)."""
-    from spendstream.lag import group_lag
-
-    conf = settings.kafka.confluent_config()
-    deadline = time.monotonic() + timeout_s
-    zero_since: float | None = None
-    while time.monotonic() < deadline:
-        check()
-        lag = sum(group_lag(conf, group_id, topics).values())
-        if lag == 0:
-            zero_since = zero_since or time.monotonic()
-            if time.monotonic() - zero_since >= stable_s:
-                return
-        else:
-            zero_since = None
-        time.sleep(0.5)
-    raise KafkaError(
-        f"group {group_id!r} still has lag on {', '.join(topics)} after {timeout_s:.0f} s"
-    )
-
-
 def run_demo(settings: Settings, options: DemoOptions, console: Console) -> dict[str, Any]:
     """Run the demo end to end; return the report rows (also printed)."""
     from sinks import Sink, open_store
     from spendstream.kafka_admin import ensure_topics
     from spendstream.localkafka import LocalKafka
+    from spendstream.runner import WorkerProcess, wait_for_lag_zero
     from spendstream.simulate import Simulator, run_simulation
 
     seed = options.seed if options.seed is not None else int(time.time())
     local: LocalKafka | None = None
-    worker: _WorkerProcess | None = None
+    worker: Any = None
     sink: Sink | None = None
     sink_thread: threading.Thread | None = None
     stop_sink = threading.Event()
@@ -167,7 +95,7 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> dict
         where = settings.clickhouse.url or f"embedded chDB at {settings.chdb_path}"
         console.print(f"[green]✓[/] ClickHouse: {where} ({len(applied)} new migrations)")
 
-        worker = _WorkerProcess(settings.state_dir / "worker.log")
+        worker = WorkerProcess(settings, settings.state_dir / "worker.log")
         console.print(f"[green]✓[/] worker started (pid {worker.proc.pid}, log {worker.log_path})")
         sink = Sink(settings, store)
         sink_thread = threading.Thread(target=sink.run, args=(stop_sink,), name="sink", daemon=True)

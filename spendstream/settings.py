@@ -222,6 +222,27 @@ class Settings(BaseSettings):
         """The embedded ClickHouse data folder."""
         return self.clickhouse.embedded_path or self.state_dir / "chdb"
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``SPENDSTREAM_*`` variables (secrets revealed) for a child process."""
+        env: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, BaseModel):
+                for name in type(value).model_fields:
+                    walk(f"{prefix}{name.upper()}__", getattr(value, name))
+                return
+            key = prefix[:-2]
+            if value is None:
+                return
+            if isinstance(value, SecretStr):
+                env[key] = value.get_secret_value()
+            else:
+                env[key] = str(value)
+
+        for name in type(self).model_fields:
+            walk(f"SPENDSTREAM_{name.upper()}__", getattr(self, name))
+        return env
+
     def masked(self) -> dict[str, Any]:
         """The effective settings as plain data, secrets shown as ``**********``."""
         return self.model_dump(mode="json")

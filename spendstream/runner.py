@@ -1,0 +1,89 @@
+"""Run pipeline processes locally: a worker child process, and waiting on consumer lag."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from spendstream.errors import KafkaError, SpendstreamError
+from spendstream.settings import Settings
+
+
+class WorkerProcess:
+    """``spendstream worker`` as a child process, configured by ``settings``, logging to a file."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "spendstream", "worker"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **settings.to_env()},
+            start_new_session=True,
+        )
+
+    def check_alive(self) -> None:
+        """Raise with the log's last lines if the worker has exited."""
+        code = self.proc.poll()
+        if code is not None:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-15:]
+            raise SpendstreamError(
+                f"the worker exited with code {code}; last lines of {self.log_path}:\n"
+                + "\n".join(tail)
+            )
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, for fault tests."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM (graceful: faust flushes and commits), SIGKILL after ``timeout_s``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+def wait_for_lag_zero(
+    settings: Settings,
+    group_id: str,
+    topics: list[str],
+    timeout_s: float,
+    *,
+    check: Callable[[], None] = lambda: None,
+    stable_s: float = 1.0,
+) -> None:
+    """Block until ``group_id`` has committed everything on ``topics`` (and stays so)."""
+    from spendstream.lag import group_lag
+
+    conf = settings.kafka.confluent_config()
+    deadline = time.monotonic() + timeout_s
+    zero_since: float | None = None
+    while time.monotonic() < deadline:
+        check()
+        lag = sum(group_lag(conf, group_id, topics).values())
+        if lag == 0:
+            zero_since = zero_since or time.monotonic()
+            if time.monotonic() - zero_since >= stable_s:
+                return
+        else:
+            zero_since = None
+        time.sleep(0.5)
+    raise KafkaError(
+        f"group {group_id!r} still has lag on {', '.join(topics)} after {timeout_s:.0f} s"
+    )
