@@ -1,0 +1,240 @@
+"""Caps end to end on the real broker: the real worker process, alerts, a crash, CapGuard.
+
+A scripted user on a plan with a 1.00 USD monthly allowance (alerts at 50/80/100 %, block at
+the cap) sends events of exactly 0.10 USD each (40,000 gpt-4o input tokens). The worker runs as
+``python -m spendstream worker`` with this test's settings in ``SPENDSTREAM_*`` variables and is
+killed with SIGKILL right after the 50 % alert, then started again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from producers import CapGuard, UsageProducer, publish_subscriptions
+from schemas import PlanPeriod, Subscription
+from spendstream.kafka_admin import ensure_topics
+from spendstream.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+PLANS_YAML = """
+plans:
+  - id: capped
+    monthly_price: "0"
+    windows:
+      - name: monthly
+        kind: billing_month
+        unit: usd
+        allowance: "1.00"
+        thresholds: [50, 80, 100]
+        at_cap: {action: block}
+"""
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The explicitly set fields of ``settings`` as SPENDSTREAM_* variables (nesting with __)."""
+    env: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}__{key.upper()}" if prefix else key.upper(), item)
+        elif value is not None:
+            env[f"SPENDSTREAM_{prefix}"] = str(value)
+
+    walk("", settings.model_dump(mode="json", exclude_unset=True))
+    return env
+
+
+class WorkerProcess:
+    """``python -m spendstream worker`` as a child process of this test."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.env = {
+            **os.environ,
+            **settings_env(settings),
+            # faust reads these from the environment: a SIGKILLed member leaves the group after
+            # 6 s instead of 60 s, so the restarted worker gets the partitions back quickly.
+            "BROKER_SESSION_TIMEOUT": "6",
+            "BROKER_HEARTBEAT_INTERVAL": "1",
+        }
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = (self.log_dir / f"worker-{self.starts}.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "spendstream", "worker", "--loglevel", "warning"],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self) -> None:
+        """SIGKILL: no flush, no commit, no leave-group."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self) -> str:
+        path = self.log_dir / f"worker-{self.starts}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+class TopicReader:
+    """Every record of a topic from the start, accumulated across calls."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        conf = settings.kafka.confluent_config()
+        conf.update({"group.id": f"test-{uuid.uuid4().hex}", "enable.auto.commit": False})
+        self.consumer = Consumer(conf)
+        meta = self.consumer.list_topics(topic, timeout=30).topics[topic]
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+        self.records: list[dict[str, Any]] = []
+
+    def poll(self, timeout_s: float) -> None:
+        for msg in self.consumer.consume(1000, timeout_s):
+            assert msg.error() is None, msg.error()
+            value = msg.value()
+            assert value is not None
+            self.records.append(orjson.loads(value))
+
+    def wait_for(self, count: int, timeout_s: float, why: str, worker: WorkerProcess) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.records) < count:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{why}: {self.records}\n--- worker log ---\n{worker.log_tail()}")
+            self.poll(0.2)
+
+    def drain(self, quiet_s: float) -> None:
+        """Read until nothing new arrived for ``quiet_s``."""
+        until = time.monotonic() + quiet_s
+        while time.monotonic() < until:
+            before = len(self.records)
+            self.poll(0.2)
+            if len(self.records) != before:
+                until = time.monotonic() + quiet_s
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+@pytest.fixture
+def worker_setup(make_settings: Any, tmp_path: Path) -> Iterator[tuple[Settings, WorkerProcess]]:
+    plans = tmp_path / "plans.yaml"
+    plans.write_text(PLANS_YAML)
+    tag = uuid.uuid4().hex[:8]
+    settings = make_settings(
+        plans_file=plans,
+        processor={"app_id": f"caps-test-{tag}", "batch_within_s": 0.05, "batch_size": 500},
+    )
+    ensure_topics(settings)
+    worker = WorkerProcess(settings, tmp_path)
+    try:
+        yield settings, worker
+    finally:
+        worker.kill()
+
+
+def test_alerts_once_across_a_worker_crash_and_the_guard_sees_blocked(
+    worker_setup: tuple[Settings, WorkerProcess],
+) -> None:
+    settings, worker = worker_setup
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC).replace(microsecond=0)
+    publish_subscriptions(
+        settings,
+        [
+            Subscription(
+                user_id=user,
+                org_id="org-1",
+                billing_anchor=now - timedelta(days=3),
+                plans=[PlanPeriod(plan_id="capped", effective_at=now - timedelta(days=3))],
+            )
+        ],
+    )
+    t0 = now - timedelta(minutes=10)
+
+    def send(first: int, count: int) -> None:
+        with UsageProducer(settings) as producer:
+            for i in range(first, first + count):
+                producer.send(
+                    {
+                        "event_id": f"{user}-e{i}",
+                        "occurred_at": (t0 + timedelta(seconds=i)).isoformat(),
+                        "org_id": "org-1",
+                        "user_id": user,
+                        "gateway": "test",
+                        "requested_model": "gpt-4o",
+                        "input_tokens": 40_000,  # 40,000 x 2.5e-6 = exactly 0.10 USD
+                    }
+                )
+
+    alerts = TopicReader(settings, settings.topics.alerts)
+    guard = CapGuard(settings).start(wait_s=30)
+    try:
+        worker.start()
+        send(0, 6)  # 0.60 USD: 50 %
+        alerts.wait_for(1, 90, "no 50 % alert from the first worker", worker)
+        deadline = time.monotonic() + 20
+        while guard.check(user).state != "warn" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert guard.check(user).state == "warn" and guard.check(user).action == "allow"
+
+        worker.kill()  # right after the alert: nothing flushed or committed on purpose
+        worker.start()
+        send(6, 3)  # 0.90 USD: 80 %, counted on top of the restored 0.60
+        alerts.wait_for(2, 90, "no 80 % alert after the restart", worker)
+        send(9, 2)  # 1.10 USD: 100 %
+        alerts.wait_for(3, 60, "no 100 % alert", worker)
+        alerts.drain(quiet_s=3.0)
+
+        got = [(a["threshold"], a["usage"], a["event_id"]) for a in alerts.records]
+        assert got == [
+            (50, "0.5", f"{user}-e4"),
+            (80, "0.8", f"{user}-e7"),
+            (100, "1", f"{user}-e9"),
+        ], got
+        assert len({a["alert_id"] for a in alerts.records}) == 3
+        assert {a["window_id"] for a in alerts.records} == {
+            alerts.records[0]["window_id"]
+        }  # one billing-month instance
+
+        deadline = time.monotonic() + 20
+        while guard.check(user).action != "block" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        decision = guard.check(user)
+        assert decision.action == "block" and decision.reason == "cap", decision
+        assert decision.record is not None
+        assert decision.record["remaining"] == "0" and decision.record["usage"] == "1.1"
+        staleness = guard.staleness_s()
+        assert staleness is not None and staleness < 5
+    finally:
+        alerts.close()
+        guard.close()
+        worker.stop()
