@@ -11,6 +11,7 @@ from spendstream.errors import SpendstreamError
 # Modules under spendstream.commands that contribute commands; each has register(app).
 COMMAND_MODULES = (
     "core",
+    "kafka",
     "worker",
     "demo",
     "traffic",
