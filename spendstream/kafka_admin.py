@@ -161,9 +161,9 @@ def delete_topics(conf: Mapping[str, Any], names: Iterable[str], timeout: float 
     names = sorted(set(names))
     if not names:
         return
-    futures = admin_client(conf).delete_topics(
-        names, operation_timeout=timeout, request_timeout=timeout
-    )
+    # Keep the client referenced until the futures resolve: a collected client fails them all.
+    admin = admin_client(conf)
+    futures = admin.delete_topics(names, operation_timeout=timeout, request_timeout=timeout)
     for name, fut in futures.items():
         try:
             fut.result(timeout=timeout)
