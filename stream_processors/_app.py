@@ -251,6 +251,7 @@ def build_app(
     @app.on_rebalance_complete.connect
     async def _on_rebalance(sender: Any, /, *args: Any, **kwargs: Any) -> None:
         processor.reset_caches()
+        caps.reset_caches()
 
     # The caller starts the subscriptions view (and waits until it has read the topic) before
     # the worker consumes: pricing with an unknown plan would be wrong, not just late.

@@ -117,11 +117,22 @@ class CapStage:
         state: PartitionedState,
         *,
         events_topic: str = "usage.events",
+        max_cached: int = 200_000,
     ) -> None:
         self.engine = engine
         self._subscriptions = subscriptions
         self.state = state
         self.events_topic = events_topic
+        self.max_cached = max_cached
+        # user -> (the bytes this stage last wrote, the live state they encode). Decoding and
+        # restoring a state costs more than applying a batch to it; the cached object is used
+        # only while the table still holds the very bytes object written with it (an identity
+        # test), so a value restored from the changelog after a rebalance is always decoded.
+        self._cache: dict[str, tuple[bytes, UserCapState]] = {}
+
+    def reset_caches(self) -> None:
+        """Forget decoded states (after a rebalance; correctness does not depend on it)."""
+        self._cache.clear()
 
     def process(self, accepted: Sequence[PricedRecord], now: datetime) -> CapOutputs:
         """Apply one batch; one state read and one state write per user. Never raises on data.
@@ -152,7 +163,11 @@ class CapStage:
             partition = recs[-1].partition
             state = self._load(user_id, sub, counters)
             effects = self.engine.apply_batch(state, sub, [cap_event(r) for r in recs], now)
-            self.state.put(partition, user_id, orjson.dumps(state.to_dict()))
+            raw = orjson.dumps(state.to_dict())
+            self.state.put(partition, user_id, raw)
+            if len(self._cache) >= self.max_cached:
+                self._cache.clear()  # crude but bounded; rebuilt from the table on demand
+            self._cache[user_id] = (raw, state)
             counters["caps_users"] += 1
             counters["caps_applied"] += len(recs)
             out.partitions[user_id] = partition
@@ -162,8 +177,12 @@ class CapStage:
     # -- internals ----------------------------------------------------------------------------
     def _load(self, user_id: str, sub: Subscription, counters: Counter[str]) -> UserCapState:
         raw = self.state.get(user_id)
+        # Popped, not read: if applying the batch failed half-way, a stale object must not stay.
+        cached = self._cache.pop(user_id, None)
         if raw is None:
             return self.engine.new_state(user_id, sub.org_id)
+        if cached is not None and cached[0] is raw:
+            return cached[1]
         try:
             obj: Any = orjson.loads(raw)
             return self.engine.restore(obj)

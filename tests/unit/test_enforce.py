@@ -269,3 +269,14 @@ def test_cap_event_keeps_money_exact() -> None:
     r = rec("u-cap", "0.000000000000000000000123")
     assert cap_event(r).cost == Decimal("0.000000000000000000000123")
     assert cap_event(r).tokens == 15
+
+
+def test_a_state_replaced_in_the_table_is_decoded_not_taken_from_the_cache() -> None:
+    state = DictState()
+    st = stage(state)
+    st.process([rec("u-cap", "0.60")], NOW)  # 50 % fired, cached
+    # Another worker (or a changelog restore) put an older value: an empty state.
+    fresh = st.engine.new_state("u-cap", "org")
+    state.data["u-cap"] = orjson.dumps(fresh.to_dict())
+    out = st.process([rec("u-cap", "0.60")], NOW)
+    assert alerts([out]) == [("u-cap", 50)]  # decoded from the table, not the cached object
