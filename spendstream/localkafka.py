@@ -325,7 +325,8 @@ class LocalKafka:
             return  # formatted before: a restart on the same data keeps its cluster id
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         cmd = [java, *self._jvm_log_opts(), "-cp", self._classpath(), "kafka.tools.StorageTool"]
-        cmd += ["format", "--cluster-id", cluster_id, "--config", str(self.config_path)]
+        # "=" form: a generated id may start with "-", which argparse would take for an option.
+        cmd += ["format", f"--cluster-id={cluster_id}", "--config", str(self.config_path)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise LocalKafkaError(
