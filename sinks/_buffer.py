@@ -276,10 +276,100 @@ DEAD_LETTERS = TableSpec(
     decode=decode_dead_letter,
 )
 
+
+def decode_overage(value: bytes) -> dict[str, Any]:
+    """An overage or a credit draw (the ``record`` field tells them apart) as one row shape."""
+    obj = _json_object(value)
+    kind = obj.get("record")
+    if kind == "overage":
+        obj["id"] = obj.get("overage_id")
+    elif kind == "credit_draw":
+        obj["id"] = obj.get("draw_id")
+    else:
+        raise RecordError(f"record must be 'overage' or 'credit_draw', got {kind!r}")
+    return obj
+
+
+ALERTS = TableSpec(
+    table="alerts",
+    columns=(
+        Column("alert_id", pa.string()),
+        Column("kind", pa.string()),
+        Column("user_id", pa.string()),
+        Column("org_id", pa.string()),
+        Column("plan_id", pa.string()),
+        Column("window", pa.string()),
+        Column("window_id", pa.string()),
+        Column("window_kind", pa.string()),
+        Column("unit", pa.string()),
+        Column("threshold", pa.uint16()),
+        _money("usage"),
+        _money("limit"),
+        Column("window_start", TIMESTAMP),
+        Column("window_end", TIMESTAMP),
+        Column("event_id", pa.string()),
+        Column("event_time", TIMESTAMP),
+        Column("detected_at", TIMESTAMP),
+    ),
+    decode=_json_object,
+)
+
+ENFORCEMENT = TableSpec(
+    table="enforcement_changes",
+    columns=(
+        Column("user_id", pa.string()),
+        Column("org_id", pa.string()),
+        Column("plan_id", pa.string()),
+        Column("state", pa.string()),
+        Column("reason", pa.string()),
+        Column("window", pa.string(), nullable=True),
+        Column("window_id", pa.string(), nullable=True),
+        Column("unit", pa.string(), nullable=True),
+        Column("usage", MONEY, nullable=True),
+        Column("limit", MONEY, nullable=True),
+        Column("remaining", MONEY, nullable=True),
+        Column("until", TIMESTAMP, nullable=True),
+        Column("downgrade_to", pa.string(), nullable=True),
+        Column("as_of", TIMESTAMP),
+        Column("version", pa.uint64()),
+        Column("updated_at", TIMESTAMP),
+    ),
+    decode=_json_object,
+)
+
+OVERAGES = TableSpec(
+    table="overages",
+    columns=(
+        Column("record", pa.string()),
+        Column("id", pa.string()),
+        Column("user_id", pa.string()),
+        Column("org_id", pa.string()),
+        Column("plan_id", pa.string()),
+        Column("window", pa.string()),
+        Column("window_id", pa.string()),
+        Column("window_start", TIMESTAMP, nullable=True),
+        Column("window_end", TIMESTAMP, nullable=True),
+        Column("unit", pa.string()),
+        Column("event_id", pa.string()),
+        Column("event_time", TIMESTAMP),
+        _money("quantity"),
+        Column("unit_price", MONEY, nullable=True),
+        Column("value", MONEY, nullable=True),
+        _money("amount"),
+        Column("ceiling_usd", MONEY, nullable=True),
+        Column("balance_after", MONEY, nullable=True),
+        Column("detected_at", TIMESTAMP),
+    ),
+    decode=decode_overage,
+)
+
 SINK_TABLES: dict[str, TableSpec] = {
     "priced": PRICED_EVENTS,
     "rollups": ROLLUPS,
     "dlq": DEAD_LETTERS,
+    "alerts": ALERTS,
+    "enforcement": ENFORCEMENT,
+    "overages": OVERAGES,
 }
 """Topic role (a field of :class:`~spendstream.settings.TopicSettings`) -> target table.
 
