@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "kafka",
     "worker",
     "demo",
+    "bench",
     "traffic",
     "store",
 )

@@ -76,10 +76,34 @@ def to_micros(when: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * _US + delta.microseconds
 
 
+_ISO_CACHE: dict[int, str] = {}
+_ISO_CACHE_MAX = 65_536
+
+
 def micros_to_iso(micros: int) -> str:
-    """RFC 3339 UTC string of an epoch-microseconds timestamp."""
+    """RFC 3339 UTC string of an epoch-microseconds timestamp.
+
+    Window bounds repeat across a batch and between batches, so whole seconds are cached: the
+    formatting was a fifth of the processor's time before.
+    """
     seconds, us = divmod(micros, _US)
-    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    stamp = _ISO_CACHE.get(seconds)
+    if stamp is None:
+        if len(_ISO_CACHE) >= _ISO_CACHE_MAX:
+            _ISO_CACHE.clear()
+        stamp = _ISO_CACHE[seconds] = datetime.fromtimestamp(seconds, UTC).strftime(
+            "%Y-%m-%dT%H:%M:%S"
+        )
+    return f"{stamp}.{us:06d}Z" if us else f"{stamp}Z"
+
+
+def iso_utc(when: datetime) -> str:
+    """RFC 3339 string of an aware UTC datetime, formatted directly from its fields."""
+    us = when.microsecond
+    stamp = (
+        f"{when.year:04d}-{when.month:02d}-{when.day:02d}T"
+        f"{when.hour:02d}:{when.minute:02d}:{when.second:02d}"
+    )
     return f"{stamp}.{us:06d}Z" if us else f"{stamp}Z"
 
 
@@ -398,7 +422,7 @@ class UsageProcessor:
     ) -> bytes:
         priced: PricedEvent = {
             "event_id": event.event_id,
-            "occurred_at": micros_to_iso(to_micros(event.occurred_at)),
+            "occurred_at": iso_utc(event.occurred_at),
             "org_id": event.org_id,
             "user_id": event.user_id,
             "api_key_id": event.api_key_id,

@@ -61,8 +61,17 @@ def sim_events(n: int, users: int = 200, seed: int = 1) -> list[dict[str, Any]]:
     return list(itertools.islice(Simulator(users, seed=seed).events(), n))
 
 
+def make_topics(make_settings: Any) -> Settings:
+    """Isolated settings with their topics created (the broker does not auto-create)."""
+    from spendstream.kafka_admin import ensure_topics
+
+    settings: Settings = make_settings()
+    ensure_topics(settings)
+    return settings
+
+
 def test_10k_events_roundtrip_byte_exact_and_partitioned_by_user(make_settings: Any) -> None:
-    settings = make_settings()
+    settings = make_topics(make_settings)
     events = sim_events(10_000)
     with UsageProducer(settings) as producer:
         for event in events:
@@ -92,7 +101,7 @@ def test_10k_events_roundtrip_byte_exact_and_partitioned_by_user(make_settings: 
 def test_broker_restart_while_producing_loses_and_duplicates_nothing(
     kafka_broker: Any, make_settings: Any
 ) -> None:
-    settings = make_settings()
+    settings = make_topics(make_settings)
     events = sim_events(20_000, seed=2)
     failures: list[str] = []
     progress = {"sent": 0}
@@ -128,7 +137,7 @@ def test_broker_restart_while_producing_loses_and_duplicates_nothing(
 
 
 def test_async_producer_waits_for_delivery(make_settings: Any) -> None:
-    settings = make_settings()
+    settings = make_topics(make_settings)
     events = sim_events(200, seed=3)
 
     async def run() -> list[Any]:
@@ -147,7 +156,7 @@ def test_async_producer_waits_for_delivery(make_settings: Any) -> None:
 
 
 def test_publish_subscriptions(make_settings: Any) -> None:
-    settings = make_settings()
+    settings = make_topics(make_settings)
     subs = Simulator(50, seed=4).subscriptions()
     assert publish_subscriptions(settings, subs) == 50
     messages = read_topic(settings, settings.topics.subscriptions, 50)
@@ -160,7 +169,7 @@ def test_produce_command_reports_bad_lines_and_sends_the_rest(
 ) -> None:
     from spendstream.cli import app
 
-    settings = make_settings()
+    settings = make_topics(make_settings)
     monkeypatch.setenv("SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS", settings.kafka.bootstrap_servers)
     monkeypatch.setenv("SPENDSTREAM_TOPICS__EVENTS", settings.topics.events)
     good = iter(sim_events(997, seed=5))

@@ -261,3 +261,15 @@ def test_rollups_sum_exactly_to_unique_events_whatever_order_and_batching(
     assert sum(r["input_tokens"] for r in final.values()) == sum(
         e["input_tokens"] for e in unique.values()
     )
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1971, 1, 1), max_value=datetime(2999, 12, 31), timezones=st.just(UTC)
+    )
+)
+def test_iso_formatting_paths_agree(when: datetime) -> None:
+    from stream_processors._processor import iso_utc, micros_to_iso, to_micros
+
+    assert iso_utc(when) == micros_to_iso(to_micros(when))
+    assert datetime.fromisoformat(iso_utc(when)) == when

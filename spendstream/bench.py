@@ -1,0 +1,130 @@
+"""``spendstream bench``: every throughput and latency figure in one run, on this machine.
+
+Sections (each can be skipped): the producer (validated vs raw), one worker (events/s on the
+broker, and the same pure processing without Kafka), the sink into chDB (rows/s), and the caps
+path (event-to-alert latency at a fixed rate). Speed is measured here, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from spendstream.settings import Settings
+
+SECTIONS = ("producer", "worker", "sink", "caps")
+
+
+@dataclass
+class BenchOptions:
+    """Sizes of each section."""
+
+    producer_events: int = 200_000
+    worker_events: int = 100_000
+    worker_users: int = 2_000
+    sink_rows: int = 500_000
+    caps_rate: int = 10_000
+    caps_seconds: float = 10.0
+    skip: tuple[str, ...] = ()
+
+
+@contextmanager
+def broker(settings: Settings, console: Console) -> Iterator[None]:
+    """The configured broker, or a local one started (and stopped) for the benchmark."""
+    from spendstream.localkafka import LocalKafka
+
+    local = None
+    if settings.kafka.is_local_default:
+        candidate = LocalKafka.from_settings(settings)
+        if not candidate.status().answering:
+            with console.status("starting the local Kafka broker…"):
+                candidate.up()
+            local = candidate
+    try:
+        yield
+    finally:
+        if local is not None:
+            local.down()
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import os
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+    }
+
+
+def run_bench(settings: Settings, options: BenchOptions, console: Console) -> dict[str, Any]:
+    """Run the sections not skipped; print a table per section; return every figure."""
+    results: dict[str, Any] = {"machine": machine()}
+    steps: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+    if "producer" not in options.skip:
+        from spendstream.bench_producer import run_producer_bench
+
+        steps.append(("producer", lambda: run_producer_bench(settings, options.producer_events)))
+    if "worker" not in options.skip:
+        from spendstream.bench_worker import run_worker_bench
+
+        steps.append(
+            (
+                "worker",
+                lambda: run_worker_bench(settings, options.worker_events, options.worker_users),
+            )
+        )
+    if "sink" not in options.skip:
+        from spendstream.bench_sink import run_sink_bench
+
+        steps.append(("sink", lambda: run_sink_bench(settings, options.sink_rows)))
+    if "caps" not in options.skip:
+        from spendstream.bench_caps import run_caps_bench
+
+        steps.append(
+            ("caps", lambda: run_caps_bench(settings, options.caps_rate, options.caps_seconds))
+        )
+    needs_broker = any(name != "sink" for name, _ in steps)
+    with broker(settings, console) if needs_broker else _nothing():
+        for name, step in steps:
+            with console.status(f"benchmark: {name}…"):
+                t0 = time.monotonic()
+                figures = step()
+            figures["section_s"] = round(time.monotonic() - t0, 1)
+            results[name] = figures
+            print_section(console, name, figures)
+    return results
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def print_section(console: Console, name: str, figures: dict[str, Any]) -> None:
+    """One two-column table of a section's figures."""
+    table = Table(title=f"bench: {name}", show_header=False)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in figures.items():
+        if isinstance(value, dict | list):
+            continue
+        table.add_row(key, _fmt(value))
+    console.print(table)

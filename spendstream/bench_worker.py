@@ -1,0 +1,161 @@
+"""Worker throughput: events/s for one faust worker doing validate + dedupe + price + roll-up
+(+ caps), on the real broker, next to the same pure processing in-process without Kafka.
+
+The worker runs as a child process (``spendstream worker``) over a topic pre-filled with
+simulated events; its rate is measured from its committed offsets between its first commit and
+the moment it has committed everything, so start-up and group join are not counted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from spendstream.settings import Settings, TopicSettings
+
+BENCH_START = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
+
+
+def isolated(settings: Settings, prefix: str, state_dir: Path) -> Settings:
+    """``settings`` with topics, app id, sink group and state folder of their own."""
+    topics = TopicSettings(
+        **{
+            **settings.topics.model_dump(),
+            **{role: f"{prefix}.{name}" for role, name in settings.topics.names().items()},
+        }
+    )
+    return settings.model_copy(
+        update={
+            "topics": topics,
+            "processor": settings.processor.model_copy(update={"app_id": f"{prefix}-worker"}),
+            "sink": settings.sink.model_copy(update={"group_id": f"{prefix}-sink"}),
+            "state_dir": state_dir,
+        }
+    )
+
+
+def _payloads(events: int, users: int) -> tuple[list[tuple[str, bytes]], list[Any]]:
+    from spendstream.simulate import Simulator
+
+    sim = Simulator(users, seed=7, start=BENCH_START, rate=5_000.0, rhythm=False)
+    out: list[tuple[str, bytes]] = []
+    for item in sim.stream():
+        if len(out) >= events:
+            break
+        if isinstance(item.payload, dict):
+            out.append((item.payload["user_id"], orjson.dumps(item.payload)))
+    return out, sim.subscriptions()
+
+
+def pure_rate(settings: Settings, payloads: list[tuple[str, bytes]], subs: list[Any]) -> float:
+    """Events/s of the worker's pure pipeline (validate, dedupe, price, roll up, caps) alone."""
+    from stream_processors import (
+        SAMPLE_PLANS,
+        CapEngine,
+        DictState,
+        InRecord,
+        PriceCatalog,
+        UsageProcessor,
+        load_plans,
+    )
+    from stream_processors._enforce import CapStage
+
+    by_user = {s.user_id: s for s in subs}
+    p = settings.processor
+    processor = UsageProcessor(
+        PriceCatalog.load(p.price_catalog, p.price_overrides),
+        by_user.get,
+        seen=DictState(),
+        windows=DictState(),
+        marks=DictState(),
+        window_s=p.window_s,
+        grace_s=p.grace_s,
+        dedupe_horizon_s=p.dedupe_horizon_s,
+    )
+    engine = CapEngine(load_plans(settings.plans_file or SAMPLE_PLANS), grace_s=p.grace_s)
+    caps = CapStage(engine, by_user.get, DictState())
+    records = [
+        InRecord("bench", hash(key) % 6, i, key.encode(), value)
+        for i, (key, value) in enumerate(payloads)
+    ]
+    size = p.batch_size
+    start = time.perf_counter()
+    for i in range(0, len(records), size):
+        result = processor.process(records[i : i + size])
+        caps.process(result.accepted, datetime.now(UTC))
+    return len(records) / (time.perf_counter() - start)
+
+
+def run_worker_bench(
+    settings: Settings, events: int = 100_000, users: int = 2_000
+) -> dict[str, Any]:
+    """Measure one worker on the broker ``settings`` point at; return the figures."""
+    from producers import UsageProducer, publish_subscriptions
+    from spendstream.kafka_admin import delete_topics, ensure_topics
+    from spendstream.lag import group_lag
+    from spendstream.runner import WorkerProcess
+
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    workdir = Path(tempfile.mkdtemp(prefix="spendstream-bench-worker-"))
+    s = isolated(settings, prefix, workdir)
+    payloads, subs = _payloads(events, users)
+    pure = pure_rate(s, payloads, subs)
+    ensure_topics(s)
+    conf = s.kafka.confluent_config()
+    try:
+        publish_subscriptions(s, subs)
+        with UsageProducer(s) as producer:
+            for key, value in payloads:
+                producer.send_raw(key.encode(), value)
+        worker = WorkerProcess(s, workdir / "worker.log")
+        samples: list[tuple[float, int]] = []
+        t0 = time.monotonic()
+        try:
+            while True:
+                worker.check_alive()
+                remaining = sum(group_lag(conf, s.processor.app_id, [s.topics.events]).values())
+                now = time.monotonic()
+                samples.append((now, remaining))
+                if remaining == 0:
+                    break
+                if now - t0 > 900:
+                    raise TimeoutError("the worker did not finish within 15 minutes")
+                time.sleep(0.25)
+        finally:
+            worker.stop()
+        # From the first sample that shows a commit to the one that shows none left: what
+        # was still uncommitted at the first, divided by the time between them. Start-up, group
+        # join and the first batch before its commit are not counted.
+        started = next((t, r) for t, r in samples if r < len(payloads))
+        done_t = samples[-1][0]
+        rate = started[1] / max(done_t - started[0], 1e-9)
+        steps = [
+            (r0 - r1) / (t1 - t0_)
+            for (t0_, r0), (t1, r1) in itertools.pairwise(samples)
+            if r1 < r0 and t1 > t0_
+        ]
+        return {
+            "events": len(payloads),
+            "users": users,
+            "worker_events_per_s": rate,
+            "worker_median_step_events_per_s": statistics.median(steps) if steps else rate,
+            "pure_events_per_s": pure,
+            "startup_s": started[0] - t0,
+            "batch_size": s.processor.batch_size,
+            "partitions": s.topics.partitions,
+        }
+    finally:
+        from spendstream.kafka_admin import topic_partitions
+
+        # Ours and the changelog topics faust created for the worker's tables.
+        delete_topics(conf, [t for t in topic_partitions(conf) if t.startswith(prefix)])
+        shutil.rmtree(workdir, ignore_errors=True)

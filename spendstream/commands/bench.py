@@ -1,0 +1,68 @@
+"""``spendstream bench``: the benchmark command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from spendstream.commands._common import console, fail, settings_or_exit
+from spendstream.errors import SpendstreamError
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``bench`` command."""
+
+    @app.command("bench")
+    def bench(
+        producer_events: int = typer.Option(
+            200_000, "--producer-events", min=1000, help="Events for the producer section."
+        ),
+        worker_events: int = typer.Option(
+            100_000, "--worker-events", min=1000, help="Events for the worker section."
+        ),
+        worker_users: int = typer.Option(2_000, "--worker-users", min=1, help="Users simulated."),
+        sink_rows: int = typer.Option(
+            500_000, "--sink-rows", min=1000, help="Priced events inserted into chDB."
+        ),
+        caps_rate: int = typer.Option(
+            10_000, "--caps-rate", min=1, help="Events/s for the event-to-alert latency."
+        ),
+        caps_seconds: float = typer.Option(
+            10.0, "--caps-seconds", min=1, help="Seconds of traffic for the latency section."
+        ),
+        skip: list[str] = typer.Option(
+            [], "--skip", help="Skip a section: producer, worker, sink or caps (repeatable)."
+        ),
+        json_out: Path | None = typer.Option(
+            None, "--json", help="Also write every figure to this JSON file."
+        ),
+    ) -> None:
+        """Measure producer, worker, sink and caps figures on this machine, in one run.
+
+        Uses the configured broker or starts the local one (and stops it after); topics are
+        created under a unique prefix and deleted afterwards; chDB runs in a temporary folder.
+        """
+        from spendstream.bench import SECTIONS, BenchOptions, run_bench
+
+        unknown = sorted(set(skip) - set(SECTIONS))
+        if unknown:
+            fail(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", 2)
+        settings = settings_or_exit()
+        options = BenchOptions(
+            producer_events=producer_events,
+            worker_events=worker_events,
+            worker_users=worker_users,
+            sink_rows=sink_rows,
+            caps_rate=caps_rate,
+            caps_seconds=caps_seconds,
+            skip=tuple(skip),
+        )
+        try:
+            results = run_bench(settings, options, console)
+        except SpendstreamError as exc:
+            fail(str(exc))
+        if json_out is not None:
+            json_out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+            console.print(f"wrote {json_out}")
