@@ -179,6 +179,9 @@ class ProcessorSettings(BaseModel):
     fallback_input_cost_per_token: Decimal = Field(default=Decimal("0.00001"), ge=0)
     fallback_output_cost_per_token: Decimal = Field(default=Decimal("0.00003"), ge=0)
     web_port: int = Field(default=6066, ge=1024, le=65535)
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Prometheus /metrics and /health; 0 = off."
+    )
 
 
 class SinkSettings(BaseModel):
@@ -190,6 +193,24 @@ class SinkSettings(BaseModel):
     max_buffer_rows: int = Field(default=200_000, ge=1)
     retry_initial_s: float = Field(default=0.5, gt=0)
     retry_max_s: float = Field(default=30.0, gt=0)
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Prometheus /metrics and /health; 0 = off."
+    )
+
+
+class ProducerSettings(BaseModel):
+    """The durable local spool of :class:`~producers.UsageProducer` (see producers/_spool.py).
+
+    With ``spool_enabled`` every event is appended to an on-disk segment log before it is
+    handed to Kafka and removed once the broker acknowledged it, so a broker outage or a
+    gateway restart loses nothing; ``spool_max_bytes`` bounds the unacknowledged backlog.
+    """
+
+    spool_enabled: bool = False
+    spool_dir: Path | None = Field(default=None, description="Defaults to <state_dir>/spool.")
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=4096)
+    full_policy: Literal["block", "reject"] = "block"
+    fsync: Literal["always", "batch", "never"] = "batch"
 
 
 class Settings(BaseSettings):
@@ -208,6 +229,7 @@ class Settings(BaseSettings):
     clickhouse: ClickHouseSettings = ClickHouseSettings()
     processor: ProcessorSettings = ProcessorSettings()
     sink: SinkSettings = SinkSettings()
+    producer: ProducerSettings = ProducerSettings()
     plans_file: Path | None = Field(default=None, description="Plans YAML; default: sample.")
     subscriptions_file: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
