@@ -2,7 +2,9 @@
 
 ``UsageProducer`` (threads) and ``AsyncUsageProducer`` (asyncio) validate every event against
 the contract of :mod:`schemas`, key it by ``user_id`` and deliver it idempotently with
-``acks=all``; ``publish_subscriptions`` feeds the compacted subscriptions topic.
+``acks=all``; with a spool (:class:`DiskSpool`) they write every event to a bounded local disk
+log first, so a broker outage or a process restart loses nothing.
+``publish_subscriptions`` feeds the compacted subscriptions topic.
 """
 
 from producers._async import AsyncUsageProducer
@@ -15,6 +17,7 @@ from producers._producer import (
     UsageProducer,
     validate_event,
 )
+from producers._spool import DiskSpool, SpoolFullError, SpoolRecord, SpoolStats
 from producers._subscriptions import encode_subscription, publish_subscriptions
 from producers._view import CompactedTopicView
 
@@ -26,7 +29,11 @@ __all__ = [
     "Decision",
     "DeliveryCallback",
     "DeliveryReport",
+    "DiskSpool",
     "ProducerStats",
+    "SpoolFullError",
+    "SpoolRecord",
+    "SpoolStats",
     "UsageProducer",
     "encode_subscription",
     "producer_config",

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -53,8 +54,13 @@ class AsyncUsageProducer:
         config: Mapping[str, Any] | None = None,
         topic: str | None = None,
         queue_full_timeout_s: float | None = 60.0,
+        spool: bool | Path | None = None,
     ) -> None:
-        """Same arguments as :class:`UsageProducer`; create it inside or outside a loop."""
+        """Same arguments as :class:`UsageProducer`; create it inside or outside a loop.
+
+        With a spool, ``await send(event, wait=False)`` returns once the event is on disk,
+        and ``wait=True`` once the broker acknowledged it.
+        """
         self._sync = UsageProducer(
             settings,
             config=config,
@@ -62,6 +68,7 @@ class AsyncUsageProducer:
             queue_full_timeout_s=queue_full_timeout_s,
             report_successes=True,
             poll_interval_s=0.05,
+            spool=spool,
         )
         self._queue_full_timeout_s = queue_full_timeout_s
 
@@ -82,6 +89,8 @@ class AsyncUsageProducer:
     ) -> DeliveryReport | None:
         """Produce pre-encoded ``value`` under ``key``; with ``wait`` return once delivered."""
         loop = asyncio.get_running_loop()
+        if self._sync.spool is not None:
+            return await self._send_spooled(loop, key, value, wait)
         fut: asyncio.Future[DeliveryReport] | None = None
         callback = None
         if wait:
@@ -108,6 +117,29 @@ class AsyncUsageProducer:
         if fut is None:
             return None
         return await fut
+
+    async def _send_spooled(
+        self, loop: asyncio.AbstractEventLoop, key: str | bytes, value: bytes, wait: bool
+    ) -> DeliveryReport | None:
+        spool = self._sync.spool
+        assert spool is not None
+        fut: asyncio.Future[DeliveryReport] | None = loop.create_future() if wait else None
+        waiter = None
+        if fut is not None:
+            settle = functools.partial(_settle, fut)
+
+            def waiter(report: DeliveryReport) -> None:
+                loop.call_soon_threadsafe(settle, report)
+
+        send = self._sync._spool_send
+        timeout = self._queue_full_timeout_s
+        if spool.full_policy == "reject" or spool.has_room(len(value) + 1024):
+            # Room now (or the reject policy): appending does not wait, stay on the loop.
+            send(key, value, timeout, waiter)
+        else:
+            # A full spool under the block policy: wait for room off the event loop.
+            await asyncio.to_thread(send, key, value, timeout, waiter)
+        return None if fut is None else await fut
 
     async def flush(self, timeout_s: float = 30.0) -> int:
         """Wait (in a worker thread) until the queue is empty; return how many remain."""

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from confluent_kafka import KafkaError as RdKafkaError
 from confluent_kafka import KafkaException, Producer
 from pydantic import ValidationError
 
 from producers._config import producer_config
+from producers._spool import DiskSpool, SpoolRecord, SpoolStats
 from schemas import UsageEvent, event_from_obj, topics
 from spendstream.errors import BackpressureError, DeliveryError, KafkaError
 from spendstream.settings import Settings
@@ -105,6 +109,17 @@ class UsageProducer:
     ``acks=all`` means a broker restart neither loses nor duplicates an acknowledged event.
     Failures are never silent: they are counted, logged, and passed to ``on_delivery``.
 
+    With a spool (``spool=True`` or ``SPENDSTREAM_PRODUCER__SPOOL_ENABLED=true``) every event is
+    first appended to a bounded on-disk log (:class:`~producers._spool.DiskSpool`) and
+    :meth:`send` returns once it is there; a drain thread hands the log to librdkafka in order and
+    an event leaves the log when the broker acknowledged it. A broker outage then fills the
+    spool instead of memory, and a process restart replays what was not acknowledged
+    (a replayed duplicate is dropped downstream by ``event_id``). librdkafka never times a
+    spooled message out (``message.timeout.ms=0``): the spool bound, not a timer, decides
+    when to push back, with ``SPENDSTREAM_PRODUCER__FULL_POLICY`` (``block`` waits up to
+    ``queue_full_timeout_s``, ``reject`` raises :class:`~producers._spool.SpoolFullError` at
+    once). One producer per spool folder: a second one is refused with a clear error.
+
     Example::
 
         with UsageProducer(settings) as producer:
@@ -121,13 +136,16 @@ class UsageProducer:
         poll_interval_s: float = 0.1,
         queue_full_timeout_s: float | None = 60.0,
         report_successes: bool | None = None,
+        spool: bool | Path | None = None,
     ) -> None:
         """Connect lazily to the cluster of ``settings`` (or ``config``).
 
         ``topic`` defaults to ``settings.topics.events``. ``on_delivery`` is called from the
         background poll thread for every delivered or failed message. ``queue_full_timeout_s``
-        bounds how long :meth:`send` waits for room in a full local queue before raising
-        :class:`BackpressureError` (``None``: wait as long as it takes).
+        bounds how long :meth:`send` waits for room in a full local queue (or a full spool
+        under the ``block`` policy) before raising :class:`BackpressureError` (``None``: wait
+        as long as it takes). ``spool``: ``None`` follows ``settings.producer.spool_enabled``,
+        ``True``/``False`` force it, a path enables it in that folder.
         """
         if settings is None and config is None:
             settings = Settings()
@@ -146,21 +164,43 @@ class UsageProducer:
         self._report_successes = (
             on_delivery is not None if report_successes is None else report_successes
         )
+        self._spool: DiskSpool | None = _open_spool(settings, spool)
+        self._spool_in_flight = 0
+        self._rewind = False
+        self._closing = False
+        self._waiters: dict[int, Callable[[DeliveryReport], None]] = {}
         conf = producer_config(settings, config)
+        if self._spool is not None:
+            # Acks are what empties the spool; a spooled message never expires in memory.
+            self._report_successes = True
+            if config is None or "message.timeout.ms" not in config:
+                conf["message.timeout.ms"] = 0
         conf["delivery.report.only.error"] = not self._report_successes
         conf["on_delivery"] = self._on_report
         conf["error_cb"] = self._on_client_error
         try:
             self._producer = Producer(conf)
-        except KafkaException as exc:
-            raise KafkaError(f"cannot create a Kafka producer: {kafka_reason(exc)}") from exc
-        except (TypeError, ValueError) as exc:
+        except (KafkaException, TypeError, ValueError) as exc:
+            if self._spool is not None:
+                self._spool.close()
+            if isinstance(exc, KafkaException):
+                raise KafkaError(f"cannot create a Kafka producer: {kafka_reason(exc)}") from exc
             raise KafkaError(f"invalid producer configuration: {exc}") from exc
         self._stop = threading.Event()
         self._poller = threading.Thread(
             target=self._poll_loop, args=(poll_interval_s,), name="usage-producer-poll", daemon=True
         )
         self._poller.start()
+        self._drain_stop = threading.Event()
+        self._drainer: threading.Thread | None = None
+        if self._spool is not None:
+            from spendstream import metrics
+
+            metrics.watch_spool(self._spool)
+            self._drainer = threading.Thread(
+                target=self._drain_loop, name="usage-producer-spool", daemon=True
+            )
+            self._drainer.start()
 
     # -- delivery reports -------------------------------------------------------------------
 
@@ -194,6 +234,104 @@ class UsageProducer:
         while not self._stop.is_set():
             poll(interval)
 
+    # -- the spool --------------------------------------------------------------------------
+
+    @property
+    def spool(self) -> DiskSpool | None:
+        """The on-disk spool, when this producer has one."""
+        return self._spool
+
+    def spool_stats(self) -> SpoolStats | None:
+        """Depth (records, bytes) and rejected/blocked counts of the spool, if any."""
+        return None if self._spool is None else self._spool.stats()
+
+    def _drain_loop(self) -> None:
+        """Hand spooled records to librdkafka in spool order (one thread: order is kept)."""
+        spool = self._spool
+        assert spool is not None
+        held: SpoolRecord | None = None  # read but refused by a full librdkafka queue
+        while not self._drain_stop.is_set():
+            if spool.fsync == "batch":
+                spool.sync()
+            if self._rewind:
+                # Re-send from the oldest unacknowledged record, once every report of what
+                # is in flight is in: sending earlier would overtake records still retrying.
+                if self._spool_in_flight:
+                    time.sleep(0.01)
+                    continue
+                spool.rewind()
+                held, self._rewind = None, False
+            rec = held or spool.read(timeout_s=0.05)
+            if rec is None:
+                continue
+            report = functools.partial(self._on_spool_report, rec.seq, rec.size)
+            try:
+                with self._lock:
+                    self._spool_in_flight += 1
+                self._producer.produce(rec.topic, rec.value, rec.key, on_delivery=report)
+                held = None
+            except BufferError:
+                with self._lock:
+                    self._spool_in_flight -= 1
+                    self._queue_full_waits += 1
+                held = rec  # the broker is slow or away: the spool holds the backlog
+                self._drain_stop.wait(0.01)
+            except KafkaException as exc:
+                with self._lock:
+                    self._spool_in_flight -= 1
+                    self._last_error = kafka_reason(exc)
+                log.warning("cannot hand a spooled event to Kafka (%s); retrying", exc)
+                held = rec
+                self._drain_stop.wait(0.5)
+
+    def _on_spool_report(self, seq: int, size: int, err: Any, msg: Any) -> None:
+        spool = self._spool
+        assert spool is not None
+        with self._lock:
+            self._spool_in_flight -= 1
+        if err is None:
+            spool.ack(seq, size)
+        elif self._closing and err.code() in (
+            RdKafkaError._PURGE_QUEUE,
+            RdKafkaError._PURGE_INFLIGHT,
+        ):
+            return  # purged at close: it stays spooled for the next producer
+        elif err.retriable() and not err.fatal():
+            with self._lock:
+                self._last_error = err.str()
+            log.warning("spooled event %d not delivered yet (%s); will resend", seq, err.str())
+            self._rewind = True
+            return
+        else:
+            # Permanent (the broker refuses it for good): it would block the spool forever.
+            spool.ack(seq, size)
+        self._on_report(err, msg)
+        with self._lock:
+            waiter = self._waiters.pop(seq, None)
+        if waiter is not None:
+            waiter(_report(err, msg))
+
+    def _spool_send(
+        self,
+        key: str | bytes,
+        value: bytes,
+        timeout_s: float | None,
+        waiter: Callable[[DeliveryReport], None] | None = None,
+    ) -> int:
+        """Append to the spool (raising ``SpoolFullError`` per policy); return the seq."""
+        spool = self._spool
+        assert spool is not None
+
+        def attach(seq: int) -> None:
+            if waiter is not None:
+                with self._lock:
+                    self._waiters[seq] = waiter
+
+        seq = spool.append(self.topic, key, value, timeout_s, on_seq=attach)
+        with self._lock:
+            self._sent += 1
+        return seq
+
     # -- producing --------------------------------------------------------------------------
 
     def send(self, event: UsageEvent | dict[str, Any]) -> None:
@@ -208,6 +346,9 @@ class UsageProducer:
 
     def send_raw(self, key: str | bytes, value: bytes) -> None:
         """Queue an already encoded message with ``key`` (the user id), unvalidated."""
+        if self._spool is not None:
+            self._spool_send(key, value, self._queue_full_timeout_s)
+            return
         try:
             self._producer.produce(self.topic, value, key)
         except BufferError:
@@ -268,7 +409,13 @@ class UsageProducer:
     # -- lifecycle --------------------------------------------------------------------------
 
     def flush(self, timeout_s: float = 30.0) -> int:
-        """Wait until every queued message is delivered or failed; return how many remain."""
+        """Wait until every queued message is delivered or failed; return how many remain.
+
+        With a spool: until every spooled event is acknowledged (remaining ones stay spooled).
+        """
+        if self._spool is not None:
+            self._spool.wait_empty(timeout_s)
+            return len(self._spool)
         return int(self._producer.flush(timeout_s))
 
     def poll(self, timeout_s: float = 0.0) -> int:
@@ -276,8 +423,15 @@ class UsageProducer:
         return int(self._producer.poll(timeout_s))
 
     def stats(self) -> ProducerStats:
-        """A consistent snapshot of the counters."""
-        in_flight = 0 if self._closed else len(self._producer)
+        """A consistent snapshot of the counters.
+
+        With a spool ``in_flight`` is the spool's depth, and ``delivered`` also counts events
+        replayed from an earlier run's spool.
+        """
+        if self._spool is not None:
+            in_flight = self._spool.stats().records
+        else:
+            in_flight = 0 if self._closed else len(self._producer)
         with self._lock:
             sent, failed, ok = self._sent, self._failed, self._reported_ok
             waits, last = self._queue_full_waits, self._last_error
@@ -292,6 +446,8 @@ class UsageProducer:
         """
         if self._closed:
             return self.stats()
+        if self._spool is not None:
+            return self._close_spooled(timeout_s)
         remaining = self.flush(timeout_s)
         self._stop.set()
         self._poller.join()
@@ -305,6 +461,37 @@ class UsageProducer:
             raise DeliveryError(
                 f"{final.failed} of {final.sent} usage events were not delivered to "
                 f"{self.topic} (last error: {final.last_error})"
+            )
+        return final
+
+    def _close_spooled(self, timeout_s: float) -> ProducerStats:
+        spool = self._spool
+        assert spool is not None
+        remaining = self.flush(timeout_s)
+        self._drain_stop.set()
+        if self._drainer is not None:
+            self._drainer.join()
+        self._closing = True
+        if remaining:
+            # What librdkafka still holds is in the spool too: drop the memory copy (a
+            # message the broker did take is replayed and deduplicated by event_id).
+            self._producer.purge(in_queue=True, in_flight=True, blocking=False)
+            self._producer.poll(0)
+        self._stop.set()
+        self._poller.join()
+        self._closed = True
+        spool.close()
+        if remaining:
+            log.warning(
+                "%d usage events stay in the spool %s; the next producer on it sends them",
+                remaining,
+                spool.path,
+            )
+        final = self.stats()
+        if final.failed:
+            raise DeliveryError(
+                f"{final.failed} of {final.sent} usage events were refused by Kafka for good "
+                f"(last error: {final.last_error})"
             )
         return final
 
@@ -326,5 +513,19 @@ class UsageProducer:
             log.exception("while closing the producer after an error")
 
     def __len__(self) -> int:
-        """Messages queued or in flight."""
+        """Messages queued or in flight (with a spool: not yet acknowledged)."""
+        if self._spool is not None:
+            return len(self._spool)
         return len(self._producer)
+
+
+def _open_spool(settings: Settings | None, spool: bool | Path | None) -> DiskSpool | None:
+    """The spool ``spool`` asks for (``None``: as the settings say)."""
+    if spool is False:
+        return None
+    resolved = settings if settings is not None else Settings()
+    p = resolved.producer
+    if spool is None and not p.spool_enabled:
+        return None
+    path = spool if isinstance(spool, Path) else p.spool_dir or resolved.state_dir / "spool"
+    return DiskSpool(path, max_bytes=p.spool_max_bytes, full_policy=p.full_policy, fsync=p.fsync)

@@ -52,7 +52,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -299,13 +299,20 @@ class DiskSpool:
     # -- writing ----------------------------------------------------------------------------
 
     def append(
-        self, topic: str, key: str | bytes | None, value: bytes, timeout_s: float | None = None
+        self,
+        topic: str,
+        key: str | bytes | None,
+        value: bytes,
+        timeout_s: float | None = None,
+        *,
+        on_seq: Callable[[int], None] | None = None,
     ) -> int:
         """Append one message durably (per the fsync policy); return its sequence number.
 
         When the backlog would exceed ``max_bytes``: with ``block``, wait up to ``timeout_s``
         (``None`` = as long as it takes) for acknowledgements to free room; with ``reject``,
-        or when the wait times out, raise :class:`SpoolFullError`.
+        or when the wait times out, raise :class:`SpoolFullError`. ``on_seq`` is called with
+        the sequence number before any reader can see the record (to attach a waiter to it).
         """
         key_b = key.encode() if isinstance(key, str) else key
         with self._lock:
@@ -335,10 +342,16 @@ class DiskSpool:
             self._pending_records += 1
             self._pending_bytes += len(data)
             self._appended += 1
+            if on_seq is not None:
+                on_seq(seq)
             if seg.size >= self.segment_bytes:
                 self._seal_active()
             self._readable.notify()
             return seq
+
+    def has_room(self, size: int) -> bool:
+        """True if ``size`` more bytes fit the bound now (a hint: others may append first)."""
+        return self._pending_bytes + size <= self.max_bytes
 
     def _wait_for_room(self, size: int, timeout_s: float | None) -> None:
         if self.full_policy == "reject":
