@@ -18,6 +18,7 @@ from typing import Any
 
 from sinks._buffer import SINK_TABLES, Drained, SinkBuffer, TableSpec
 from sinks._store import Store
+from spendstream import metrics
 from spendstream.errors import BackpressureError, KafkaError, StoreError
 from spendstream.settings import Settings
 
@@ -67,6 +68,9 @@ class Sink:
         self.store = store
         self.topics = dict(topics or sink_topics(settings))
         self.counters = SinkCounters()
+        metrics.watch_sink(self.counters)  # read at scrape time: no cost per record
+        self.last_poll = time.monotonic()
+        self.store_failing = False
         cfg = settings.sink
         self.buffer = SinkBuffer(
             self.topics,
@@ -100,6 +104,7 @@ class Sink:
         """Read what is there (up to a batch), buffer it, flush if due; return records read."""
         from confluent_kafka import KafkaError as CKafkaError
 
+        self.last_poll = time.monotonic()
         try:
             messages = self._consumer.consume(
                 num_messages=min(self.settings.sink.batch_rows, 5000), timeout=timeout_s
@@ -158,6 +163,7 @@ class Sink:
                     try:
                         self.store.insert(batch.table, batch.data, batch.dedup_token)
                     except StoreError as exc:
+                        self.store_failing = True
                         self.counters.retries += 1
                         log.warning(
                             "insert into %s failed (%s); retrying in %.1fs", batch.table, exc, delay
@@ -171,6 +177,8 @@ class Sink:
                         delay = min(delay * 2, cfg.retry_max_s)
                         continue
                     elapsed = time.perf_counter() - started
+                    self.store_failing = False
+                    metrics.observe_insert(batch.table, batch.rows, elapsed)
                     self.counters.insert_seconds += elapsed
                     self.counters.last_insert_ms = elapsed * 1000
                     self.counters.max_insert_ms = max(self.counters.max_insert_ms, elapsed * 1000)
@@ -260,6 +268,26 @@ class Sink:
     def stop(self) -> None:
         """Ask :meth:`run` to finish (thread-safe)."""
         self._stop.set()
+
+    def health(self, stall_s: float = 60.0) -> dict[str, Any]:
+        """``{"ok": ..., "details": ...}`` for ``/health`` (thread-safe: reads fields only).
+
+        Unhealthy while inserts fail (the batch is being retried), after the sink stopped, or
+        when the consume loop has not run for ``stall_s`` seconds.
+        """
+        since_poll = time.monotonic() - self.last_poll
+        ok = not self._closed and not self.store_failing and since_poll < stall_s
+        return {
+            "ok": ok,
+            "details": {
+                "store_failing": self.store_failing,
+                "closed": self._closed,
+                "seconds_since_poll": round(since_poll, 3),
+                "buffered_rows": len(self.buffer),
+                "assigned_partitions": len(self._assigned),
+                **self.counters.as_dict(),
+            },
+        }
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Committed-offset lag of every assigned partition (high watermark - committed)."""

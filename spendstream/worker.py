@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from spendstream.settings import Settings
@@ -23,10 +25,21 @@ def run_worker(settings: Settings, *, loglevel: str | None = None) -> None:
 
     import faust
 
+    from spendstream import metrics
     from stream_processors import build_app
 
-    built = build_app(settings)
+    last_batch = [time.monotonic()]
+
+    def on_batch(result: Any) -> None:
+        last_batch[0] = time.monotonic()
+        metrics.observe_worker_batch(result.counters, size=result.counters.get("in", 0))
+
+    def on_caps(capped: Any) -> None:
+        metrics.observe_worker_batch(capped.counters)
+
+    built = build_app(settings, on_batch=on_batch, on_caps=on_caps)
     app, view = built.app, built.subscriptions
+    closers = _serve_worker_metrics(settings, built.stats, last_batch)
     if view is not None:
         view.start(wait_s=60)
     level = (loglevel or settings.log_level).lower()
@@ -35,5 +48,39 @@ def run_worker(settings: Settings, *, loglevel: str | None = None) -> None:
     try:
         worker.execute_from_commandline()
     finally:
+        for close in closers:
+            close()
         if view is not None:
             view.close()
+
+
+def _serve_worker_metrics(
+    settings: Settings, stats: Any, last_batch: list[float]
+) -> list[Callable[[], None]]:
+    """``/metrics`` + ``/health`` and a lag probe of the worker's group, if a port is set.
+
+    Healthy while the group's lag can be read (the broker answers); details carry the lag,
+    the batch count and the seconds since the last batch.
+    """
+    port = settings.processor.metrics_port
+    if not port:
+        return []
+    from spendstream import metrics
+
+    # faust's consumer group id is the app id.
+    probe = metrics.LagProbe(
+        settings.kafka.confluent_config(), settings.processor.app_id, [settings.topics.events]
+    )
+
+    def health() -> dict[str, Any]:
+        details: dict[str, Any] = {
+            "batches": stats.batches,
+            "seconds_since_batch": round(time.monotonic() - last_batch[0], 3),
+            "lag": probe.total,
+        }
+        if probe.error is not None:
+            details["kafka_error"] = probe.error
+        return {"ok": probe.error is None, "details": details}
+
+    server = metrics.serve(port, health)
+    return [server.close, probe.close]

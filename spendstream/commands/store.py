@@ -7,6 +7,7 @@ import io
 import json
 import signal
 import threading
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -24,6 +25,33 @@ def _parse_params(raw: list[str]) -> dict[str, str]:
             fail(f"--param expects name=value, got {item!r}", code=2)
         params[name.strip()] = value
     return params
+
+
+def _serve_sink_metrics(settings: Any, runner: Any) -> list[Callable[[], None]]:
+    """Start ``/metrics`` + ``/health`` and the lag probe if ``sink.metrics_port`` is set.
+
+    Returns the closers to call at shutdown.
+    """
+    port = settings.sink.metrics_port
+    if not port:
+        return []
+    from spendstream import metrics
+
+    probe = metrics.LagProbe(
+        settings.kafka.confluent_config(), settings.sink.group_id, list(runner.topics)
+    )
+
+    def health() -> dict[str, Any]:
+        report = runner.health()
+        report["details"]["lag"] = probe.total
+        if probe.error is not None:
+            report["ok"] = False
+            report["details"]["kafka_error"] = probe.error
+        return dict(report)
+
+    server = metrics.serve(port, health)
+    console.print(f"metrics on {server.url}/metrics, health on {server.url}/health")
+    return [server.close, probe.close]
 
 
 def _text(value: Any) -> str:
@@ -161,11 +189,18 @@ def register(app: typer.Typer) -> None:
                     for name in store.migrate():
                         console.print(f"applied {name}")
                 runner = Sink(settings, store)
+                endpoint = _serve_sink_metrics(settings, runner)
                 console.print(
                     f"sink consuming {', '.join(runner.topics)} -> "
                     f"{store.database} (group {settings.sink.group_id}); Ctrl-C to stop"
                 )
-                runner.run(stop)
+                try:
+                    # SIGTERM/SIGINT set ``stop``; run() then flushes the buffer, inserts it,
+                    # commits its offsets and leaves the group before returning (exit 0).
+                    runner.run(stop)
+                finally:
+                    for closer in endpoint:
+                        closer()
                 console.print_json(json.dumps(runner.counters.as_dict()))
             finally:
                 store.close()
