@@ -33,10 +33,24 @@ log = logging.getLogger(__name__)
 
 
 class TableState:
-    """:class:`~stream_processors.PartitionedState` over a faust Table, partition explicit."""
+    """:class:`~stream_processors.PartitionedState` over a faust Table, partition explicit.
+
+    The in-memory value changes at once; the changelog message waits for
+    :meth:`flush_changelog`, so the agent decides the order in which a batch's state and
+    outputs become durable (see the agent in :func:`build_app`).
+    """
 
     def __init__(self, table: Any) -> None:
         self._table = table
+        self._pending: list[tuple[int, str, bytes | None]] = []
+
+    def flush_changelog(self) -> int:
+        """Send the changes made since the last flush to the changelog; return how many."""
+        pending, self._pending = self._pending, []
+        send = self._table.send_changelog
+        for partition, key, value in pending:
+            send(partition, key, value, value_serializer="raw")
+        return len(pending)
 
     def get(self, key: str) -> bytes | None:
         """The value, or ``None``."""
@@ -49,14 +63,14 @@ class TableState:
         store[key] = value
         # The memory store uses this to drop keys of partitions assigned elsewhere.
         store._key_partition[key] = partition
-        self._table.send_changelog(partition, key, value, value_serializer="raw")
+        self._pending.append((partition, key, value))
 
     def delete(self, partition: int, key: str) -> None:
         """Remove and send a tombstone to ``partition`` of the changelog."""
         store = self._table.data
         store.data.pop(key, None)
         store._key_partition.pop(key, None)
-        self._table.send_changelog(partition, key, None, value_serializer="raw")
+        self._pending.append((partition, key, None))
 
     def items(self) -> Iterator[tuple[str, bytes]]:
         """Every key and value held by this worker."""
@@ -136,11 +150,15 @@ def build_app(
     bootstrap = ",".join(
         f"kafka://{h.strip()}" for h in settings.kafka.bootstrap_servers.split(",")
     )
+    # faust creates only the last level of its datadir when it starts.
+    (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = faust.App(
         p.app_id,
         broker=bootstrap,
         broker_credentials=broker_credentials(settings),
         store="memory://",
+        # faust's own folder (table metadata); by default it lands in the current directory.
+        datadir=str(settings.state_dir / "faust"),
         topic_partitions=t.partitions,
         topic_replication_factor=t.replication_factor,
         key_serializer="raw",
@@ -175,14 +193,15 @@ def build_app(
         return app.Table(name, partitions=t.partitions, key_type=str, value_type=bytes)
 
     seen_t, windows_t, marks_t = table("seen"), table("windows"), table("marks")
+    seen_s, windows_s, marks_s = TableState(seen_t), TableState(windows_t), TableState(marks_t)
     # One value per user: orjson of UserCapState.to_dict() (see stream_processors._enforce).
     caps_t = table("caps")
     processor = UsageProcessor(
         catalog,
         subscriptions,
-        seen=TableState(seen_t),
-        windows=TableState(windows_t),
-        marks=TableState(marks_t),
+        seen=seen_s,
+        windows=windows_s,
+        marks=marks_s,
         window_s=p.window_s,
         grace_s=p.grace_s,
         dedupe_horizon_s=p.dedupe_horizon_s,
@@ -191,7 +210,7 @@ def build_app(
     caps = CapStage(
         CapEngine(plans, grace_s=p.grace_s),
         subscriptions,
-        TableState(caps_t),
+        caps_s := TableState(caps_t),
         events_topic=t.events,
     )
     stats = WorkerStats()
@@ -240,6 +259,19 @@ def build_app(
             ):
                 for key, value in messages:
                     out_topic.send_soon(key=key.encode(), value=value, partition=cap_partition[key])
+            # Durability order, so that a crash anywhere before the offset commit replays
+            # into exactly-once state (each state also records the last offset it applied):
+            # 1. outputs acked; 2. then the states that say they were produced; 3. then the
+            # watermarks, whose advance would otherwise change how a replay classifies lateness.
+            # (Under agent.test_context() no producer runs: nothing to wait for.)
+            producing = app.producer.buffer.state == "running"
+            if producing:
+                await app.producer.flush()
+            for state in (seen_s, windows_s, caps_s):
+                state.flush_changelog()
+            if producing:
+                await app.producer.flush()
+            marks_s.flush_changelog()
             stats.batches += 1
             stats.counters.update(result.counters)
             stats.counters.update(capped.counters)

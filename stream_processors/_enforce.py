@@ -128,7 +128,7 @@ class CapStage:
         # restoring a state costs more than applying a batch to it; the cached object is used
         # only while the table still holds the very bytes object written with it (an identity
         # test), so a value restored from the changelog after a rebalance is always decoded.
-        self._cache: dict[str, tuple[bytes, UserCapState]] = {}
+        self._cache: dict[str, tuple[bytes, UserCapState, int]] = {}
 
     def reset_caches(self) -> None:
         """Forget decoded states (after a rebalance; correctness does not depend on it)."""
@@ -161,13 +161,22 @@ class CapStage:
             # The batch is in partition order, so the user's last record names the partition
             # their state and outputs belong to (all of a user's events share one anyway).
             partition = recs[-1].partition
-            state = self._load(user_id, sub, counters)
+            state, applied = self._load(user_id, sub, counters)
+            # Offsets the stored state already applied come again only after a crash before
+            # the offset commit: their effects were published before the state was written.
+            fresh = [r for r in recs if r.offset > applied]
+            if len(fresh) < len(recs):
+                counters["caps_replayed"] += len(recs) - len(fresh)
+                recs = fresh
+                if not recs:
+                    continue
             effects = self.engine.apply_batch(state, sub, [cap_event(r) for r in recs], now)
-            raw = orjson.dumps(state.to_dict())
+            last = recs[-1].offset
+            raw = orjson.dumps({"o": last, "s": state.to_dict()})
             self.state.put(partition, user_id, raw)
             if len(self._cache) >= self.max_cached:
                 self._cache.clear()  # crude but bounded; rebuilt from the table on demand
-            self._cache[user_id] = (raw, state)
+            self._cache[user_id] = (raw, state, last)
             counters["caps_users"] += 1
             counters["caps_applied"] += len(recs)
             out.partitions[user_id] = partition
@@ -175,23 +184,26 @@ class CapStage:
         return out
 
     # -- internals ----------------------------------------------------------------------------
-    def _load(self, user_id: str, sub: Subscription, counters: Counter[str]) -> UserCapState:
+    def _load(
+        self, user_id: str, sub: Subscription, counters: Counter[str]
+    ) -> tuple[UserCapState, int]:
+        """The user's state and the last source offset it applied (-1: none)."""
         raw = self.state.get(user_id)
         # Popped, not read: if applying the batch failed half-way, a stale object must not stay.
         cached = self._cache.pop(user_id, None)
         if raw is None:
-            return self.engine.new_state(user_id, sub.org_id)
+            return self.engine.new_state(user_id, sub.org_id), -1
         if cached is not None and cached[0] is raw:
-            return cached[1]
+            return cached[1], cached[2]
         try:
             obj: Any = orjson.loads(raw)
-            return self.engine.restore(obj)
+            return self.engine.restore(obj["s"]), int(obj["o"])
         except (ValueError, KeyError, TypeError) as exc:
             # A value this code cannot read (corrupt, or a future format): starting afresh may
             # fire alerts again (consumers dedupe on alert_id); crashing would stop every user.
             counters["caps_bad_state"] += 1
             log.error("unreadable cap state of %r, starting afresh: %s", user_id, exc)
-            return self.engine.new_state(user_id, sub.org_id)
+            return self.engine.new_state(user_id, sub.org_id), -1
 
     def _encode(
         self,

@@ -57,6 +57,7 @@ class PricedRecord:
     plan_id: str
     partition: int
     late: bool
+    offset: int
 
 
 @dataclass(slots=True)
@@ -107,6 +108,12 @@ def iso_utc(when: datetime) -> str:
     return f"{stamp}.{us:06d}Z" if us else f"{stamp}Z"
 
 
+def _same_message(seen_value: bytes, record: InRecord) -> bool:
+    """Whether a ``seen`` entry (``partition:hour:offset:late``) was written for this message."""
+    partition, _, offset, _ = seen_value.split(b":")
+    return int(partition) == record.partition and int(offset) == record.offset
+
+
 def late_segment(event_id: str) -> int:
     """Stable non-zero 63-bit segment id for a beyond-grace late event."""
     digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
@@ -135,6 +142,7 @@ class _WindowAgg:
         "cached",
         "cost",
         "inp",
+        "last_offset",
         "list_value",
         "org_id",
         "out",
@@ -150,6 +158,7 @@ class _WindowAgg:
         self.plan_id = plan_id
         self.requests = self.inp = self.cached = self.written = 0
         self.out = self.reasoning = self.semantic = self.cost = self.list_value = 0
+        self.last_offset = -1
 
     def add(self, event: UsageEvent, quote: Quote) -> None:
         self.requests += 1
@@ -168,7 +177,7 @@ class _WindowAgg:
             return 0
         st = orjson.loads(raw)
         # [partition, org, plan, requests, in, cached, written, out, reasoning, semantic,
-        #  cost, list_value, version]; money as strings: it exceeds 64-bit integers.
+        #  cost, list_value, version, last_offset]; money as strings: it exceeds 64 bits.
         self.requests += st[3]
         self.inp += st[4]
         self.cached += st[5]
@@ -196,6 +205,7 @@ class _WindowAgg:
                 str(self.cost),
                 str(self.list_value),
                 version,
+                self.last_offset,
             ]
         )
 
@@ -289,6 +299,7 @@ class UsageProcessor:
         aggs: dict[tuple[str, str, int], _WindowAgg] = {}
         agg_partition: dict[tuple[str, str, int], int] = {}
         batch_ids: set[str] = set()
+        applied_up_to: dict[tuple[str, str, int], int] = {}
         moved: dict[int, int] = {}
         window_us, grace_us = self.window_us, self.grace_us
         open_windows, seen_by_hour = self._index()
@@ -302,7 +313,8 @@ class UsageProcessor:
                 result.dead.append((rec.key, dead_letter(rec, str(exc), "validate", now)))
                 continue
             event_id = event.event_id
-            if event_id in batch_ids or self.seen.get(event_id) is not None:
+            prior = self.seen.get(event_id)
+            if event_id in batch_ids or (prior is not None and not _same_message(prior, rec)):
                 counters["duplicates"] += 1
                 continue
             t_us = to_micros(event.occurred_at)
@@ -320,12 +332,22 @@ class UsageProcessor:
                 result.dead.append((rec.key, dead_letter(rec, reason, "dedupe", now)))
                 continue
             batch_ids.add(event_id)
-            hour = t_us // _HOUR_US
-            self.seen.put(rec.partition, event_id, b"%d:%d" % (rec.partition, hour))
-            seen_by_hour.setdefault(rec.partition, {}).setdefault(hour, []).append(event_id)
-
             start_us = t_us - t_us % window_us
-            late = start_us + window_us + grace_us <= mark
+            if prior is None:
+                late = start_us + window_us + grace_us <= mark
+                hour = t_us // _HOUR_US
+                self.seen.put(
+                    rec.partition,
+                    event_id,
+                    b"%d:%d:%d:%d" % (rec.partition, hour, rec.offset, late),
+                )
+                seen_by_hour.setdefault(rec.partition, {}).setdefault(hour, []).append(event_id)
+            else:
+                # The same message again: the worker died before committing its offset. The
+                # watermark may have moved on since, so the lateness decided the first time is
+                # kept; each state below knows the last offset it applied: nothing counts twice.
+                counters["replayed"] += 1
+                late = prior.endswith(b":1")
             plan_id = self._plan_of(event)
             if plan_id == NO_PLAN:
                 counters["no_subscription"] += 1
@@ -336,7 +358,9 @@ class UsageProcessor:
             result.priced.append(
                 (event.user_id, self._priced(event, quote, plan_id, late, start_us, now_iso))
             )
-            result.accepted.append(PricedRecord(event, quote, plan_id, rec.partition, late))
+            result.accepted.append(
+                PricedRecord(event, quote, plan_id, rec.partition, late, rec.offset)
+            )
             counters["priced"] += 1
 
             if late:
@@ -349,11 +373,18 @@ class UsageProcessor:
                 result.rollups.append((event.user_id, orjson.dumps(roll)))
             else:
                 key = (event.user_id, model, start_us)
-                agg = aggs.get(key)
-                if agg is None:
-                    agg = aggs[key] = _WindowAgg(event.org_id, plan_id)
-                    agg_partition[key] = rec.partition
-                agg.add(event, quote)
+                done = applied_up_to.get(key)
+                if done is None:
+                    done = applied_up_to[key] = self._window_offset(key)
+                if rec.offset <= done:
+                    counters["replayed_in_window"] += 1
+                else:
+                    agg = aggs.get(key)
+                    if agg is None:
+                        agg = aggs[key] = _WindowAgg(event.org_id, plan_id)
+                        agg_partition[key] = rec.partition
+                    agg.add(event, quote)
+                    agg.last_offset = rec.offset
             if t_us > mark:
                 moved[rec.partition] = t_us
 
@@ -389,7 +420,7 @@ class UsageProcessor:
                 start_us = orjson.loads(skey)[2]
                 self._open.setdefault(partition, {}).setdefault(start_us, set()).add(skey)
             for event_id, raw in self.seen.items():
-                partition, hour = (int(x) for x in raw.split(b":"))
+                partition, hour = (int(x) for x in raw.split(b":")[:2])
                 self._seen_by_hour.setdefault(partition, {}).setdefault(hour, []).append(event_id)
         return self._open, self._seen_by_hour
 
@@ -411,6 +442,11 @@ class UsageProcessor:
                 self.seen.delete(partition, event_id)
                 evicted_ids += 1
         return evicted_windows, evicted_ids
+
+    def _window_offset(self, key: tuple[str, str, int]) -> int:
+        """The last source offset the stored window state has applied (-1: none)."""
+        raw = self.windows.get(orjson.dumps(key).decode())
+        return int(orjson.loads(raw)[13]) if raw is not None else -1
 
     def _plan_of(self, event: UsageEvent) -> str:
         sub = self._subscriptions(event.user_id)

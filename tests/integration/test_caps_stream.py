@@ -178,17 +178,7 @@ def committed_events(settings: Settings) -> int:
     "after_commit",
     [
         pytest.param(True, id="kill-after-offsets-committed"),
-        pytest.param(
-            False,
-            id="kill-right-after-alert",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="KNOWN BUG: when SIGKILL lands before the offset commit, the replayed "
-                "events are sometimes counted twice by the caps (their dedupe entries were not "
-                "restored while the caps state was): needs transactional (exactly-once) "
-                "processing or caps-level dedupe",
-            ),
-        ),
+        pytest.param(False, id="kill-right-after-alert"),
     ],
 )
 def test_alerts_once_across_a_worker_crash_and_the_guard_sees_blocked(

@@ -111,7 +111,7 @@ def rec(user: str, cost: str, *, plan: str | None = None, partition: int = 0, s:
     if plan is None:
         found = SUBS.get(user)
         plan = found.plans[0].plan_id if found else ""
-    return PricedRecord(event, quote, plan, partition, False)
+    return PricedRecord(event, quote, plan, partition, False, i)
 
 
 def stage(state: DictState | None = None) -> CapStage:
@@ -196,7 +196,9 @@ def test_one_read_and_one_write_per_user_per_batch_on_its_partition() -> None:
     assert out.partitions == {"u-cap": 2, "u-light": 1}
     assert out.counters["caps_users"] == 2 and out.counters["caps_applied"] == 8
     # The stored value is the engine's own serialization, restorable as is.
-    restored = CapEngine(PLANS).restore(orjson.loads(state.data["u-cap"]))
+    stored = orjson.loads(state.data["u-cap"])
+    restored = CapEngine(PLANS).restore(stored["s"])
+    assert stored["o"] == batch[4].offset  # the last source offset applied
     assert restored.user_id == "u-cap" and restored.org_id == "org"
 
 
@@ -238,7 +240,7 @@ def test_overage_and_credit_draws_share_the_overages_topic() -> None:
     # Give the user 0.11 USD of prepaid credit first (the engine's top-up, stored the same way).
     user_state = engine.new_state("u-over", "org")
     engine.top_up(user_state, SUBS["u-over"], "gift", Decimal("0.11"), NOW)
-    state.put(0, "u-over", orjson.dumps(user_state.to_dict()))
+    state.put(0, "u-over", orjson.dumps({"o": -1, "s": user_state.to_dict()}))
 
     out = st.process([rec("u-over", "0.90"), rec("u-over", "0.30")], NOW)
     records = [orjson.loads(v) for _, v in out.overages]
@@ -277,6 +279,18 @@ def test_a_state_replaced_in_the_table_is_decoded_not_taken_from_the_cache() -> 
     st.process([rec("u-cap", "0.60")], NOW)  # 50 % fired, cached
     # Another worker (or a changelog restore) put an older value: an empty state.
     fresh = st.engine.new_state("u-cap", "org")
-    state.data["u-cap"] = orjson.dumps(fresh.to_dict())
+    state.data["u-cap"] = orjson.dumps({"o": -1, "s": fresh.to_dict()})
     out = st.process([rec("u-cap", "0.60")], NOW)
     assert alerts([out]) == [("u-cap", 50)]  # decoded from the table, not the cached object
+
+
+def test_a_replayed_batch_after_a_crash_applies_only_what_the_state_lacks() -> None:
+    state = DictState()
+    first = [rec("u-cap", "0.30") for _ in range(3)]  # 0.90: 50 % and 80 % fire
+    out = stage(state).process(first, NOW)
+    assert alerts([out]) == [("u-cap", 50), ("u-cap", 80)]
+    # The worker died before committing its offsets: a new stage over the restored table gets
+    # the same messages again, then one more event.
+    replay = stage(state).process([*first, rec("u-cap", "0.30")], NOW)
+    assert replay.counters["caps_replayed"] == 3
+    assert alerts([replay]) == [("u-cap", 100)]  # 1.20 in all: no refire, no double count
