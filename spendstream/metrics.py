@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -371,7 +372,9 @@ class LagProbe:
     """A daemon thread that reads a consumer group's lag every ``interval_s`` seconds.
 
     Uses its own short-lived consumer (:func:`spendstream.lag.group_lag`), so the consuming
-    client is never called from another thread. ``last`` and ``error`` feed health checks.
+    client is never called from another thread. :meth:`ok` feeds health checks: one failed
+    probe (a coordinator moving, a broker restarting) is not yet unhealthy; failing for longer
+    than ``tolerance_s`` is.
     """
 
     def __init__(
@@ -381,14 +384,17 @@ class LagProbe:
         topics: Iterable[str],
         *,
         interval_s: float = 15.0,
+        tolerance_s: float | None = None,
     ) -> None:
         """Start probing at once."""
         self.conf = dict(conf)
         self.group = group
         self.topics = list(topics)
         self.interval_s = interval_s
+        self.tolerance_s = 2 * interval_s + 10 if tolerance_s is None else tolerance_s
         self.total: int | None = None
         self.error: str | None = None
+        self._good_at = time.monotonic()  # start counts as good: give the group time to form
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spendstream-lag", daemon=True)
         self._thread.start()
@@ -400,12 +406,17 @@ class LagProbe:
         lag = group_lag(self.conf, self.group, self.topics, timeout_s=min(self.interval_s, 10))
         return set_lag(self.group, lag)
 
+    def ok(self) -> bool:
+        """False once probes have failed for longer than ``tolerance_s``."""
+        return self.error is None or time.monotonic() - self._good_at < self.tolerance_s
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self.total = self.probe()
                 self.error = None
-            except Exception as exc:  # the broker is away: unhealthy, not dead
+                self._good_at = time.monotonic()
+            except Exception as exc:  # the broker is away: unhealthy in a while, not dead
                 self.error = str(exc)
             self._stop.wait(self.interval_s)
 

@@ -80,7 +80,7 @@ def _serve_worker_metrics(
         }
         if probe.error is not None:
             details["kafka_error"] = probe.error
-        return {"ok": probe.error is None, "details": details}
+        return {"ok": probe.ok(), "details": details}
 
     server = metrics.serve(port, health)
     return [server.close, probe.close]

@@ -45,8 +45,9 @@ def _serve_sink_metrics(settings: Any, runner: Any) -> list[Callable[[], None]]:
         report = runner.health()
         report["details"]["lag"] = probe.total
         if probe.error is not None:
-            report["ok"] = False
             report["details"]["kafka_error"] = probe.error
+        if not probe.ok():
+            report["ok"] = False
         return dict(report)
 
     server = metrics.serve(port, health)

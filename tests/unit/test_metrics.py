@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -175,3 +176,30 @@ def test_health_response_without_details_key() -> None:
         {"ok": True, "details": {"lag": 0}},
     )
     assert metrics.health_response(lambda: {})[0] == 503  # no "ok": not healthy
+
+
+class _FlakyProbe(metrics.LagProbe):
+    """A probe whose reads fail while ``failing`` is set (no broker involved)."""
+
+    failing = True
+
+    def probe(self) -> int:
+        if self.failing:
+            raise RuntimeError("coordinator moving")
+        return metrics.set_lag(self.group, {("t", 0): 4})
+
+
+def test_lag_probe_tolerates_a_transient_failure_then_turns_unhealthy() -> None:
+    probe = _FlakyProbe({}, "g-probe", ["t"], interval_s=0.05, tolerance_s=0.5)
+    try:
+        time.sleep(0.2)
+        assert probe.error == "coordinator moving" and probe.ok(), "tolerated at first"
+        time.sleep(0.6)
+        assert not probe.ok(), "failing for longer than the tolerance"
+        probe.failing = False
+        time.sleep(0.3)
+        assert probe.ok() and probe.error is None and probe.total == 4
+        labels = {"group": "g-probe", "topic": "t", "partition": "0"}
+        assert metrics.value("spendstream_consumer_lag", labels) == 4
+    finally:
+        probe.close()
