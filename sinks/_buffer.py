@@ -639,3 +639,43 @@ def dedup_token(table: str, ranges: Mapping[tuple[str, int], Sequence[int]]) -> 
     ]
     digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:40]
     return f"{table}-{digest}"
+
+
+def decode_subscription(value: bytes) -> dict[str, Any]:
+    """A :class:`~schemas.Subscription` as one ``subscriptions`` row: the plan schedule as
+    parallel arrays (``plan_ids``, ``effective_ats``), flattened to periods by a view."""
+    from pydantic import ValidationError
+
+    from schemas import Subscription
+
+    try:
+        sub = Subscription.model_validate_json(value)
+    except ValidationError as exc:
+        raise RecordError(f"not a subscription: {exc.errors(include_url=False)[:3]}") from exc
+    return {
+        "user_id": sub.user_id,
+        "org_id": sub.org_id,
+        "timezone": sub.timezone,
+        "billing_anchor": sub.billing_anchor.astimezone(UTC).isoformat(),
+        "plan_ids": [p.plan_id for p in sub.plans],
+        # list<timestamp> is built from datetimes (Column.build parses text only at top level)
+        "effective_ats": [p.effective_at.astimezone(UTC) for p in sub.plans],
+        # version of the ReplacingMergeTree: records are decoded in offset order
+        "received_at": datetime.now(UTC).isoformat(),
+    }
+
+
+SUBSCRIPTIONS = TableSpec(
+    table="subscriptions",
+    columns=(
+        Column("user_id", pa.string()),
+        Column("org_id", pa.string()),
+        Column("timezone", pa.string()),
+        Column("billing_anchor", TIMESTAMP),
+        Column("plan_ids", pa.list_(pa.string())),
+        Column("effective_ats", pa.list_(TIMESTAMP)),
+        Column("received_at", TIMESTAMP),
+    ),
+    decode=decode_subscription,
+)
+SINK_TABLES["subscriptions"] = SUBSCRIPTIONS
