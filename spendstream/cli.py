@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "bench",
     "traffic",
     "store",
+    "report",
 )
 
 app = typer.Typer(
