@@ -95,13 +95,38 @@ def pure_rate(settings: Settings, payloads: list[tuple[str, bytes]], subs: list[
     return len(records) / (time.perf_counter() - start)
 
 
+def _topic_size(conf: dict[str, Any], topic: str) -> int:
+    """Messages written to ``topic`` so far (sum of its partitions' high watermarks)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({**conf, "group.id": "bench-size-probe"})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
+            for p in meta.partitions
+        )
+    finally:
+        consumer.close()
+
+
+def _wait_committed(conf: dict[str, Any], s: Settings, t0: float) -> float:
+    """Seconds from ``t0`` until the worker committed every input offset."""
+    from spendstream.lag import group_lag
+
+    while sum(group_lag(conf, s.processor.app_id, [s.topics.events]).values()):
+        if time.monotonic() - t0 > 900:
+            raise TimeoutError("the worker did not commit within 15 minutes")
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
 def run_worker_bench(
     settings: Settings, events: int = 100_000, users: int = 2_000
 ) -> dict[str, Any]:
     """Measure one worker on the broker ``settings`` point at; return the figures."""
     from producers import UsageProducer, publish_subscriptions
     from spendstream.kafka_admin import delete_topics, ensure_topics
-    from spendstream.lag import group_lag
     from spendstream.runner import WorkerProcess
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
@@ -117,31 +142,30 @@ def run_worker_bench(
             for key, value in payloads:
                 producer.send_raw(key.encode(), value)
         worker = WorkerProcess(s, workdir / "worker.log")
+        # Progress is read on the output side (priced events written) rather than from
+        # committed offsets, which move only every commit interval.
         samples: list[tuple[float, int]] = []
         t0 = time.monotonic()
         try:
             while True:
                 worker.check_alive()
-                remaining = sum(group_lag(conf, s.processor.app_id, [s.topics.events]).values())
+                done = _topic_size(conf, s.topics.priced)
                 now = time.monotonic()
-                samples.append((now, remaining))
-                if remaining == 0:
+                samples.append((now, done))
+                if done >= len(payloads):
                     break
                 if now - t0 > 900:
                     raise TimeoutError("the worker did not finish within 15 minutes")
-                time.sleep(0.25)
+                time.sleep(0.1)
+            lag_zero = _wait_committed(conf, s, t0)
         finally:
             worker.stop()
-        # From the first sample that shows a commit to the one that shows none left: what
-        # was still uncommitted at the first, divided by the time between them. Start-up, group
-        # join and the first batch before its commit are not counted.
-        started = next((t, r) for t, r in samples if r < len(payloads))
-        done_t = samples[-1][0]
-        rate = started[1] / max(done_t - started[0], 1e-9)
+        first = next((t, n) for t, n in samples if n > 0)
+        rate = (samples[-1][1] - first[1]) / max(samples[-1][0] - first[0], 1e-9)
         steps = [
-            (r0 - r1) / (t1 - t0_)
-            for (t0_, r0), (t1, r1) in itertools.pairwise(samples)
-            if r1 < r0 and t1 > t0_
+            (n1 - n0) / (t1 - t0_)
+            for (t0_, n0), (t1, n1) in itertools.pairwise(samples)
+            if n1 > n0 and t1 > t0_
         ]
         return {
             "events": len(payloads),
@@ -149,7 +173,8 @@ def run_worker_bench(
             "worker_events_per_s": rate,
             "worker_median_step_events_per_s": statistics.median(steps) if steps else rate,
             "pure_events_per_s": pure,
-            "startup_s": started[0] - t0,
+            "startup_s": first[0] - t0,
+            "all_committed_s": lag_zero,
             "batch_size": s.processor.batch_size,
             "partitions": s.topics.partitions,
         }

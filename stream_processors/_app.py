@@ -9,7 +9,9 @@ to end whatever hash function a producer used.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import ssl
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import faust
+import orjson
 from faust.types.auth import SASLMechanism
 
 from producers._view import CompactedTopicView
@@ -32,30 +35,121 @@ from stream_processors.plans import SAMPLE_PLANS, PlanCatalog, load_plans
 log = logging.getLogger(__name__)
 
 
+class OutputProducer:
+    """The worker's outputs and changelog writes through librdkafka (confluent-kafka).
+
+    faust's own producer moves every message through a Python future, a buffer task and
+    aiokafka's accumulator; at several messages per event that was most of a worker's time.
+    Here a message is one ``produce()`` call into librdkafka, and :meth:`flush` waits (in a
+    thread, off the event loop) until the broker acknowledged everything. A message that
+    cannot be delivered stops the process without committing: the replay after a restart is
+    exact by design, a commit past a lost message would not be.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        from confluent_kafka import Producer
+
+        self._producer = Producer(
+            {
+                **settings.kafka.confluent_config(),
+                "client.id": f"{settings.kafka.client_id}-worker",
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "batch.size": 1_000_000,
+                "compression.type": "lz4",
+                "queue.buffering.max.messages": 1_000_000,
+            }
+        )
+        self._failures: list[str] = []
+
+    def produce(self, topic: str, key: bytes | None, value: bytes | None, partition: int) -> None:
+        """Queue one message for ``partition`` of ``topic``."""
+        while True:
+            try:
+                self._producer.produce(
+                    topic, value, key, partition=partition, on_delivery=self._delivered
+                )
+                return
+            except BufferError:
+                self._producer.poll(0.05)  # local queue full: let deliveries drain
+
+    def _delivered(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._failures.append(f"{msg.topic()}[{msg.partition()}]: {err}")
+
+    async def flush(self) -> None:
+        """Wait until every queued message is acknowledged; exit the process if one failed."""
+        loop = asyncio.get_running_loop()
+        left = await loop.run_in_executor(None, self._producer.flush, 120.0)
+        if left or self._failures:
+            log.critical(
+                "could not deliver %d message(s) (%s); stopping without committing offsets",
+                left,
+                "; ".join(self._failures[:5]),
+            )
+            os._exit(70)
+
+    def close(self) -> None:
+        """Deliver what is queued (on a clean stop)."""
+        self._producer.flush(30.0)
+
+
+class _FaustSends:
+    """``produce()`` through faust's own producer (used where no librdkafka producer runs)."""
+
+    def __init__(self, app: faust.App) -> None:
+        self._app = app
+
+    def produce(self, topic: str, key: bytes | None, value: bytes | None, partition: int) -> None:
+        """Queue one message through faust."""
+        self._app.topic(topic, key_serializer="raw", value_serializer="raw").send_soon(
+            key=key, value=value, partition=partition
+        )
+
+
 class TableState:
     """:class:`~stream_processors.PartitionedState` over a faust Table, partition explicit.
 
-    The in-memory value changes at once; the changelog message waits for
+    The in-memory value changes at once; the changelog message is written by
     :meth:`flush_changelog`, so the agent decides the order in which a batch's state and
-    outputs become durable (see the agent in :func:`build_app`).
+    outputs become durable (see the agent in :func:`build_app`). Keys are encoded as faust's
+    ``json`` key serializer does and values raw, so faust restores the table from the changelog
+    as if it had written it.
     """
 
     def __init__(self, table: Any) -> None:
         self._table = table
+        self._store: dict[str, bytes] = table.data.data  # the memory store's dict: fast reads
         self._pending: list[tuple[int, str, bytes | None]] = []
+        self._held: list[tuple[int, str, bytes | None]] = []
 
-    def flush_changelog(self) -> int:
-        """Send the changes made since the last flush to the changelog; return how many."""
-        pending, self._pending = self._pending, []
-        send = self._table.send_changelog
-        for partition, key, value in pending:
-            send(partition, key, value, value_serializer="raw")
+    def hold(self) -> None:
+        """Keep the pending changes for the next ``flush_changelog(previous=True)``."""
+        self._held.extend(self._pending)
+        self._pending = []
+
+    def flush_changelog(self, out: OutputProducer | None, *, previous: bool = False) -> int:
+        """Write pending changes (with ``previous``: the held ones) to the changelog.
+
+        Without an :class:`OutputProducer` (under ``agent.test_context()``) faust's sends it.
+        """
+        if previous:
+            pending, self._held = self._held, []
+        else:
+            pending, self._pending = self._pending, []
+        if out is None:
+            for partition, key, value in pending:
+                self._table.send_changelog(partition, key, value, value_serializer="raw")
+        else:
+            topic = self._table.changelog_topic.get_topic_name()
+            for partition, key, value in pending:
+                out.produce(topic, orjson.dumps(key), value, partition)
         return len(pending)
 
     def get(self, key: str) -> bytes | None:
         """The value, or ``None``."""
-        value = self._table.data.get(key)
-        return value if value is not None else None
+        return self._store.get(key)
 
     def put(self, partition: int, key: str, value: bytes) -> None:
         """Set and send the change to ``partition`` of the changelog."""
@@ -216,18 +310,35 @@ def build_app(
     stats = WorkerStats()
 
     events = app.topic(t.events, key_serializer="raw", value_serializer="raw")
-    priced = app.topic(t.priced, key_serializer="raw", value_serializer="raw")
-    rollups = app.topic(t.rollups, key_serializer="raw", value_serializer="raw")
-    dlq = app.topic(t.dlq, key_serializer="raw", value_serializer="raw")
-    alerts = app.topic(t.alerts, key_serializer="raw", value_serializer="raw")
-    enforcement = app.topic(t.enforcement, key_serializer="raw", value_serializer="raw")
-    overages = app.topic(t.overages, key_serializer="raw", value_serializer="raw")
 
     @app.agent(events, name="price-and-rollup")
     async def price_and_rollup(stream: Any) -> None:
-        # faust's default pending-send buffer (100 messages) throttles every batch; ours emits
-        # a batch's outputs at once and flushes before each commit anyway.
-        app.producer.buffer.max_messages = 20 * p.batch_size
+        # A running worker publishes through librdkafka; under agent.test_context() no
+        # producer runs and faust's in-process sends stand in.
+        running = app.producer.buffer.state == "running"
+        output = OutputProducer(settings) if running else None
+        sink: OutputProducer | _FaustSends = output or _FaustSends(app)
+        if output is not None:
+            faust_flush = app.producer.flush
+
+            async def flush_both() -> None:
+                # faust awaits this before every offset commit: ours must be durable too,
+                # first the queued states, then (on the next flush) the held watermarks.
+                await faust_flush()
+                await output.flush()
+                marks_s.flush_changelog(output, previous=True)
+                await output.flush()
+
+            app.producer.flush = flush_both  # type: ignore[method-assign]
+        try:
+            await _process_batches(stream, sink, output)
+        finally:
+            if output is not None:
+                output.close()
+
+    async def _process_batches(
+        stream: Any, sink: OutputProducer | _FaustSends, output: OutputProducer | None
+    ) -> None:
         async for batch in stream.take_events(p.batch_size, within=p.batch_within_s):
             records = [
                 InRecord(
@@ -241,37 +352,36 @@ def build_app(
             ]
             result = processor.process(records)
             partition_of = {r.event.user_id: r.partition for r in result.accepted}
-            for key, value in result.priced:
-                priced.send_soon(key=key.encode(), value=value, partition=partition_of[key])
-            for key, value in result.rollups:
-                rollups.send_soon(key=key.encode(), value=value, partition=partition_of[key])
-            for rec_key, value in result.dead:
-                dlq.send_soon(key=rec_key, value=value)
             # Caps after pricing, in the same batch: the processor already deduplicated, so
             # each event counts once toward the user's windows.
             capped = caps.process(result.accepted, datetime.now(UTC))
             cap_partition = capped.partitions
-            for out_topic, messages in (
-                (alerts, capped.alerts),
-                (enforcement, capped.enforcement),
-                (overages, capped.overages),
-                (dlq, capped.dead),
+            for topic_name, messages, where in (
+                (t.priced, result.priced, partition_of),
+                (t.rollups, result.rollups, partition_of),
+                (t.alerts, capped.alerts, cap_partition),
+                (t.enforcement, capped.enforcement, cap_partition),
+                (t.overages, capped.overages, cap_partition),
+                (t.dlq, capped.dead, cap_partition),
             ):
                 for key, value in messages:
-                    out_topic.send_soon(key=key.encode(), value=value, partition=cap_partition[key])
+                    sink.produce(topic_name, key.encode(), value, where[key])
+            for rec_key, value, partition in result.dead:
+                sink.produce(t.dlq, rec_key, value, partition)
             # Durability order, so that a crash anywhere before the offset commit replays
             # into exactly-once state (each state also records the last offset it applied):
-            # 1. outputs acked; 2. then the states that say they were produced; 3. then the
-            # watermarks, whose advance would otherwise change how a replay classifies lateness.
-            # (Under agent.test_context() no producer runs: nothing to wait for.)
-            producing = app.producer.buffer.state == "running"
-            if producing:
-                await app.producer.flush()
+            # outputs are acked before the states that say they were produced are written,
+            # and states before the watermarks, whose advance would otherwise change how a
+            # replay classifies lateness. The flush here makes this batch's outputs and the
+            # previous batch's states durable; then the previous batch's watermarks and this
+            # batch's states are queued. Before committing offsets faust flushes its producer,
+            # which flushes ours too (see below), so no offset is committed ahead of state.
+            if output is not None:
+                await output.flush()
+            marks_s.flush_changelog(output, previous=True)
             for state in (seen_s, windows_s, caps_s):
-                state.flush_changelog()
-            if producing:
-                await app.producer.flush()
-            marks_s.flush_changelog()
+                state.flush_changelog(output)
+            marks_s.hold()
             stats.batches += 1
             stats.counters.update(result.counters)
             stats.counters.update(capped.counters)

@@ -66,7 +66,8 @@ class BatchResult:
 
     priced: list[tuple[str, bytes]] = field(default_factory=list)
     rollups: list[tuple[str, bytes]] = field(default_factory=list)
-    dead: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    dead: list[tuple[bytes | None, bytes, int]] = field(default_factory=list)
+    """(key, dead letter, source partition)."""
     accepted: list[PricedRecord] = field(default_factory=list)
     counters: Counter[str] = field(default_factory=Counter)
 
@@ -310,7 +311,9 @@ class UsageProcessor:
                 event = decode_event(rec.value)
             except InvalidEventError as exc:
                 counters["dead_letters"] += 1
-                result.dead.append((rec.key, dead_letter(rec, str(exc), "validate", now)))
+                result.dead.append(
+                    (rec.key, dead_letter(rec, str(exc), "validate", now), rec.partition)
+                )
                 continue
             event_id = event.event_id
             prior = self.seen.get(event_id)
@@ -329,7 +332,9 @@ class UsageProcessor:
                     f"({self.horizon_us // _US} s behind the partition's event time): "
                     "it cannot be checked for duplicates"
                 )
-                result.dead.append((rec.key, dead_letter(rec, reason, "dedupe", now)))
+                result.dead.append(
+                    (rec.key, dead_letter(rec, reason, "dedupe", now), rec.partition)
+                )
                 continue
             batch_ids.add(event_id)
             start_us = t_us - t_us % window_us

@@ -63,7 +63,7 @@ def test_agent_prices_dedupes_and_dead_letters_in_batches() -> None:
     values = [event(i) for i in range(6)] + [event(2), b"{broken", event(7, input_tokens=-5)]
     results = run_through_agent(values)
     priced = [orjson.loads(v) for r in results for _, v in r.priced]
-    dead = [orjson.loads(v) for r in results for _, v in r.dead]
+    dead = [orjson.loads(v) for r in results for _, v, _ in r.dead]
     assert [p["event_id"] for p in priced] == [f"e{i}" for i in range(6)]
     assert {p["plan_id"] for p in priced} == {"team"}
     # 800 * 2.5e-6 + 200 * 1.25e-6 + 50 * 1e-5 (gpt-4o in the vendored LiteLLM map)

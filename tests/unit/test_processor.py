@@ -75,7 +75,7 @@ def test_invalid_messages_become_dead_letters_with_reason_and_source() -> None:
     bad = [b"not json", orjson.dumps({"event_id": "x"}), orjson.dumps(ev(1, T0, input_tokens=-1))]
     r = p.process([rec(b) for b in bad])
     assert len(r.dead) == 3 and not r.priced
-    letters = [orjson.loads(v) for _, v in r.dead]
+    letters = [orjson.loads(v) for _, v, _ in r.dead]
     assert base64.b64decode(letters[0]["payload_b64"]) == b"not json"
     assert "not JSON" in letters[0]["reason"]
     assert "occurred_at" in letters[1]["reason"]
