@@ -163,9 +163,6 @@ def render(report: PnlReport, console: Console) -> None:
             [
                 "tier",
                 "subscribers",
-                "subscription",
-                "overage",
-                "credits",
                 "revenue",
                 "inference cost",
                 "gross margin",
@@ -180,9 +177,6 @@ def render(report: PnlReport, console: Console) -> None:
                 [
                     r["tier"] or "(no plan)",
                     f"{Decimal(r['active_subscribers']):,.2f}",
-                    usd(r["subscription_revenue"]),
-                    usd(r["overage_revenue"]),
-                    usd(r["credit_revenue"]),
                     usd(r["revenue"]),
                     usd(r["inference_cost"]),
                     usd(r["gross_margin"]),

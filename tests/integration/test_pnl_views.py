@@ -455,3 +455,27 @@ def test_cli_report_json_and_html(
     )
     assert out.exit_code == 0, out.output
     assert "62.50" in out.output and "tier pro" in out.output
+
+
+def test_whatif_reprices_listed_models_only(store: ChdbStore, tmp_path: Path) -> None:
+    from stream_processors import PriceCatalog
+
+    sheet = tmp_path / "prices.json"
+    sheet.write_text(
+        '{"gpt-4o": {"input_cost_per_token": "0.000001", "output_cost_per_token": "0.000002"}}'
+    )
+    result = run_whatif(
+        store, parse_plans(PLANS), None, month=NOV, alt_prices=PriceCatalog.load(sheet)
+    )
+
+    def repriced(n: int) -> Decimal:
+        # no cache price in the sheet: cached input at the input price; no reasoning tokens
+        row = next(e for e in EVENTS if e["event_id"] == f"e{n}")
+        return row["input_tokens"] * D("0.000001") + row["output_tokens"] * D("0.000002")
+
+    # pro: e20, e21 and u3's e30 are gpt-4o (re-priced); e22 was served by gpt-4o-mini (not in
+    # the sheet: keeps 0.2); e23 is a semantic-cache hit (stays free)
+    expected = repriced(20) + repriced(21) + D("0.2") + repriced(30)
+    assert result.row("current", "pro")["inference_cost"] == D("3.3")
+    assert result.row("alternative", "pro")["inference_cost"] == expected
+    assert result.row("alternative", "pro")["subscription_revenue"] == D(50)
