@@ -92,6 +92,9 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> dict
 
         store = open_store(settings, command="spendstream demo")
         applied = store.migrate()
+        from spendstream.analytics import load_current_plans
+
+        load_current_plans(store, settings.plans_file)  # the plans in force, for the P&L
         where = settings.clickhouse.url or f"embedded chDB at {settings.chdb_path}"
         console.print(f"[green]✓[/] ClickHouse: {where} ({len(applied)} new migrations)")
 
@@ -127,7 +130,8 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> dict
                 check=worker.check_alive,
             )
         console.print("[green]✓[/] worker caught up (lag 0)")
-        sink_topics = [settings.topics.priced, settings.topics.rollups, settings.topics.dlq]
+        t = settings.topics
+        sink_topics = [t.priced, t.rollups, t.dlq, t.alerts, t.enforcement, t.overages]
         with console.status("waiting for the sink to land everything in ClickHouse…"):
             wait_for_lag_zero(
                 settings, settings.sink.group_id, sink_topics, options.drain_timeout_s
@@ -135,6 +139,11 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> dict
         console.print("[green]✓[/] sink drained (lag 0)")
 
         report = print_report(store, settings, console)
+        report["caps"] = print_caps(store, settings, console)
+        console.print(
+            "more: [bold]spendstream report[/] (tier P&L, heaviest users, savings; --html FILE "
+            "for plots), [bold]spendstream whatif --plans deploy/whatif_sample_plans.yaml[/]"
+        )
         return report
     finally:
         if worker is not None:
@@ -176,3 +185,58 @@ def print_report(store: Any, settings: Settings, console: Console) -> dict[str, 
         "tiers": [dict(zip(columns, r, strict=True)) for r in rows],
         "pipeline": summary,
     }
+
+
+ALERTS_SQL = """
+SELECT plan_id, window, kind, threshold, count() AS alerts, uniqExact(user_id) AS users
+FROM {db}.alerts FINAL
+GROUP BY plan_id, window, kind, threshold
+ORDER BY indexOf(['free', 'pro', 'team', 'enterprise'], plan_id), window, kind, threshold
+"""
+
+ENFORCEMENT_SQL = """
+SELECT plan_id, state, reason, count() AS changes, uniqExact(user_id) AS users
+FROM {db}.enforcement_changes FINAL
+GROUP BY plan_id, state, reason
+ORDER BY indexOf(['free', 'pro', 'team', 'enterprise'], plan_id), state, reason
+"""
+
+OVERAGE_SQL = """
+SELECT plan_id, record, count() AS records, uniqExact(user_id) AS users, sum(amount) AS usd
+FROM {db}.overages FINAL
+GROUP BY plan_id, record
+ORDER BY indexOf(['free', 'pro', 'team', 'enterprise'], plan_id), record
+"""
+
+
+def print_caps(store: Any, settings: Settings, console: Console) -> dict[str, Any]:
+    """Print the alerts, enforcement changes and overage the run produced; return them."""
+    db = settings.clickhouse.database
+    out: dict[str, Any] = {}
+    for title, sql, key in (
+        (
+            "Threshold and break-even alerts (once per user, window instance, threshold)",
+            ALERTS_SQL,
+            "alerts",
+        ),
+        ("Enforcement changes published to gateways", ENFORCEMENT_SQL, "enforcement"),
+        ("Overage billed and credits drawn", OVERAGE_SQL, "overage"),
+    ):
+        columns, rows = store.query(sql.format(db=db))
+        out[key] = [dict(zip(columns, r, strict=True)) for r in rows]
+        table = Table(title=title)
+        for name in columns:
+            table.add_column(
+                name,
+                justify="right"
+                if name in {"alerts", "users", "changes", "records", "usd", "threshold"}
+                else "left",
+            )
+        for row in rows:
+            table.add_row(
+                *[f"{v:,.4f}" if c == "usd" else str(v) for c, v in zip(columns, row, strict=True)]
+            )
+        if not rows:
+            table.add_row(*["-"] * len(columns))
+        console.print(table)
+    return out

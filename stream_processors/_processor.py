@@ -32,6 +32,11 @@ from stream_processors._state import PartitionedState
 
 _US = 1_000_000
 _HOUR_US = 3600 * _US
+_EVICTED_LEN = 2
+"""Length of an evicted window's marker: [partition, last offset applied]."""
+_MARKER_RETENTION_US = _HOUR_US
+"""How long an evicted window's marker outlives its close: longer than any offset stays
+uncommitted, so every replay of its events meets it."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NO_PLAN = ""
 """plan_id of events whose user has no known subscription (counted as ``no_subscription``)."""
@@ -272,6 +277,7 @@ class UsageProcessor:
         self.horizon_us = dedupe_horizon_s * _US
         self._marks: dict[int, int] = {}
         self._open: dict[int, dict[int, set[str]]] | None = None
+        self._closed: dict[int, dict[int, set[str]]] | None = None
         self._seen_by_hour: dict[int, dict[int, list[str]]] | None = None
 
     # -- watermarks -------------------------------------------------------------------------
@@ -288,6 +294,7 @@ class UsageProcessor:
         """Forget in-memory caches after a rebalance; they are rebuilt from the tables."""
         self._marks.clear()
         self._open = None
+        self._closed = None
         self._seen_by_hour = None
 
     # -- the batch --------------------------------------------------------------------------
@@ -300,7 +307,7 @@ class UsageProcessor:
         aggs: dict[tuple[str, str, int], _WindowAgg] = {}
         agg_partition: dict[tuple[str, str, int], int] = {}
         batch_ids: set[str] = set()
-        applied_up_to: dict[tuple[str, str, int], int] = {}
+        applied_up_to: dict[tuple[str, str, int], tuple[int, bool]] = {}
         moved: dict[int, int] = {}
         window_us, grace_us = self.window_us, self.grace_us
         open_windows, seen_by_hour = self._index()
@@ -378,11 +385,22 @@ class UsageProcessor:
                 result.rollups.append((event.user_id, orjson.dumps(roll)))
             else:
                 key = (event.user_id, model, start_us)
-                done = applied_up_to.get(key)
-                if done is None:
-                    done = applied_up_to[key] = self._window_offset(key)
-                if rec.offset <= done:
+                applied = applied_up_to.get(key)
+                if applied is None:
+                    applied = applied_up_to[key] = self._window_offset(key)
+                if rec.offset <= applied[0]:
                     counters["replayed_in_window"] += 1
+                elif applied[1]:
+                    # Its window was evicted, yet the event was on time when first seen: can
+                    # only follow lost state. Count it alone rather than overwrite the window.
+                    counters["late_after_eviction"] += 1
+                    solo = _WindowAgg(event.org_id, plan_id)
+                    solo.add(event, quote)
+                    segment = late_segment(event_id)
+                    roll = solo.rollup(
+                        event.user_id, model, start_us, window_us, segment, 1, now_iso
+                    )
+                    result.rollups.append((event.user_id, orjson.dumps(roll)))
                 else:
                     agg = aggs.get(key)
                     if agg is None:
@@ -396,7 +414,11 @@ class UsageProcessor:
         for key, agg in aggs.items():
             user_id, model, start_us = key
             skey = orjson.dumps(key).decode()
-            version = agg.merge_state(self.windows.get(skey)) + 1
+            agg.merge_state(self.windows.get(skey))
+            # The version is the last source offset applied (+1), not a counter: a replay after
+            # a crash may cut batches differently, and a counter would let the lost run's
+            # higher versions outrank the replay's complete ones. Same offset, same content.
+            version = agg.last_offset + 1
             partition = agg_partition[key]
             self.windows.put(partition, skey, agg.encode_state(partition, version))
             open_windows.setdefault(partition, {}).setdefault(start_us, set()).add(skey)
@@ -418,12 +440,13 @@ class UsageProcessor:
         Built once from the restored state (a worker restart or rebalance restores the tables
         from their changelogs), then maintained on every write, so eviction never scans.
         """
-        if self._open is None or self._seen_by_hour is None:
-            self._open, self._seen_by_hour = {}, {}
+        if self._open is None or self._seen_by_hour is None or self._closed is None:
+            self._open, self._seen_by_hour, self._closed = {}, {}, {}
             for skey, raw in self.windows.items():
-                partition = orjson.loads(raw)[0]
+                st = orjson.loads(raw)
                 start_us = orjson.loads(skey)[2]
-                self._open.setdefault(partition, {}).setdefault(start_us, set()).add(skey)
+                index = self._closed if len(st) == _EVICTED_LEN else self._open
+                index.setdefault(st[0], {}).setdefault(start_us, set()).add(skey)
             for event_id, raw in self.seen.items():
                 partition, hour = (int(x) for x in raw.split(b":")[:2])
                 self._seen_by_hour.setdefault(partition, {}).setdefault(hour, []).append(event_id)
@@ -432,13 +455,25 @@ class UsageProcessor:
     def _evict(self, partition: int, mark: int) -> tuple[int, int]:
         """Drop closed windows and ids past the dedupe horizon of ``partition``."""
         open_windows, seen_by_hour = self._index()
+        assert self._closed is not None
         closed_before = mark - self.grace_us - self.window_us
         evicted_windows = 0
         starts = open_windows.get(partition, {})
+        closed = self._closed.setdefault(partition, {})
         for start_us in [s for s in starts if s <= closed_before]:
             for skey in starts.pop(start_us):
-                self.windows.delete(partition, skey)
+                # A small marker with the last offset applied stays for a while, so that a
+                # replay of already-applied events (a crash before the offset commit) is
+                # recognised instead of starting the window afresh.
+                raw = self.windows.get(skey)
+                last = int(orjson.loads(raw)[13]) if raw is not None else -1
+                self.windows.put(partition, skey, orjson.dumps([partition, last]))
+                closed.setdefault(start_us, set()).add(skey)
                 evicted_windows += 1
+        forget_before = closed_before - _MARKER_RETENTION_US
+        for start_us in [s for s in closed if s <= forget_before]:
+            for skey in closed.pop(start_us):
+                self.windows.delete(partition, skey)
         horizon_hour = (mark - self.horizon_us) // _HOUR_US - 1
         evicted_ids = 0
         hours = seen_by_hour.get(partition, {})
@@ -448,10 +483,15 @@ class UsageProcessor:
                 evicted_ids += 1
         return evicted_windows, evicted_ids
 
-    def _window_offset(self, key: tuple[str, str, int]) -> int:
-        """The last source offset the stored window state has applied (-1: none)."""
+    def _window_offset(self, key: tuple[str, str, int]) -> tuple[int, bool]:
+        """The last source offset the stored window applied (-1: none), and if it was evicted."""
         raw = self.windows.get(orjson.dumps(key).decode())
-        return int(orjson.loads(raw)[13]) if raw is not None else -1
+        if raw is None:
+            return -1, False
+        st = orjson.loads(raw)
+        if len(st) == _EVICTED_LEN:
+            return int(st[1]), True
+        return int(st[13]), False
 
     def _plan_of(self, event: UsageEvent) -> str:
         sub = self._subscriptions(event.user_id)

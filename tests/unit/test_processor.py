@@ -117,19 +117,23 @@ def test_batch_pre_aggregation_writes_state_once_per_window() -> None:
     assert isinstance(p.windows, DictState)
     assert len([w for w in p.windows.writes if w[2] is not None]) == 1
     roll = rollups(r.rollups)[0]
-    assert roll["requests"] == 50 and roll["version"] == 1 and roll["plan_id"] == "pro"
-    r2 = p.process([rec(ev(99, T0 + timedelta(seconds=5)))])
+    # The version is the last source offset applied + 1: it only grows, even across a replay.
+    assert roll["requests"] == 50 and roll["version"] == batch[-1].offset + 1
+    assert roll["plan_id"] == "pro"
+    late = rec(ev(99, T0 + timedelta(seconds=5)))
+    r2 = p.process([late])
     roll2 = rollups(r2.rollups)[0]
-    assert roll2["requests"] == 51 and roll2["version"] == 2
+    assert roll2["requests"] == 51 and roll2["version"] == late.offset + 1 > roll["version"]
 
 
 def test_out_of_order_within_grace_corrects_its_window() -> None:
     p = make(grace_s=120)
     p.process([rec(ev(1, T0)), rec(ev(2, T0 + timedelta(seconds=150)))])
-    r = p.process([rec(ev(3, T0 + timedelta(seconds=10)))])  # window 10:00 closes at 10:03
+    straggler = rec(ev(3, T0 + timedelta(seconds=10)))  # window 10:00 closes at 10:03
+    r = p.process([straggler])
     roll = rollups(r.rollups)[0]
     assert roll["window_start"] == "2026-11-27T10:00:00Z"
-    assert (roll["requests"], roll["version"], roll["segment"]) == (2, 2, 0)
+    assert (roll["requests"], roll["version"], roll["segment"]) == (2, straggler.offset + 1, 0)
     assert r.counters["late"] == 0
 
 
@@ -285,37 +289,51 @@ def _fold(final: dict[tuple[Any, ...], dict[str, Any]], rolls: list[tuple[str, b
             final[key] = roll
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     st.lists(event_st, min_size=1, max_size=60),
     st.integers(1, 12),
-    st.integers(0, 10),
+    st.integers(1, 12),
+    st.integers(0, 8),
+    st.integers(0, 4),
     st.booleans(),
     st.booleans(),
 )
 def test_replay_after_a_crash_counts_every_event_once(
-    events: list[dict[str, Any]], size: int, crash_at: int, seen_kept: bool, windows_kept: bool
+    events: list[dict[str, Any]],
+    size: int,
+    replay_size: int,
+    committed: int,
+    lost: int,
+    seen_kept: bool,
+    windows_kept: bool,
 ) -> None:
-    """The worker writes outputs, then (once they are acked) seen/windows, then marks; a crash
-    may keep any subset of the state writes of the batch it died in; offsets are committed only
-    for batches before. Replaying from there must leave every window counting each event once."""
+    """A worker commits offsets up to batch ``committed``, processes ``lost`` more batches
+    whose outputs were acked (the worker writes outputs, then state, then watermarks), and dies;
+    of the last batch's state writes any subset may have survived. The restarted worker replays
+    everything after the commit in batches of another size. Every window must count each event
+    exactly once, reading rollups as ClickHouse does (highest version wins; on a tie, the last
+    one written)."""
     records = [InRecord("usage.events", 0, i, b"k", orjson.dumps(e)) for i, e in enumerate(events)]
     p = make(grace_s=120)
     assert isinstance(p.seen, DictState) and isinstance(p.windows, DictState)
     assert isinstance(p.marks, DictState)
     final: dict[tuple[Any, ...], dict[str, Any]] = {}
     batches = [records[i : i + size] for i in range(0, len(records), size)]
-    crash_at = min(crash_at, len(batches) - 1)
-    for batch in batches[:crash_at]:
+    committed = min(committed, len(batches))
+    lost = min(lost, len(batches) - committed)
+    for batch in batches[:committed]:
         _fold(final, p.process(batch).rollups)
-    before = {name: dict(getattr(p, name).data) for name in ("seen", "windows", "marks")}
-    _fold(final, p.process(batches[crash_at]).rollups)  # outputs acked, then the crash
-    if not seen_kept:
-        p.seen.data = before["seen"]
-    if not windows_kept:
-        p.windows.data = before["windows"]
-    if not (seen_kept and windows_kept):  # marks are written last
-        p.marks.data = before["marks"]
+    for n, batch in enumerate(batches[committed : committed + lost]):
+        before = {name: dict(getattr(p, name).data) for name in ("seen", "windows", "marks")}
+        _fold(final, p.process(batch).rollups)  # outputs acked
+        if n == lost - 1:  # the crash: the last batch's state writes may be lost
+            if not seen_kept:
+                p.seen.data = before["seen"]
+            if not windows_kept:
+                p.windows.data = before["windows"]
+            if not (seen_kept and windows_kept):  # marks are written last
+                p.marks.data = before["marks"]
     restarted = UsageProcessor(
         CATALOG,
         SUBS.get,
@@ -326,8 +344,9 @@ def test_replay_after_a_crash_counts_every_event_once(
         grace_s=120,
         dedupe_horizon_s=3600,
     )
-    for batch in batches[crash_at:]:
-        _fold(final, restarted.process(batch).rollups)
+    rest = records[committed * size :]
+    for i in range(0, len(rest), replay_size):
+        _fold(final, restarted.process(rest[i : i + replay_size]).rollups)
     unique: dict[str, dict[str, Any]] = {}
     for e in events:
         unique.setdefault(e["event_id"], e)

@@ -1,0 +1,245 @@
+"""The fault suite: each scenario runs the real pipeline (broker, worker process, sink, chDB),
+injects one fault, lets it recover, and reconciles ClickHouse against an oracle computed from
+what the test produced: totals per user and per plan exact to the last digit, every valid event
+once in the raw table, every alert exactly once, every malformed message in the dead letters.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pipeline_support import Oracle, Pipeline, produce
+
+from sinks import Sink
+from spendstream.settings import Settings
+from spendstream.simulate import Simulator
+
+START = datetime(2026, 11, 3, 8, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def pipeline(topics: Settings) -> Iterator[Pipeline]:
+    pipe = Pipeline(topics)
+    yield pipe
+    pipe.close()
+
+
+def simulated(users: int, n: int, seed: int, **fractions: float) -> tuple[Simulator, list[Any]]:
+    sim = Simulator(users, seed=seed, start=START, rate=500.0, rhythm=False, **fractions)
+    items = []
+    for i, item in enumerate(sim.stream()):
+        if i >= n:
+            break
+        items.append(item.payload)
+    return sim, items
+
+
+def priced_count(pipe: Pipeline) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    conf = pipe.settings.kafka.confluent_config()
+    consumer = Consumer({**conf, "group.id": "fault-probe"})
+    try:
+        topic = pipe.settings.topics.priced
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in meta.partitions
+        )
+    finally:
+        consumer.close()
+
+
+def wait_until(predicate: Any, timeout_s: float, why: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(why)
+        time.sleep(0.05)
+
+
+def test_worker_killed_mid_batch_then_restarted(pipeline: Pipeline) -> None:
+    sim, items = simulated(300, 12_000, seed=11, duplicates=0.01)
+    pipeline.publish_subscriptions(sim.subscriptions())
+    oracle = Oracle(sim.subscriptions())
+    produce(pipeline.settings, items, oracle)
+    pipeline.start_sink()
+    for threshold in (2_500, 7_000):  # two crashes, at different points of the stream
+        worker = pipeline.start_worker()
+        wait_until(
+            lambda t=threshold: priced_count(pipeline) >= t, 180, "the worker made no progress"
+        )
+        worker.kill()  # SIGKILL: no flush, no commit
+    pipeline.start_worker()
+    pipeline.drain()
+    pipeline.reconcile(oracle)
+
+
+def test_broker_stopped_and_started_while_producers_and_workers_run(
+    pipeline: Pipeline, kafka_broker: Any
+) -> None:
+    sim, items = simulated(300, 9_000, seed=12)
+    pipeline.publish_subscriptions(sim.subscriptions())
+    oracle = Oracle(sim.subscriptions())
+    pipeline.start_worker()
+    pipeline.start_sink()
+    errors: list[BaseException] = []
+
+    def gateway() -> None:
+        try:
+            for start in range(0, len(items), 500):
+                produce(pipeline.settings, items[start : start + 500], oracle)
+                time.sleep(0.2)
+        except BaseException as exc:  # surfaced in the test thread below
+            errors.append(exc)
+
+    thread = threading.Thread(target=gateway)
+    thread.start()
+    wait_until(lambda: priced_count(pipeline) >= 1_000, 180, "no progress before the outage")
+    kafka_broker.stop()
+    time.sleep(5)
+    kafka_broker.start()
+    thread.join(300)
+    assert not errors, errors
+    if pipeline.worker is not None and pipeline.worker.proc.poll() is not None:
+        # The worker is allowed to give up during an outage (it exits without committing);
+        # a supervisor restarts it, which is what recovery means here.
+        pipeline.start_worker()
+    pipeline.drain()
+    pipeline.reconcile(oracle)
+
+
+def test_sink_killed_between_insert_and_offset_commit(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim, items = simulated(200, 6_000, seed=13)
+    pipeline.publish_subscriptions(sim.subscriptions())
+    oracle = Oracle(sim.subscriptions())
+    produce(pipeline.settings, items, oracle)
+    pipeline.start_worker()
+    crashed = threading.Event()
+    real_commit = Sink._commit
+
+    def die_before_commit(self: Sink, drained: Any) -> None:
+        # The inserts of this flush are done; the process "dies" before the commit.
+        crashed.set()
+        raise SystemExit("sink killed between insert and commit")
+
+    monkeypatch.setattr(Sink, "_commit", die_before_commit)
+    sink = Sink(pipeline.settings, pipeline.store)
+    with pytest.raises(SystemExit):
+        while not crashed.is_set():
+            sink.poll(0.5)
+            sink.flush()
+    sink.abandon()  # gone without committing
+    monkeypatch.setattr(Sink, "_commit", real_commit)
+    pipeline.start_sink()  # a new member replays from the last commit
+    pipeline.drain()
+    pipeline.reconcile(oracle)
+
+
+def test_duplicate_storm(pipeline: Pipeline) -> None:
+    sim, items = simulated(200, 4_000, seed=14)
+    pipeline.publish_subscriptions(sim.subscriptions())
+    oracle = Oracle(sim.subscriptions())
+    pipeline.start_worker()
+    pipeline.start_sink()
+    produce(pipeline.settings, items, oracle)  # first copies
+    produce(pipeline.settings, items[::-1], oracle)  # second copies, reversed, right after
+    pipeline.drain()
+    assert pipeline.worker is not None
+    pipeline.worker.stop()
+    pipeline.start_worker()  # third copies reach a restarted worker, well after the first
+    produce(pipeline.settings, items, oracle)
+    pipeline.drain()
+    pipeline.reconcile(oracle)
+    db = pipeline.settings.clickhouse.database
+    _, rows = pipeline.store.query(f"SELECT count() FROM {db}.priced_events FINAL")
+    assert rows[0][0] == len(oracle.events)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+fuzz = st.lists(
+    st.one_of(st.binary(max_size=300), json_values.map(orjson.dumps)), min_size=150, max_size=150
+)
+
+
+@settings(max_examples=1, deadline=None, suppress_health_check=list(HealthCheck))
+@given(garbage=fuzz)
+def test_malformed_and_fuzzed_input_all_reach_the_dead_letters(
+    topics: Settings, garbage: list[bytes]
+) -> None:
+    pipe = Pipeline(topics)
+    try:
+        sim, items = simulated(100, 2_000, seed=15, malformed=0.02)
+        pipe.publish_subscriptions(sim.subscriptions())
+        oracle = Oracle(sim.subscriptions())
+        mixed: list[Any] = []
+        for i, item in enumerate(items):
+            mixed.append(item)
+            if i % 13 == 0 and garbage:
+                mixed.append(garbage.pop())
+        mixed.extend(garbage)
+        mixed.append(b"x" * 20_000)  # oversized
+        produce(pipe.settings, mixed, oracle)
+        pipe.start_worker()
+        pipe.start_sink()
+        pipe.drain()
+        assert pipe.worker is not None and pipe.worker.proc.poll() is None  # still up
+        pipe.reconcile(oracle)
+        db = pipe.settings.clickhouse.database
+        _, rows = pipe.store.query(f"SELECT countIf(reason = '') FROM {db}.dead_letters FINAL")
+        assert rows[0][0] == 0  # every dead letter says why
+    finally:
+        pipe.close()
+
+
+def test_out_of_order_and_beyond_grace_late_events(make_settings: Any) -> None:
+    from spendstream.kafka_admin import ensure_topics
+
+    settings = make_settings(processor={"grace_s": 30, "window_s": 60})
+    ensure_topics(settings)
+    pipe = Pipeline(settings)
+    try:
+        sim, items = simulated(100, 3_000, seed=16, out_of_order=0.05)
+        pipe.publish_subscriptions(sim.subscriptions())
+        oracle = Oracle(sim.subscriptions())
+        # Stragglers: copies of real events with new ids, dated 20 minutes before the stream's
+        # start, sent last: far beyond the 30 s grace of their windows.
+        late = []
+        for i, item in enumerate(items[:200]):
+            if isinstance(item, dict):
+                straggler = dict(item)
+                straggler["event_id"] = f"late-{i}"
+                when = datetime.fromisoformat(item["occurred_at"]) - timedelta(minutes=20)
+                straggler["occurred_at"] = when.isoformat()
+                late.append(straggler)
+        produce(pipe.settings, items + late, oracle)
+        pipe.start_worker()
+        pipe.start_sink()
+        pipe.drain()
+        # Alerts depend on which events each window still counted; only uniqueness is checked.
+        pipe.reconcile(oracle, alerts=False)
+        db = pipe.settings.clickhouse.database
+        _, rows = pipe.store.query(f"SELECT countIf(late) FROM {db}.priced_events FINAL")
+        assert rows[0][0] >= len(late)
+        _, rows = pipe.store.query(f"SELECT count() FROM {db}.rollups FINAL WHERE segment != 0")
+        assert rows[0][0] >= len(late)
+        _, rows = pipe.store.query(f"SELECT count(), uniqExact(alert_id) FROM {db}.alerts FINAL")
+        assert rows[0][0] == rows[0][1]
+    finally:
+        pipe.close()
