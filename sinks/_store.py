@@ -334,6 +334,10 @@ def params_as_text(parameters: Parameters | None) -> dict[str, str]:
             out[key] = value.astimezone(ZoneInfo("UTC")).strftime("%Y-%m-%d %H:%M:%S.%f")
         elif isinstance(value, list | tuple):
             out[key] = "[" + ",".join(_literal(v) for v in value) + "]"
+        elif isinstance(value, str):
+            # ClickHouse reads a parameter in its escaped (TSV) form: a backslash would start
+            # an escape sequence, so it is doubled to arrive byte-exact.
+            out[key] = value.replace("\\", "\\\\")
         else:
             out[key] = str(value)
     return out

@@ -30,7 +30,7 @@ class BenchOptions:
     worker_events: int = 100_000
     worker_users: int = 2_000
     sink_rows: int = 500_000
-    caps_rate: int = 10_000
+    caps_rates: tuple[int, ...] = (2_000, 10_000)
     caps_seconds: float = 10.0
     skip: tuple[str, ...] = ()
 
@@ -88,11 +88,13 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
 
         steps.append(("sink", lambda: run_sink_bench(settings, options.sink_rows)))
     if "caps" not in options.skip:
-        from spendstream.bench_caps import run_caps_bench
-
-        steps.append(
-            ("caps", lambda: run_caps_bench(settings, options.caps_rate, options.caps_seconds))
-        )
+        for rate in options.caps_rates:
+            steps.append(
+                (
+                    f"caps@{rate}/s",
+                    lambda r=rate: caps_latency(settings, r, options.caps_seconds),  # type: ignore[misc]
+                )
+            )
     needs_broker = any(name != "sink" for name, _ in steps)
     with broker(settings, console) if needs_broker else _nothing():
         for name, step in steps:
@@ -103,6 +105,34 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
             results[name] = figures
             print_section(console, name, figures)
     return results
+
+
+def caps_latency(settings: Settings, rate: int, seconds: float) -> dict[str, Any]:
+    """Event-to-alert latency at ``rate`` events/s through a worker started for it."""
+    import shutil
+    import tempfile
+    import uuid
+    from pathlib import Path
+
+    from spendstream.bench_caps import run_caps_bench
+    from spendstream.bench_worker import isolated
+    from spendstream.kafka_admin import delete_topics, ensure_topics, topic_partitions
+    from spendstream.runner import WorkerProcess
+
+    prefix = f"bench-caps-{uuid.uuid4().hex[:8]}"
+    workdir = Path(tempfile.mkdtemp(prefix="spendstream-bench-caps-"))
+    s = isolated(settings, prefix, workdir)
+    conf = s.kafka.confluent_config()
+    ensure_topics(s)
+    worker = WorkerProcess(s, workdir / "worker.log")
+    try:
+        figures = run_caps_bench(s, rate, seconds, users=min(2_000, max(rate // 5, 100)))
+        worker.check_alive()
+        return figures
+    finally:
+        worker.stop()
+        delete_topics(conf, [t for t in topic_partitions(conf) if t.startswith(prefix)])
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @contextmanager

@@ -18,7 +18,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import topics
@@ -157,6 +164,16 @@ class ClickHouseSettings(BaseModel):
     embedded_path: Path | None = Field(default=None, description="Defaults to <state_dir>/chdb.")
     raw_ttl_days: int | None = Field(default=None, ge=1, description="TTL of raw priced events.")
 
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str | None) -> str | None:
+        if value is not None and "@" in value:
+            raise ValueError(
+                "credentials do not belong in the URL: use SPENDSTREAM_CLICKHOUSE__USERNAME "
+                "and SPENDSTREAM_CLICKHOUSE__PASSWORD (kept secret)"
+            )
+        return value
+
     @property
     def embedded(self) -> bool:
         """True when no server URL is configured."""
@@ -179,6 +196,13 @@ class ProcessorSettings(BaseModel):
     fallback_input_cost_per_token: Decimal = Field(default=Decimal("0.00001"), ge=0)
     fallback_output_cost_per_token: Decimal = Field(default=Decimal("0.00003"), ge=0)
     web_port: int = Field(default=6066, ge=1024, le=65535)
+    session_timeout_s: float = Field(
+        default=30.0,
+        ge=6,
+        le=300,
+        description="How long the group waits for a silent worker before reassigning its "
+        "partitions (after a crash, the time to recovery).",
+    )
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="Prometheus /metrics and /health; 0 = off."
     )

@@ -230,6 +230,7 @@ def build_app(
     plans: PlanCatalog | None = None,
     on_batch: Callable[[Any], None] | None = None,
     on_caps: Callable[[Any], None] | None = None,
+    in_process: bool = False,
 ) -> WorkerApp:
     """Build the worker's faust App from settings.
 
@@ -237,7 +238,8 @@ def build_app(
     :class:`~producers.CompactedTopicView` over the subscriptions topic, started with the app.
     ``plans`` is the plans catalog; by default ``settings.plans_file`` or the sample plans.
     ``on_batch`` (tests, benchmarks) sees every :class:`~stream_processors.BatchResult` and
-    ``on_caps`` every :class:`~stream_processors._enforce.CapOutputs`.
+    ``on_caps`` every :class:`~stream_processors._enforce.CapOutputs`. ``in_process`` is for
+    ``agent.test_context()``: no librdkafka producer, faust's in-memory sends instead.
     """
     p = settings.processor
     t = settings.topics
@@ -265,6 +267,13 @@ def build_app(
         stream_buffer_maxsize=max(4 * p.batch_size, 4096),
         broker_commit_every=max(p.batch_size, 1000),
         table_cleanup_interval=3600.0,
+        # Standby replicas buy faster fail-over with several workers; the memory store keeps
+        # them in the same dict as the active state, and a standby promoted to active has
+        # been seen to miss recent changelog writes (a lost window after a SIGKILL in the
+        # fault suite). A promoted partition is recovered from its changelog instead.
+        table_standby_replicas=0,
+        broker_session_timeout=p.session_timeout_s,
+        broker_heartbeat_interval=max(p.session_timeout_s / 10, 0.5),
         autodiscover=False,
         loghandlers=[],
     )
@@ -313,10 +322,10 @@ def build_app(
 
     @app.agent(events, name="price-and-rollup")
     async def price_and_rollup(stream: Any) -> None:
-        # A running worker publishes through librdkafka; under agent.test_context() no
-        # producer runs and faust's in-process sends stand in.
-        running = app.producer.buffer.state == "running"
-        output = OutputProducer(settings) if running else None
+        # A worker publishes through librdkafka; in-process tests (agent.test_context(), no
+        # broker) pass in_process=True and faust's own sends stand in.
+        output = None if in_process else OutputProducer(settings)
+        log.info("worker outputs through %s", "faust" if output is None else "librdkafka")
         sink: OutputProducer | _FaustSends = output or _FaustSends(app)
         if output is not None:
             faust_flush = app.producer.flush

@@ -26,8 +26,11 @@ def register(app: typer.Typer) -> None:
         sink_rows: int = typer.Option(
             500_000, "--sink-rows", min=1000, help="Priced events inserted into chDB."
         ),
-        caps_rate: int = typer.Option(
-            10_000, "--caps-rate", min=1, help="Events/s for the event-to-alert latency."
+        caps_rate: list[int] = typer.Option(
+            [2_000, 10_000],
+            "--caps-rate",
+            min=1,
+            help="Events/s for the event-to-alert latency (repeatable; default 2000 and 10000).",
         ),
         caps_seconds: float = typer.Option(
             10.0, "--caps-seconds", min=1, help="Seconds of traffic for the latency section."
@@ -55,7 +58,7 @@ def register(app: typer.Typer) -> None:
             worker_events=worker_events,
             worker_users=worker_users,
             sink_rows=sink_rows,
-            caps_rate=caps_rate,
+            caps_rates=tuple(caps_rate),
             caps_seconds=caps_seconds,
             skip=tuple(skip),
         )

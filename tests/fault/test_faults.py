@@ -25,9 +25,21 @@ from spendstream.simulate import Simulator
 START = datetime(2026, 11, 3, 8, 0, tzinfo=UTC)
 
 
+FAST_FAILOVER = {"session_timeout_s": 6}
+"""A killed worker's partitions are reassigned after 6 s instead of 30 (the test's patience)."""
+
+
+def fault_settings(make_settings: Any, **processor: Any) -> Settings:
+    from spendstream.kafka_admin import ensure_topics
+
+    settings: Settings = make_settings(processor={**FAST_FAILOVER, **processor})
+    ensure_topics(settings)
+    return settings
+
+
 @pytest.fixture
-def pipeline(topics: Settings) -> Iterator[Pipeline]:
-    pipe = Pipeline(topics)
+def pipeline(make_settings: Any) -> Iterator[Pipeline]:
+    pipe = Pipeline(fault_settings(make_settings))
     yield pipe
     pipe.close()
 
@@ -181,9 +193,9 @@ fuzz = st.lists(
 @settings(max_examples=1, deadline=None, suppress_health_check=list(HealthCheck))
 @given(garbage=fuzz)
 def test_malformed_and_fuzzed_input_all_reach_the_dead_letters(
-    topics: Settings, garbage: list[bytes]
+    make_settings: Any, garbage: list[bytes]
 ) -> None:
-    pipe = Pipeline(topics)
+    pipe = Pipeline(fault_settings(make_settings))
     try:
         sim, items = simulated(100, 2_000, seed=15, malformed=0.02)
         pipe.publish_subscriptions(sim.subscriptions())
@@ -209,11 +221,7 @@ def test_malformed_and_fuzzed_input_all_reach_the_dead_letters(
 
 
 def test_out_of_order_and_beyond_grace_late_events(make_settings: Any) -> None:
-    from spendstream.kafka_admin import ensure_topics
-
-    settings = make_settings(processor={"grace_s": 30, "window_s": 60})
-    ensure_topics(settings)
-    pipe = Pipeline(settings)
+    pipe = Pipeline(fault_settings(make_settings, grace_s=30, window_s=60))
     try:
         sim, items = simulated(100, 3_000, seed=16, out_of_order=0.05)
         pipe.publish_subscriptions(sim.subscriptions())

@@ -46,7 +46,7 @@ def run_through_agent(values: list[bytes]) -> list[BatchResult]:
         processor={"batch_size": 4, "batch_within_s": 0.05},
     )
     results: list[BatchResult] = []
-    worker = build_app(settings, subscriptions=SUBS.get, on_batch=results.append)
+    worker = build_app(settings, subscriptions=SUBS.get, on_batch=results.append, in_process=True)
     agent = worker.app.agents["price-and-rollup"]
 
     async def feed() -> None:

@@ -77,13 +77,6 @@ def test_query_params_are_bound_as_data(
         store.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="FINDING: ClickHouse parses String query parameters in escaped (TSV) form and "
-    "sinks._store.params_as_text does not escape backslashes, so '\\\\' sequences in a --param "
-    "value are unescaped: still data, never SQL, but not byte-exact",
-)
 def test_backslashes_in_query_params_survive(
     migrated: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -187,11 +187,6 @@ def test_clickhouse_credentials_come_from_settings_only(monkeypatch: pytest.Monk
     assert "ch-s3cret" not in str(settings.masked())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FINDING: clickhouse.url accepts user:password@host; the password is then ignored "
-    "by ServerStore and shown unmasked by `config show` (settings.py pattern needs no '@')",
-)
 def test_credentials_in_the_clickhouse_url_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPENDSTREAM_CLICKHOUSE__URL", "http://admin:s3cret@ch:8123")
     with pytest.raises(ConfigError):
