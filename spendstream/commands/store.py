@@ -168,9 +168,11 @@ def register(app: typer.Typer) -> None:
             True, "--migrate/--no-migrate", help="Apply pending migrations before consuming."
         ),
     ) -> None:
-        """Consume priced events, rollups and dead letters into ClickHouse until SIGTERM/SIGINT.
+        """Land the pipeline's topics in ClickHouse until SIGTERM/SIGINT.
 
-        Batches by size or age, inserts, then commits offsets; a stop flushes what is buffered.
+        Priced events, rollups, dead letters, alerts, enforcement changes, overage and credit
+        draws, and subscriptions. Batches by size or age, inserts, then commits offsets; a stop
+        flushes what is buffered.
         With the embedded store this process owns it and answers other processes' queries.
         """
         from sinks import Sink, open_store
