@@ -1,8 +1,10 @@
 """``spendstream bench``: every throughput and latency figure in one run, on this machine.
 
 Sections (each can be skipped): the producer (validated vs raw), one worker (events/s on the
-broker, and the same pure processing without Kafka), the sink into chDB (rows/s), and the caps
-path (event-to-alert latency at a fixed rate). Speed is measured here, never asserted in tests.
+broker, and the same pure processing without Kafka), the sink into chDB (rows/s), the caps
+path (event-to-alert latency at a fixed rate), and baselines for the worker (a bare consumer
+doing the same per-event work, and the same job in quixstreams). Speed is measured here, never
+asserted in tests.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from rich.table import Table
 
 from spendstream.settings import Settings
 
-SECTIONS = ("producer", "worker", "sink", "caps")
+SECTIONS = ("producer", "worker", "sink", "caps", "baselines")
 
 
 @dataclass
@@ -95,6 +97,21 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
                     lambda r=rate: caps_latency(settings, r, options.caps_seconds),  # type: ignore[misc]
                 )
             )
+    if "baselines" not in options.skip:
+        from spendstream.bench_baselines import run_baselines
+
+        def baselines() -> dict[str, Any]:
+            # Same events and users as the worker section: the input is deterministic, so its
+            # figure is reused rather than measured twice.
+            worker = results.get("worker", {}).get("worker_events_per_s")
+            return run_baselines(
+                settings,
+                options.worker_events,
+                options.worker_users,
+                worker_events_per_s=worker,
+            )
+
+        steps.append(("baselines", baselines))
     needs_broker = any(name != "sink" for name, _ in steps)
     with broker(settings, console) if needs_broker else _nothing():
         for name, step in steps:

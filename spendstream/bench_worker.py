@@ -14,6 +14,9 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -121,66 +124,104 @@ def _wait_committed(conf: dict[str, Any], s: Settings, t0: float) -> float:
     return time.monotonic() - t0
 
 
-def run_worker_bench(
-    settings: Settings, events: int = 100_000, users: int = 2_000
-) -> dict[str, Any]:
-    """Measure one worker on the broker ``settings`` point at; return the figures."""
-    from producers import UsageProducer, publish_subscriptions
-    from spendstream.kafka_admin import delete_topics, ensure_topics
-    from spendstream.runner import WorkerProcess
+@dataclass
+class BenchInput:
+    """Simulated events pre-produced on a topic of their own, shared by the measurements."""
 
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    workdir = Path(tempfile.mkdtemp(prefix="spendstream-bench-worker-"))
+    settings: Settings
+    """Isolated settings: the input is ``settings.topics.events``."""
+    prefix: str
+    """Prefix of every topic (and group) created for this input."""
+    workdir: Path
+    payloads: list[tuple[str, bytes]]
+    subscriptions: list[Any]
+    users: int
+
+    @property
+    def conf(self) -> dict[str, Any]:
+        """librdkafka configuration of the broker."""
+        return self.settings.kafka.confluent_config()
+
+
+@contextmanager
+def bench_input(
+    settings: Settings, events: int, users: int, *, name: str = "bench"
+) -> Iterator[BenchInput]:
+    """Produce ``events`` simulated events (seed 7) to fresh topics; delete them afterwards.
+
+    The plan schedules go to the subscriptions topic first. The data are the same for the same
+    ``events`` and ``users``, so figures measured on different inputs stay comparable.
+    """
+    from producers import UsageProducer, publish_subscriptions
+    from spendstream.kafka_admin import delete_topics, ensure_topics, topic_partitions
+
+    prefix = f"{name}-{uuid.uuid4().hex[:8]}"
+    workdir = Path(tempfile.mkdtemp(prefix=f"spendstream-{name}-"))
     s = isolated(settings, prefix, workdir)
     payloads, subs = _payloads(events, users)
-    pure = pure_rate(s, payloads, subs)
-    ensure_topics(s)
-    conf = s.kafka.confluent_config()
+    data = BenchInput(s, prefix, workdir, payloads, subs, users)
+    conf = data.conf
     try:
+        ensure_topics(s)
         publish_subscriptions(s, subs)
         with UsageProducer(s) as producer:
             for key, value in payloads:
                 producer.send_raw(key.encode(), value)
-        worker = WorkerProcess(s, workdir / "worker.log")
-        # Progress is read on the output side (priced events written) rather than from
-        # committed offsets, which move only every commit interval.
-        samples: list[tuple[float, int]] = []
-        t0 = time.monotonic()
-        try:
-            while True:
-                worker.check_alive()
-                done = _topic_size(conf, s.topics.priced)
-                now = time.monotonic()
-                samples.append((now, done))
-                if done >= len(payloads):
-                    break
-                if now - t0 > 900:
-                    raise TimeoutError("the worker did not finish within 15 minutes")
-                time.sleep(0.1)
-            lag_zero = _wait_committed(conf, s, t0)
-        finally:
-            worker.stop()
-        first = next((t, n) for t, n in samples if n > 0)
-        rate = (samples[-1][1] - first[1]) / max(samples[-1][0] - first[0], 1e-9)
-        steps = [
-            (n1 - n0) / (t1 - t0_)
-            for (t0_, n0), (t1, n1) in itertools.pairwise(samples)
-            if n1 > n0 and t1 > t0_
-        ]
-        return {
-            "events": len(payloads),
-            "users": users,
-            "worker_events_per_s": rate,
-            "worker_median_step_events_per_s": statistics.median(steps) if steps else rate,
-            "pure_events_per_s": pure,
-            "startup_s": first[0] - t0,
-            "all_committed_s": lag_zero,
-            "batch_size": s.processor.batch_size,
-            "partitions": s.topics.partitions,
-        }
+        yield data
     finally:
-        from spendstream.kafka_admin import topic_partitions
-
-        # Ours and the changelog topics faust created for the worker's tables.
-        delete_topics(conf, [t for t in topic_partitions(conf) if t.startswith(prefix)])
+        # Ours and whatever the measured processes created under the prefix (changelogs).
+        delete_topics(conf, [t for t in topic_partitions(conf) if prefix in t])
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_worker_bench(
+    settings: Settings, events: int = 100_000, users: int = 2_000
+) -> dict[str, Any]:
+    """Measure one worker on the broker ``settings`` point at; return the figures."""
+    with bench_input(settings, events, users) as data:
+        return measure_worker(data)
+
+
+def measure_worker(data: BenchInput) -> dict[str, Any]:
+    """Run one worker over ``data`` (its app id has not consumed it yet); return the figures."""
+    from spendstream.runner import WorkerProcess
+
+    s, conf, payloads = data.settings, data.conf, data.payloads
+    pure = pure_rate(s, payloads, data.subscriptions)
+    worker = WorkerProcess(s, data.workdir / "worker.log")
+    # Progress is read on the output side (priced events written) rather than from
+    # committed offsets, which move only every commit interval.
+    samples: list[tuple[float, int]] = []
+    t0 = time.monotonic()
+    try:
+        while True:
+            worker.check_alive()
+            done = _topic_size(conf, s.topics.priced)
+            now = time.monotonic()
+            samples.append((now, done))
+            if done >= len(payloads):
+                break
+            if now - t0 > 900:
+                raise TimeoutError("the worker did not finish within 15 minutes")
+            time.sleep(0.1)
+        lag_zero = _wait_committed(conf, s, t0)
+    finally:
+        worker.stop()
+    first = next((t, n) for t, n in samples if n > 0)
+    rate = (samples[-1][1] - first[1]) / max(samples[-1][0] - first[0], 1e-9)
+    steps = [
+        (n1 - n0) / (t1 - t0_)
+        for (t0_, n0), (t1, n1) in itertools.pairwise(samples)
+        if n1 > n0 and t1 > t0_
+    ]
+    return {
+        "events": len(payloads),
+        "users": data.users,
+        "worker_events_per_s": rate,
+        "worker_median_step_events_per_s": statistics.median(steps) if steps else rate,
+        "pure_events_per_s": pure,
+        "startup_s": first[0] - t0,
+        "all_committed_s": lag_zero,
+        "batch_size": s.processor.batch_size,
+        "partitions": s.topics.partitions,
+    }

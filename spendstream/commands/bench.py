@@ -20,7 +20,10 @@ def register(app: typer.Typer) -> None:
             200_000, "--producer-events", min=1000, help="Events for the producer section."
         ),
         worker_events: int = typer.Option(
-            100_000, "--worker-events", min=1000, help="Events for the worker section."
+            100_000,
+            "--worker-events",
+            min=1000,
+            help="Events for the worker and baselines sections.",
         ),
         worker_users: int = typer.Option(2_000, "--worker-users", min=1, help="Users simulated."),
         sink_rows: int = typer.Option(
@@ -36,13 +39,15 @@ def register(app: typer.Typer) -> None:
             10.0, "--caps-seconds", min=1, help="Seconds of traffic for the latency section."
         ),
         skip: list[str] = typer.Option(
-            [], "--skip", help="Skip a section: producer, worker, sink or caps (repeatable)."
+            [],
+            "--skip",
+            help="Skip a section: producer, worker, sink, caps or baselines (repeatable).",
         ),
         json_out: Path | None = typer.Option(
             None, "--json", help="Also write every figure to this JSON file."
         ),
     ) -> None:
-        """Measure producer, worker, sink and caps figures on this machine, in one run.
+        """Measure producer, worker, sink, caps and baseline figures on this machine, in one run.
 
         Uses the configured broker or starts the local one (and stops it after); topics are
         created under a unique prefix and deleted afterwards; chDB runs in a temporary folder.
