@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -71,6 +73,7 @@ def run_baselines(
     }
     if "events_per_s" in quix:
         figures["quix_events_per_s"] = quix["events_per_s"]
+        figures["quix_median_step_events_per_s"] = quix["median_step_events_per_s"]
         figures["worker_vs_quix"] = worker_events_per_s / quix["events_per_s"]
         figures["quix_startup_s"] = quix["startup_s"]
         figures["quix_version"] = quix["version"]
@@ -194,10 +197,7 @@ def quix_python() -> tuple[str | None, str]:
         return None, f"${QUIX_PYTHON_ENV}={named} does not exist"
     if importlib.util.find_spec("quixstreams") is not None:
         return sys.executable, "this interpreter"
-    return None, (
-        f"quixstreams is not importable here and ${QUIX_PYTHON_ENV} is not set (quixstreams "
-        "pins confluent-kafka<2.13 and pydantic<2.14, so it lives in a venv of its own)"
-    )
+    return None, f"no quixstreams here; set ${QUIX_PYTHON_ENV} (see spendstream.bench_baselines)"
 
 
 def quix_rate(data: BenchInput) -> dict[str, Any]:
@@ -275,8 +275,14 @@ def quix_rate(data: BenchInput) -> dict[str, Any]:
     version = log_path.read_text(errors="replace").partition("quixstreams ")[2].split()[:1]
     first = next((t, n) for t, n in samples if n > 0)
     rate = (samples[-1][1] - first[1]) / max(samples[-1][0] - first[0], 1e-9)
+    steps = [
+        (n1 - n0) / (t1 - t0_)
+        for (t0_, n0), (t1, n1) in itertools.pairwise(samples)
+        if n1 > n0 and t1 > t0_
+    ]
     return {
         "events_per_s": rate,
+        "median_step_events_per_s": statistics.median(steps) if steps else rate,
         "outputs": samples[-1][1],
         "startup_s": first[0] - t0,
         "version": version[0] if version else "?",
