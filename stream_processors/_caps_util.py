@@ -53,15 +53,6 @@ def to_units(value: Decimal) -> int:
     return units
 
 
-def units_str(units: int) -> str:
-    """Plain decimal string of units, shortest exact form: ``10**22 -> "0.01"``."""
-    sign = "-" if units < 0 else ""
-    whole, frac = divmod(abs(units), SCALE)
-    if frac == 0:
-        return f"{sign}{whole}"
-    return f"{sign}{whole}.{frac:0{MONEY_SCALE}d}".rstrip("0")
-
-
 def units_from_str(text: str) -> int:
     """Inverse of :func:`units_str`."""
     return to_units(Decimal(text))

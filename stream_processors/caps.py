@@ -93,9 +93,9 @@ from stream_processors._caps_util import (
     rfc3339,
     rfc3339_dt,
     to_units,
-    units_str,
     week_bounds,
 )
+from stream_processors._money import units_to_str as units_str
 from stream_processors.plans import OverageAtCap, Plan, PlanCatalog, RollingWindow
 
 __all__ = [

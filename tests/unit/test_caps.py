@@ -18,9 +18,9 @@ from stream_processors._caps_util import (
     epoch_s,
     rfc3339,
     to_units,
-    units_str,
     week_bounds,
 )
+from stream_processors._money import units_to_str as units_str
 from stream_processors.caps import CapEngine, CapEvent, Effects, UserCapState
 from stream_processors.plans import PlanCatalog, load_plans, parse_plans
 

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from schemas import Subscription
 from stream_processors._caps_state import RollingState
-from stream_processors._caps_util import SCALE, epoch_s, rfc3339, units_str
+from stream_processors._caps_util import SCALE, epoch_s, rfc3339
+from stream_processors._money import units_to_str as units_str
 from stream_processors.caps import CapEngine, CapEvent, Effects
 from stream_processors.plans import parse_plans
 
