@@ -61,6 +61,32 @@ def _measure(
 ) -> dict[str, Any]:
 
     raw_topic = f"bench.raw.{run_id}"
+    validated_topic = f"bench.validated.{run_id}"
+    from spendstream.kafka_admin import create_topics
+
+    # The broker does not auto-create topics: make the benchmark's own, like the events topic.
+    create_topics(
+        settings.kafka.confluent_config(),
+        [raw_topic, validated_topic],
+        settings.topics.partitions,
+        settings.topics.replication_factor,
+    )
+    try:
+        return _measure_on(settings, n, events, encoded, raw_topic, validated_topic)
+    finally:
+        from spendstream.kafka_admin import delete_topics
+
+        delete_topics(settings.kafka.confluent_config(), [raw_topic, validated_topic])
+
+
+def _measure_on(
+    settings: Settings,
+    n: int,
+    events: list[dict[str, Any]],
+    encoded: list[tuple[str, bytes]],
+    raw_topic: str,
+    validated_topic: str,
+) -> dict[str, Any]:
     conf = producer_config(settings)
     conf["delivery.report.only.error"] = True
     raw = Producer(conf)
@@ -78,7 +104,6 @@ def _measure(
     if left:
         raise DeliveryError(f"raw run: {left} messages undelivered")
 
-    validated_topic = f"bench.validated.{run_id}"
     producer = UsageProducer(settings, topic=validated_topic)
     producer._producer.list_topics(validated_topic, timeout=15)
     send = producer.send

@@ -156,6 +156,31 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[TopicInfo]:
     ]
 
 
+def create_topics(
+    conf: Mapping[str, Any],
+    names: Iterable[str],
+    partitions: int,
+    replication_factor: int = 1,
+    timeout: float = 30.0,
+) -> None:
+    """Create plain (delete-policy) topics ``names``; existing ones are left as they are."""
+    names = sorted(set(names))
+    admin = admin_client(conf)
+    futures = admin.create_topics(
+        [NewTopic(n, partitions, replication_factor) for n in names],
+        operation_timeout=timeout,
+        request_timeout=timeout,
+    )
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout=timeout)
+        except KafkaException as exc:
+            if _code(exc) == _RdKafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            raise KafkaError(f"cannot create topic {name}: {_reason(exc)}") from exc
+    _wait_visible(conf, names, partitions, timeout)
+
+
 def delete_topics(conf: Mapping[str, Any], names: Iterable[str], timeout: float = 30.0) -> None:
     """Delete ``names`` (missing ones are ignored) and wait until the deletion is done."""
     names = sorted(set(names))
