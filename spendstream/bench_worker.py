@@ -100,15 +100,23 @@ def pure_rate(settings: Settings, payloads: list[tuple[str, bytes]], subs: list[
 
 def _topic_size(conf: dict[str, Any], topic: str) -> int:
     """Messages written to ``topic`` so far (sum of its partitions' high watermarks)."""
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
 
     consumer = Consumer({**conf, "group.id": "bench-size-probe"})
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        return sum(
-            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
-            for p in meta.partitions
-        )
+        for attempt in range(20):
+            try:
+                meta = consumer.list_topics(topic, timeout=10).topics[topic]
+                return sum(
+                    consumer.get_watermark_offsets(
+                        TopicPartition(topic, p), timeout=10, cached=False
+                    )[1]
+                    for p in meta.partitions
+                )
+            except KafkaException:
+                # A fresh topic's leaders can still be moving ("not leader"): ask again.
+                time.sleep(0.1 * (attempt + 1))
+        raise TimeoutError(f"cannot read the size of topic {topic!r}")
     finally:
         consumer.close()
 
