@@ -320,6 +320,37 @@ def build_app(
 
     events = app.topic(t.events, key_serializer="raw", value_serializer="raw")
 
+    # Offsets (next to read, per faust TP) of processed batches whose state is queued but not yet
+    # known durable; committed by the worker itself once a flush made that state durable.
+    # faust's own commits were seen to stall for some partitions after a restart (its
+    # acked-offset gap check), leaving consumer lag behind processing for good.
+    commit_lock = asyncio.Lock()
+    pending_offsets: dict[Any, int] = {}
+    outputs: list[OutputProducer] = []
+
+    async def commit_offsets(offsets: dict[Any, int]) -> None:
+        if not offsets:
+            return
+        consumer: Any = app.consumer
+        if await consumer._commit(offsets):
+            known = consumer._committed_offset
+            for tp, offset in offsets.items():
+                if known[tp] is None or offset > known[tp]:
+                    known[tp] = offset  # faust must not commit anything lower after us
+
+    @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
+    async def _commit_idle() -> None:
+        # The last batch before a pause: make its state durable, then commit its offsets.
+        if not outputs or not pending_offsets:
+            return
+        async with commit_lock:
+            await outputs[0].flush()
+            marks_s.flush_changelog(outputs[0], previous=True)
+            await outputs[0].flush()
+            ready = dict(pending_offsets)
+            pending_offsets.clear()
+        await commit_offsets(ready)
+
     @app.agent(events, name="price-and-rollup")
     async def price_and_rollup(stream: Any) -> None:
         # A worker publishes through librdkafka; in-process tests (agent.test_context(), no
@@ -328,6 +359,7 @@ def build_app(
         log.info("worker outputs through %s", "faust" if output is None else "librdkafka")
         sink: OutputProducer | _FaustSends = output or _FaustSends(app)
         if output is not None:
+            outputs[:] = [output]
             faust_flush = app.producer.flush
 
             async def flush_both() -> None:
@@ -385,12 +417,23 @@ def build_app(
             # previous batch's states durable; then the previous batch's watermarks and this
             # batch's states are queued. Before committing offsets faust flushes its producer,
             # which flushes ours too (see below), so no offset is committed ahead of state.
-            if output is not None:
-                await output.flush()
-            marks_s.flush_changelog(output, previous=True)
-            for state in (seen_s, windows_s, caps_s):
-                state.flush_changelog(output)
-            marks_s.hold()
+            batch_offsets: dict[Any, int] = {}
+            for e in batch:
+                tp = e.message.tp
+                batch_offsets[tp] = max(batch_offsets.get(tp, 0), e.message.offset + 1)
+            async with commit_lock:
+                if output is not None:
+                    await output.flush()
+                marks_s.flush_changelog(output, previous=True)
+                ready = dict(pending_offsets)  # the previous batches' state is durable now
+                pending_offsets.clear()
+                for state in (seen_s, windows_s, caps_s):
+                    state.flush_changelog(output)
+                marks_s.hold()
+                if output is not None:
+                    for tp, offset in batch_offsets.items():
+                        pending_offsets[tp] = max(pending_offsets.get(tp, 0), offset)
+            await commit_offsets(ready)
             stats.batches += 1
             stats.counters.update(result.counters)
             stats.counters.update(capped.counters)
@@ -401,6 +444,7 @@ def build_app(
 
     @app.on_rebalance_complete.connect
     async def _on_rebalance(sender: Any, /, *args: Any, **kwargs: Any) -> None:
+        pending_offsets.clear()  # a revoked partition's offsets are no longer ours to commit
         processor.reset_caches()
         caps.reset_caches()
 
