@@ -15,7 +15,7 @@ from typing import Any
 
 import plotly.graph_objects as go  # type: ignore[import-untyped]  # ships no stubs
 
-from spendstream.analytics.report import PnlReport, pct, usd
+from spendstream.analytics.report import PnlReport, pct, tier_pnl_cells, usd
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -145,22 +145,7 @@ def render_html(report: PnlReport) -> str:
             "p99",
             "top 1 % share",
         ],
-        [
-            [
-                _label(r["tier"]),
-                f"{Decimal(r['active_subscribers']):,.2f}",
-                usd(r["revenue"]),
-                usd(r["inference_cost"]),
-                usd(r["gross_margin"]),
-                pct(r["margin_pct"]),
-                pct(r["users_cost_over_pay_pct"]),
-                usd(r["cost_p50"], 4),
-                usd(r["cost_p90"], 4),
-                usd(r["cost_p99"], 4),
-                pct(r["top1pct_cost_share_pct"]),
-            ]
-            for r in report.tiers
-        ],
+        [tier_pnl_cells(r, _label(r["tier"])) for r in report.tiers],
     )
     heavy = _html_table(
         ["user", "org", "tier", "requests", "cost", "pays", "margin"],

@@ -135,6 +135,23 @@ def usd(value: Any, places: int = 2) -> str:
     return f"{Decimal(value):,.{places}f}"
 
 
+def tier_pnl_cells(r: dict[str, Any], label: str) -> list[str]:
+    """One tier's P&L row as display text (shared by the terminal and the HTML report)."""
+    return [
+        label,
+        f"{Decimal(r['active_subscribers']):,.2f}",
+        usd(r["revenue"]),
+        usd(r["inference_cost"]),
+        usd(r["gross_margin"]),
+        pct(r["margin_pct"]),
+        pct(r["users_cost_over_pay_pct"]),
+        usd(r["cost_p50"], 4),
+        usd(r["cost_p90"], 4),
+        usd(r["cost_p99"], 4),
+        pct(r["top1pct_cost_share_pct"]),
+    ]
+
+
 def pct(value: Any) -> str:
     """A percentage column (``12.5 %``), ``-`` when undefined."""
     return "-" if value is None else f"{Decimal(value):,.1f} %"
@@ -173,22 +190,7 @@ def render(report: PnlReport, console: Console) -> None:
                 "p99 cost",
                 "top 1 % share",
             ],
-            [
-                [
-                    r["tier"] or "(no plan)",
-                    f"{Decimal(r['active_subscribers']):,.2f}",
-                    usd(r["revenue"]),
-                    usd(r["inference_cost"]),
-                    usd(r["gross_margin"]),
-                    pct(r["margin_pct"]),
-                    pct(r["users_cost_over_pay_pct"]),
-                    usd(r["cost_p50"], 4),
-                    usd(r["cost_p90"], 4),
-                    usd(r["cost_p99"], 4),
-                    pct(r["top1pct_cost_share_pct"]),
-                ]
-                for r in t
-            ],
+            [tier_pnl_cells(r, r["tier"] or "(no plan)") for r in t],
         )
     )
     console.print(
