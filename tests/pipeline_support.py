@@ -8,12 +8,15 @@ come from running the cap engine over the same unique events in a single pass.
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
+
+import orjson
 
 from producers import UsageProducer, publish_subscriptions
 from schemas import Subscription, event_from_obj
@@ -111,6 +114,47 @@ def produce(settings: Settings, items: Iterable[dict[str, Any] | bytes], oracle:
     return sent
 
 
+def _spans(offsets: list[int]) -> list[str]:
+    """Sorted offsets as compact ranges: [1, 2, 3, 7] -> ['1-3', '7']."""
+    out: list[str] = []
+    for o in sorted(offsets):
+        if out and int(out[-1].split("-")[-1]) == o - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{o}"
+        else:
+            out.append(str(o))
+    return out
+
+
+def read_topic(settings: Settings, topic: str) -> list[tuple[int, int, bytes | None]]:
+    """Every message of ``topic`` now, as (partition, offset, value) (diagnostics)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {**settings.kafka.confluent_config(), "group.id": "diag", "enable.auto.commit": False}
+    )
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            for p in meta.partitions
+        }
+        consumer.assign([TopicPartition(topic, p, lo) for p, (lo, hi) in ends.items() if hi > lo])
+        remaining = {p for p, (lo, hi) in ends.items() if hi > lo}
+        out: list[tuple[int, int, bytes | None]] = []
+        deadline = time.monotonic() + 60
+        while remaining and time.monotonic() < deadline:
+            msg = consumer.poll(1.0)
+            if msg is None or msg.error():
+                continue
+            part, offset = msg.partition() or 0, msg.offset() or 0
+            out.append((part, offset, msg.value()))
+            if offset + 1 >= ends[part][1]:
+                remaining.discard(part)
+        return out
+    finally:
+        consumer.close()
+
+
 class Pipeline:
     """A worker child process and an in-process sink over one chDB store."""
 
@@ -191,6 +235,34 @@ class Pipeline:
         )
         return "raw:\n" + "\n".join(map(str, raw)) + "\nrollups:\n" + "\n".join(map(str, rolls))
 
+    def _counts(self) -> str:
+        """Rows per table and the committed offsets of the worker and sink groups (diagnostics)."""
+        from spendstream.lag import group_lag
+
+        s, db = self.settings, self.settings.clickhouse.database
+        lines = []
+        for table in ("priced_events", "rollups", "dead_letters", "alerts"):
+            _, rows = self.store.query(f"SELECT count() FROM {db}.{table}")
+            lines.append(f"{table}: {rows[0][0]} rows")
+        conf = s.kafka.confluent_config()
+        lines.append(f"worker lag: {group_lag(conf, s.processor.app_id, [s.topics.events])}")
+        lines.append(f"sink lag: {group_lag(conf, s.sink.group_id, [s.topics.priced])}")
+        priced = read_topic(s, s.topics.priced)
+        ids = {orjson.loads(v)["event_id"] for _, _, v in priced if v}
+        lines.append(f"priced topic: {len(priced)} messages, {len(ids)} distinct event ids")
+        events = read_topic(s, s.topics.events)
+        missing: dict[int, list[int]] = defaultdict(list)
+        for part, offset, value in events:
+            try:
+                event_id = orjson.loads(value or b"")["event_id"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue
+            if event_id not in ids:
+                missing[part].append(offset)
+        spans = {p: _spans(offsets) for p, offsets in sorted(missing.items())}
+        lines.append(f"events topic: {len(events)} messages; offsets never priced: {spans}")
+        return "\n".join(lines)
+
     # -- reconciliation ----------------------------------------------------------------------
     def reconcile(self, oracle: Oracle, *, alerts: bool = True) -> None:
         """Assert ClickHouse equals the oracle exactly (raises AssertionError with the diff)."""
@@ -201,7 +273,13 @@ class Pipeline:
             f"FROM {db}.priced_events FINAL GROUP BY user_id"
         )
         raw = {r[0]: r[1:] for r in rows}
-        assert set(raw) == set(oracle.per_user), "users differ"
+        if set(raw) != set(oracle.per_user):
+            missing = sorted(set(oracle.per_user) - set(raw))
+            extra = sorted(set(raw) - set(oracle.per_user))
+            raise AssertionError(
+                f"users differ: {len(missing)} missing from priced_events {missing[:10]}, "
+                f"{len(extra)} unexpected {extra[:10]}\n" + self._counts()
+            )
         for user, (count, unique, tin, tout, cost, list_value) in raw.items():
             want = oracle.per_user[user]
             assert count == unique == want.requests, (user, count, unique, want.requests)
