@@ -4,7 +4,8 @@
 the contract of :mod:`schemas`, key it by ``user_id`` and deliver it idempotently with
 ``acks=all``; with a spool (:class:`DiskSpool`) they write every event to a bounded local disk
 log first, so a broker outage or a process restart loses nothing.
-``publish_subscriptions`` feeds the compacted subscriptions topic.
+``load_subscriptions`` reads and validates a subscriptions file, ``publish_subscriptions`` feeds
+the compacted subscriptions topic, ``grant_credit`` adds prepaid credit to a user's record.
 """
 
 from producers._async import AsyncUsageProducer
@@ -18,7 +19,13 @@ from producers._producer import (
     validate_event,
 )
 from producers._spool import DiskSpool, SpoolFullError, SpoolRecord, SpoolStats
-from producers._subscriptions import encode_subscription, publish_subscriptions
+from producers._subscriptions import (
+    encode_subscription,
+    grant_credit,
+    load_subscriptions,
+    publish_subscriptions,
+    read_subscription,
+)
 from producers._view import CompactedTopicView
 
 __all__ = [
@@ -36,7 +43,10 @@ __all__ = [
     "SpoolStats",
     "UsageProducer",
     "encode_subscription",
+    "grant_credit",
+    "load_subscriptions",
     "producer_config",
     "publish_subscriptions",
+    "read_subscription",
     "validate_event",
 ]

@@ -24,6 +24,7 @@ class CompactedTopicView(Generic[V]):
 
     ``decode`` turns a message value into ``V``; a value it rejects (raises ``ValueError``) is
     counted in :attr:`rejected` and skipped, a tombstone (``None``) removes the key.
+    ``on_update`` is called with the key after each change, from the view's thread.
     """
 
     def __init__(
@@ -33,8 +34,10 @@ class CompactedTopicView(Generic[V]):
         decode: Callable[[bytes], V],
         *,
         poll_interval_s: float = 0.2,
+        on_update: Callable[[str], None] | None = None,
     ) -> None:
         self._config = dict(config)
+        self._on_update = on_update
         self.topic = topic
         self._decode = decode
         self._poll_interval_s = poll_interval_s
@@ -158,3 +161,5 @@ class CompactedTopicView(Generic[V]):
             with self._lock:
                 self._data[key] = value
         self.last_update_monotonic = time.monotonic()
+        if self._on_update is not None:
+            self._on_update(key)

@@ -14,7 +14,9 @@ from schemas._events import (
     event_json_schema,
 )
 from schemas._records import (
+    MAX_CREDIT_GRANTS,
     MONEY_SCALE,
+    CreditGrant,
     DeadLetter,
     PlanPeriod,
     PricedEvent,
@@ -31,8 +33,10 @@ from schemas.adapters import (
 
 __all__ = [
     "MAX_ATTRIBUTES",
+    "MAX_CREDIT_GRANTS",
     "MAX_EVENT_BYTES",
     "MONEY_SCALE",
+    "CreditGrant",
     "DeadLetter",
     "EventContext",
     "PlanPeriod",

@@ -7,6 +7,7 @@ read it as a float by accident. Timestamps are RFC 3339 UTC strings.
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, TypedDict
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -16,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -120,6 +122,31 @@ class PlanPeriod(BaseModel):
     effective_at: AwareDatetime
 
 
+MAX_CREDIT_GRANTS = 10_000
+"""Grants one subscription record may list (the record is the user's whole credit history)."""
+
+
+class CreditGrant(BaseModel):
+    """Prepaid credit bought by (or granted to) a user: drawn before overage is billed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    credit_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] = Field(
+        description="Unique per user; a grant is applied once, however often it is re-published."
+    )
+    amount_usd: Decimal = Field(
+        gt=0,
+        le=Decimal(10) ** 12,
+        decimal_places=MONEY_SCALE,
+        description="USD added to the wallet; a decimal string on the wire.",
+    )
+    granted_at: AwareDatetime = Field(description="When it was bought (for accounting).")
+
+    @field_serializer("amount_usd")
+    def _money_as_string(self, value: Decimal) -> str:
+        return format(value, "f")
+
+
 class Subscription(BaseModel):
     """Which plan a user is on, since when (topic ``usage.subscriptions``, compacted, key = user).
 
@@ -134,6 +161,11 @@ class Subscription(BaseModel):
     timezone: str = Field(default="UTC", description="IANA zone of the billing anchor.")
     billing_anchor: AwareDatetime = Field(description="Subscription start: anchors billing months.")
     plans: list[PlanPeriod] = Field(min_length=1, max_length=100)
+    credits: list[CreditGrant] = Field(
+        default_factory=list,
+        max_length=MAX_CREDIT_GRANTS,
+        description="Prepaid credit grants, append-only: the worker applies each new one once.",
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -149,7 +181,17 @@ class Subscription(BaseModel):
         times = [p.effective_at for p in self.plans]
         if times != sorted(times):
             raise ValueError("plans must be ordered by effective_at")
+        ids = [c.credit_id for c in self.credits]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"credit_id {dup!r} is listed twice")
         return self
+
+    def with_credit(self, grant: CreditGrant) -> Subscription:
+        """This record with ``grant`` appended (unchanged if its ``credit_id`` is listed)."""
+        if any(c.credit_id == grant.credit_id for c in self.credits):
+            return self
+        return Subscription.model_validate({**self.model_dump(), "credits": [*self.credits, grant]})
 
     def plan_at(self, when: datetime) -> str:
         """The plan in force at event time ``when`` (the first plan before the schedule starts)."""

@@ -642,8 +642,8 @@ def dedup_token(table: str, ranges: Mapping[tuple[str, int], Sequence[int]]) -> 
 
 
 def decode_subscription(value: bytes) -> dict[str, Any]:
-    """A :class:`~schemas.Subscription` as one ``subscriptions`` row: the plan schedule as
-    parallel arrays (``plan_ids``, ``effective_ats``), flattened to periods by a view."""
+    """A :class:`~schemas.Subscription` as one ``subscriptions`` row: the plan schedule and the
+    credit grants as parallel arrays, flattened by views (periods, ``credit_grants``)."""
     from pydantic import ValidationError
 
     from schemas import Subscription
@@ -660,6 +660,9 @@ def decode_subscription(value: bytes) -> dict[str, Any]:
         "plan_ids": [p.plan_id for p in sub.plans],
         # list<timestamp> is built from datetimes (Column.build parses text only at top level)
         "effective_ats": [p.effective_at.astimezone(UTC) for p in sub.plans],
+        "credit_ids": [c.credit_id for c in sub.credits],
+        "credit_amounts": [c.amount_usd for c in sub.credits],
+        "credit_granted_ats": [c.granted_at.astimezone(UTC) for c in sub.credits],
         # version of the ReplacingMergeTree: records are decoded in offset order
         "received_at": datetime.now(UTC).isoformat(),
     }
@@ -674,6 +677,9 @@ SUBSCRIPTIONS = TableSpec(
         Column("billing_anchor", TIMESTAMP),
         Column("plan_ids", pa.list_(pa.string())),
         Column("effective_ats", pa.list_(TIMESTAMP)),
+        Column("credit_ids", pa.list_(pa.string())),
+        Column("credit_amounts", pa.list_(MONEY)),
+        Column("credit_granted_ats", pa.list_(TIMESTAMP)),
         Column("received_at", TIMESTAMP),
     ),
     decode=decode_subscription,

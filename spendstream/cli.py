@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "traffic",
     "store",
     "report",
+    "subscriptions",
 )
 
 app = typer.Typer(

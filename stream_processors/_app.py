@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import ssl
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -337,9 +337,15 @@ def build_app(
     )
 
     view = None
+    # Users whose subscription record changed (from the view's thread): their new credit
+    # grants are applied by a timer, since a user blocked at the ceiling sends no events.
+    changed_users: deque[str] = deque()
     if subscriptions is None:
         view = CompactedTopicView(
-            settings.kafka.confluent_config(), t.subscriptions, Subscription.model_validate_json
+            settings.kafka.confluent_config(),
+            t.subscriptions,
+            Subscription.model_validate_json,
+            on_update=changed_users.append,
         )
         subscriptions = view.get
 
@@ -403,6 +409,34 @@ def build_app(
             ready = dict(pending_offsets)
             pending_offsets.clear()
         await commit_offsets(ready)
+
+    @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
+    async def _apply_credits() -> None:
+        if not changed_users or not outputs or app.rebalancing:
+            return
+        users: set[str] = set()
+        while changed_users:
+            users.add(changed_users.popleft())
+        async with commit_lock:
+            capped = caps.apply_credits(sorted(users), datetime.now(UTC))
+            if not capped.counters["caps_credit_grants"]:
+                return
+            out = outputs[0]
+            where = capped.partitions
+            for topic_name, messages in (
+                (t.alerts, capped.alerts),
+                (t.enforcement, capped.enforcement),
+                (t.overages, capped.overages),
+            ):
+                for key, value in messages:
+                    out.produce(topic_name, key.encode(), value, where[key])
+            # Outputs before the state that says they were produced, as for a batch.
+            await out.flush()
+            caps_s.flush_changelog(out)
+            await out.flush()
+        stats.counters.update(capped.counters)
+        if on_caps is not None:
+            on_caps(capped)
 
     @app.agent(events, name="price-and-rollup")
     async def price_and_rollup(stream: Any) -> None:
@@ -500,6 +534,9 @@ def build_app(
         pending_offsets.clear()  # a revoked partition's offsets are no longer ours to commit
         processor.reset_caches()
         caps.reset_caches()
+        if view is not None:
+            # States restored here may have credit grants not applied yet.
+            changed_users.extend(u for u, sub in view.snapshot().items() if sub.credits)
 
     # The caller starts the subscriptions view (and waits until it has read the topic) before
     # the worker consumes: pricing with an unknown plan would be wrong, not just late.

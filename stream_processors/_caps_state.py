@@ -234,6 +234,7 @@ class UserCapState:
 
     __slots__ = (
         "enf",
+        "granted",
         "months",
         "org_id",
         "topups",
@@ -252,6 +253,8 @@ class UserCapState:
         self.wallet = 0
         """Prepaid credit balance, USD units."""
         self.topups: list[str] = []
+        self.granted = 0
+        """How many of the subscription's credit grants were applied (they are append-only)."""
         self.version = 0
         """Number of enforcement records emitted so far."""
         self.enf: tuple[Any, ...] | None = None
@@ -272,6 +275,8 @@ class UserCapState:
             out["c"] = units_str(self.wallet)
         if self.topups:
             out["t"] = self.topups
+        if self.granted:
+            out["g"] = self.granted
         if self.version:
             out["n"] = self.version
         if self.enf is not None:
@@ -296,6 +301,7 @@ class UserCapState:
         state.watermark = int(obj.get("w", NEVER))
         state.wallet = units_from_str(obj["c"]) if "c" in obj else 0
         state.topups = [str(t) for t in obj.get("t", [])]
+        state.granted = int(obj.get("g", 0))
         state.version = int(obj.get("n", 0))
         state.enf = tuple(obj["e"]) if obj.get("e") is not None else None
         state.months = FixedState.from_obj({"i": obj.get("m", [])}, usd=True)

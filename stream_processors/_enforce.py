@@ -10,10 +10,13 @@ No Kafka, no clock: the faust agent (``_app.py``) passes ``now`` and publishes t
 State
 -----
 One key per user in the ``caps`` table: ``key = user_id``, value = ``orjson`` of
-:meth:`UserCapState.to_dict`, written to the changelog partition of that user's events in the
-batch (the partition their messages came from, so a rebalance restores the state on the worker
-that owns the user's events). The fired-threshold set is part of that value, which is what makes
-a restart (state restored from the changelog) never fire an alert again.
+``{"o": last source offset applied, "p": partition, "s": UserCapState.to_dict()}``, written to
+the changelog partition of that user's events in the batch (the partition their messages came
+from, so a rebalance restores the state on the worker that owns the user's events). The
+fired-threshold set is part of that value, which is what makes a restart (state restored from
+the changelog) never fire an alert again. New credit grants on the user's subscription record
+are applied before the user's next batch, or at once by :meth:`CapStage.apply_credits` (the
+worker calls it when the record changes: a user blocked at the ceiling sends no events).
 
 Wire decisions
 --------------
@@ -47,7 +50,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -170,20 +173,58 @@ class CapStage:
                 recs = fresh
                 if not recs:
                     continue
-            effects = self.engine.apply_batch(state, sub, [cap_event(r) for r in recs], now)
-            last = recs[-1].offset
-            raw = orjson.dumps({"o": last, "s": state.to_dict()})
-            self.state.put(partition, user_id, raw)
-            if len(self._cache) >= self.max_cached:
-                self._cache.clear()  # crude but bounded; rebuilt from the table on demand
-            self._cache[user_id] = (raw, state, last)
+            effects = Effects()
+            # Credits bought since the user's last event pay for this batch's overage.
+            counters["caps_credit_grants"] += self.engine.apply_grants(state, sub, now, effects)
+            self.engine.apply_batch(state, sub, [cap_event(r) for r in recs], now, effects)
+            self._store(user_id, partition, state, recs[-1].offset)
             counters["caps_users"] += 1
             counters["caps_applied"] += len(recs)
             out.partitions[user_id] = partition
             self._encode(user_id, partition, recs, effects, now, out)
         return out
 
+    def apply_credits(self, users: Iterable[str], now: datetime) -> CapOutputs:
+        """Apply new credit grants of ``users`` whose cap state this worker holds.
+
+        For a user who sends no events, typically one blocked at the overage ceiling: the
+        top-up must unblock them without waiting for a request the gateway refuses. Users
+        with no state here (never capped, or owned by another worker) are left to the lazy
+        path in :meth:`process`. The state keeps the offset it had, so a replay of the
+        user's events is still recognized.
+        """
+        out = CapOutputs()
+        counters = out.counters
+        for user_id in users:
+            sub = self._subscriptions(user_id)
+            raw = self.state.get(user_id)
+            if sub is None or len(sub.credits) == 0 or raw is None:
+                continue
+            try:
+                partition = int(orjson.loads(raw)["p"])
+            except (ValueError, KeyError, TypeError):
+                counters["caps_credit_deferred"] += 1  # a state written before "p" existed
+                continue
+            state, applied = self._load(user_id, sub, counters)
+            effects = Effects()
+            granted = self.engine.apply_grants(state, sub, now, effects)
+            if not granted:
+                self._cache[user_id] = (raw, state, applied)  # unchanged: keep it decoded
+                continue
+            self._store(user_id, partition, state, applied)
+            counters["caps_credit_grants"] += granted
+            out.partitions[user_id] = partition
+            self._encode(user_id, partition, (), effects, now, out)
+        return out
+
     # -- internals ----------------------------------------------------------------------------
+    def _store(self, user_id: str, partition: int, state: UserCapState, last: int) -> None:
+        raw = orjson.dumps({"o": last, "p": partition, "s": state.to_dict()})
+        self.state.put(partition, user_id, raw)
+        if len(self._cache) >= self.max_cached:
+            self._cache.clear()  # crude but bounded; rebuilt from the table on demand
+        self._cache[user_id] = (raw, state, last)
+
     def _load(
         self, user_id: str, sub: Subscription, counters: Counter[str]
     ) -> tuple[UserCapState, int]:

@@ -371,6 +371,30 @@ class CapEngine:
             self._enforce(state, sub, state.watermark, rfc3339_dt(detected_at), out)
         return out
 
+    def apply_grants(
+        self,
+        state: UserCapState,
+        sub: Subscription,
+        detected_at: datetime,
+        out: Effects | None = None,
+    ) -> int:
+        """Top up the wallet with the subscription's credit grants not applied yet.
+
+        Grants are append-only on the subscription record; ``state.granted`` counts those
+        applied, so each is applied once however often the record is re-published. Returns
+        how many were applied now (0 also when the list got shorter than what was applied:
+        a rewritten history is never applied twice, nor refunded).
+        """
+        grants = sub.credits
+        if len(grants) <= state.granted:
+            return 0
+        applied = 0
+        for grant in grants[state.granted :]:
+            self.top_up(state, sub, grant.credit_id, grant.amount_usd, detected_at, out)
+            applied += 1
+        state.granted = len(grants)
+        return applied
+
     def tick(
         self, state: UserCapState, sub: Subscription, now: datetime, detected_at: datetime
     ) -> Effects:

@@ -397,6 +397,14 @@ def parse_plans(data: Any, source: str = "<plans>") -> PlanCatalog:
     )
 
 
+def exact_yaml(text: str) -> Any:
+    """Parse YAML (or JSON) safely, with floats as exact decimals; ``ValueError`` if invalid."""
+    try:
+        return yaml.load(text, Loader=_ExactLoader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from exc
+
+
 def load_plans(path: str | Path = SAMPLE_PLANS) -> PlanCatalog:
     """Read and validate a plans YAML/JSON file; one :class:`ConfigError` lists every problem."""
     path = Path(path)

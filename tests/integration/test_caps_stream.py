@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,15 @@ plans:
         allowance: "1.00"
         thresholds: [50, 80, 100]
         at_cap: {action: block}
+  - id: ceiled
+    monthly_price: "0"
+    windows:
+      - name: monthly
+        kind: billing_month
+        unit: usd
+        allowance: "0.20"
+        thresholds: [100]
+        at_cap: {action: overage, unit_price: "1", ceiling_usd: "0.10"}
 """
 
 
@@ -278,5 +288,92 @@ def test_alerts_once_across_a_worker_crash_and_the_guard_sees_blocked(
         assert staleness is not None and staleness < 5
     finally:
         alerts.close()
+        guard.close()
+        worker.stop()
+
+
+def test_a_top_up_unblocks_a_user_at_the_overage_ceiling_and_is_drawn_first(
+    worker_setup: tuple[Settings, WorkerProcess],
+) -> None:
+    """Blocked at the ceiling, topped up from the CLI, unblocked with no new event; the next
+    event is paid from the credit (a credit_draw record), not billed."""
+    settings, worker = worker_setup
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC).replace(microsecond=0)
+    publish_subscriptions(
+        settings,
+        [
+            Subscription(
+                user_id=user,
+                org_id="org-1",
+                billing_anchor=now - timedelta(days=3),
+                plans=[PlanPeriod(plan_id="ceiled", effective_at=now - timedelta(days=3))],
+            )
+        ],
+    )
+    t0 = now - timedelta(minutes=10)
+
+    def send(first: int, count: int) -> None:
+        with UsageProducer(settings) as producer:
+            for i in range(first, first + count):
+                producer.send(
+                    {
+                        "event_id": f"{user}-e{i}",
+                        "occurred_at": (t0 + timedelta(seconds=i)).isoformat(),
+                        "org_id": "org-1",
+                        "user_id": user,
+                        "gateway": "test",
+                        "requested_model": "gpt-4o",
+                        "input_tokens": 40_000,  # 0.10 USD each
+                    }
+                )
+
+    def top_up(credit_id: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "spendstream", "subscriptions", "top-up", user, "0.25",
+             "--credit-id", credit_id],
+            cwd=REPO, env=worker.env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def wait_action(action: str, timeout_s: float) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while guard.check(user).action != action and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return guard.check(user)
+
+    overages = TopicReader(settings, settings.topics.overages)
+    guard = CapGuard(settings).start(wait_s=30)
+    try:
+        worker.start()
+        send(0, 4)  # 0.40 USD: 0.20 beyond the allowance, billed 0.10 up to the ceiling
+        decision = wait_action("block", 90)
+        assert decision.action == "block" and decision.reason == "ceiling", decision
+
+        out = top_up("pay-1")
+        assert "1 grant(s)" in out, out
+        t_granted = time.monotonic()
+        decision = wait_action("allow", 30)
+        assert decision.action == "allow", (decision, worker.log_tail())
+        unblocked_s = time.monotonic() - t_granted
+        print(f"\nunblocked {unblocked_s:.2f} s after the top-up was published")
+        assert "1 grant(s)" in top_up("pay-1")  # the same purchase again: no second grant
+
+        send(4, 1)  # 0.10 USD beyond the allowance: paid from the 0.25 credit
+        deadline = time.monotonic() + 60
+        while not any(r["event_id"] == f"{user}-e4" for r in overages.records):
+            if time.monotonic() > deadline:
+                pytest.fail(f"nothing on overages for e4: {overages.records}\n{worker.log_tail()}")
+            overages.poll(0.2)
+        overages.drain(quiet_s=2.0)
+        after = [r for r in overages.records if r["event_id"] == f"{user}-e4"]
+        assert [(r["record"], Decimal(r["amount"])) for r in after] == [
+            ("credit_draw", Decimal("0.1"))
+        ], overages.records
+        billed = sum(Decimal(r["amount"]) for r in overages.records if r["record"] == "overage")
+        assert billed == Decimal("0.1")  # only what was billed before the top-up
+    finally:
+        overages.close()
         guard.close()
         worker.stop()

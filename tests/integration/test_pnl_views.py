@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from producers._subscriptions import encode_subscription
-from schemas import PlanPeriod, Subscription
+from schemas import CreditGrant, PlanPeriod, Subscription
 from sinks import ChdbStore
 from sinks._buffer import SUBSCRIPTIONS
 from spendstream.analytics import build_report, load_plans_into
@@ -91,8 +91,18 @@ SUBS = [
     _sub("u2", "acme", [("pro", "2026-11-01T00:00:00")]),
     # 15 days free, then 15 days pro (Nov has 30 days)
     _sub("u3", "acme", [("free", "2026-11-01T00:00:00"), ("pro", "2026-11-16T00:00:00")]),
-    # team from Nov 11: 20 of 30 days
-    _sub("u4", "acme", [("team", "2026-11-11T00:00:00")]),
+    # team from Nov 11: 20 of 30 days; bought prepaid credit twice
+    _sub("u4", "acme", [("team", "2026-11-11T00:00:00")])
+    .with_credit(
+        CreditGrant(credit_id="c-1", amount_usd=D("5"), granted_at=_t("2026-11-12T09:00:00"))
+    )
+    .with_credit(
+        CreditGrant(
+            credit_id="c-2",
+            amount_usd=D("0.000000000000000000000001"),
+            granted_at=_t("2026-11-20T00:00:00"),
+        )
+    ),
     # pro since October, no usage, another org
     _sub("u5", "beta", [("pro", "2026-10-01T00:00:00")]),
 ]
@@ -282,6 +292,17 @@ def test_subscription_periods_are_flattened(store: ChdbStore) -> None:
     assert rows == [
         ("u3", "free", _t("2026-11-01T00:00:00"), _t("2026-11-16T00:00:00")),
         ("u3", "pro", _t("2026-11-16T00:00:00"), None),
+    ]
+
+
+def test_credit_grants_are_landed_exactly(store: ChdbStore) -> None:
+    _, rows = store.query(
+        "SELECT user_id, credit_id, amount, granted_at FROM spendstream.credit_grants "
+        "ORDER BY user_id, granted_at"
+    )
+    assert rows == [
+        ("u4", "c-1", D("5"), _t("2026-11-12T09:00:00")),
+        ("u4", "c-2", D("0.000000000000000000000001"), _t("2026-11-20T00:00:00")),
     ]
 
 
