@@ -2,9 +2,9 @@
 
 Sections (each can be skipped): the producer (validated vs raw), one worker (events/s on the
 broker, and the same pure processing without Kafka), the sink into chDB (rows/s), the caps
-path (event-to-alert latency at a fixed rate), and baselines for the worker (a bare consumer
-doing the same per-event work, and the same job in quixstreams). Speed is measured here, never
-asserted in tests.
+path (event-to-alert latency at a fixed rate), baselines for the worker (a bare consumer
+doing the same per-event work, and the same job in quixstreams), and the worker's state size per
+active user-window at 100,000 users. Speed is measured here, never asserted in tests.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from rich.table import Table
 
 from spendstream.settings import Settings
 
-SECTIONS = ("producer", "worker", "sink", "caps", "baselines")
+SECTIONS = ("producer", "worker", "sink", "caps", "baselines", "state")
 
 
 @dataclass
@@ -34,6 +34,7 @@ class BenchOptions:
     sink_rows: int = 500_000
     caps_rates: tuple[int, ...] = (2_000, 10_000)
     caps_seconds: float = 10.0
+    state_users: int = 100_000
     skip: tuple[str, ...] = ()
 
 
@@ -112,7 +113,11 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
             )
 
         steps.append(("baselines", baselines))
-    needs_broker = any(name != "sink" for name, _ in steps)
+    if "state" not in options.skip:
+        from spendstream.bench_state import run_state_bench
+
+        steps.append(("state", lambda: run_state_bench(settings, options.state_users, per_user=4)))
+    needs_broker = any(name not in ("sink", "state") for name, _ in steps)
     with broker(settings, console) if needs_broker else _nothing():
         for name, step in steps:
             with console.status(f"benchmark: {name}…"):

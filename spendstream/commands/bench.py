@@ -38,16 +38,22 @@ def register(app: typer.Typer) -> None:
         caps_seconds: float = typer.Option(
             10.0, "--caps-seconds", min=1, help="Seconds of traffic for the latency section."
         ),
+        state_users: int = typer.Option(
+            100_000,
+            "--state-users",
+            min=100,
+            help="Users simulated for the state-size section (4 events per user).",
+        ),
         skip: list[str] = typer.Option(
             [],
             "--skip",
-            help="Skip a section: producer, worker, sink, caps or baselines (repeatable).",
+            help="Skip a section: producer, worker, sink, caps, baselines or state (repeatable).",
         ),
         json_out: Path | None = typer.Option(
             None, "--json", help="Also write every figure to this JSON file."
         ),
     ) -> None:
-        """Measure producer, worker, sink, caps and baseline figures on this machine, in one run.
+        """Measure producer, worker, sink, caps, baseline and state-size figures, in one run.
 
         Uses the configured broker or starts the local one (and stops it after); topics are
         created under a unique prefix and deleted afterwards; chDB runs in a temporary folder.
@@ -65,6 +71,7 @@ def register(app: typer.Typer) -> None:
             sink_rows=sink_rows,
             caps_rates=tuple(caps_rate),
             caps_seconds=caps_seconds,
+            state_users=state_users,
             skip=tuple(skip),
         )
         try:
