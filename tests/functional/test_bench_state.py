@@ -25,8 +25,9 @@ def test_state_section_through_the_cli(tmp_path: Path) -> None:
     # Every active user has at least one rollup window and one cap window.
     assert state["rollup_windows"] >= state["users_active"]
     assert state["cap_windows"] >= state["users_active"]
-    assert 0 < state["window_state_wire_bytes_per_user_window"]
-    assert state["window_state_wire_bytes_per_user_window"] < state[
-        "window_state_heap_bytes_per_user_window"
-    ]
+    assert state["window_state_wire_bytes_per_user_window"] > 0
+    assert (
+        state["window_state_wire_bytes_per_user_window"]
+        < state["window_state_heap_bytes_per_user_window"]
+    )
     assert "bench: state" in result.output
