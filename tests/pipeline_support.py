@@ -21,6 +21,7 @@ import orjson
 from producers import UsageProducer, publish_subscriptions
 from schemas import Subscription, event_from_obj
 from sinks import Sink, open_store
+from spendstream.lag import group_lag
 from spendstream.runner import WorkerProcess, wait_for_lag_zero
 from spendstream.settings import Settings
 from stream_processors import (
@@ -125,6 +126,49 @@ def _spans(offsets: list[int]) -> list[str]:
     return out
 
 
+def read_topic_all(
+    settings: Settings, topic: str
+) -> list[tuple[int, int, bytes | None, bytes | None]]:
+    """Every message of ``topic`` now, as (partition, offset, key, value) (diagnostics)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {**settings.kafka.confluent_config(), "group.id": "diag", "enable.auto.commit": False}
+    )
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            for p in meta.partitions
+        }
+        consumer.assign([TopicPartition(topic, p, lo) for p, (lo, hi) in ends.items() if hi > lo])
+        remaining = {p for p, (lo, hi) in ends.items() if hi > lo}
+        out: list[tuple[int, int, bytes | None, bytes | None]] = []
+        deadline = time.monotonic() + 60
+        while remaining and time.monotonic() < deadline:
+            msg = consumer.poll(1.0)
+            if msg is None or msg.error():
+                continue
+            part, offset = msg.partition() or 0, msg.offset() or 0
+            out.append((part, offset, msg.key(), msg.value()))
+            if offset + 1 >= ends[part][1]:
+                remaining.discard(part)
+        return sorted(out, key=lambda m: (m[0], m[1]))
+    finally:
+        consumer.close()
+
+
+def read_topic_keyed(
+    settings: Settings, topic: str, needle: str
+) -> list[tuple[int, int, bytes | None]]:
+    """Messages of ``topic`` whose key contains ``needle``, as (partition, offset, value)."""
+    return [
+        (p, o, v)
+        for p, o, k, v in read_topic_all(settings, topic)
+        if k is not None and needle in k.decode(errors="replace")
+    ]
+
+
 def read_topic(settings: Settings, topic: str) -> list[tuple[int, int, bytes | None]]:
     """Every message of ``topic`` now, as (partition, offset, value) (diagnostics)."""
     from confluent_kafka import Consumer, TopicPartition
@@ -220,6 +264,31 @@ class Pipeline:
         self.stop_sink()
         self.store.close()
 
+    def _history(self, user: str) -> str:
+        """The user's events (offset, id, model) and every changelog write of their windows
+        and seen entries, in order (diagnostics for a state that lost an event)."""
+        s = self.settings
+        lines = ["\nevents of the user (partition, offset, event_id, model):"]
+        ids: set[str] = set()
+        for part, offset, value in read_topic_keyed(s, s.topics.events, user):
+            try:
+                obj = orjson.loads(value or b"")
+            except orjson.JSONDecodeError:
+                continue
+            ids.add(obj.get("event_id", ""))
+            model = obj.get("served_model") or obj.get("requested_model")
+            lines.append(f"  {part} {offset} {obj.get('event_id')} {model}")
+        app = s.processor.app_id
+        lines.append("windows changelog writes:")
+        for part, offset, value in read_topic_keyed(s, f"{app}-windows-changelog", user):
+            lines.append(f"  {part} {offset} {value!r}")
+        lines.append("seen changelog writes:")
+        for part, offset, key, value in read_topic_all(s, f"{app}-seen-changelog"):
+            if key is not None and any(i and i in key.decode(errors="replace") for i in ids):
+                lines.append(f"  {part} {offset} {key!r} {value!r}")
+        lines.append(f"worker lag: {group_lag(s.kafka.confluent_config(), app, [s.topics.events])}")
+        return "\n".join(lines)
+
     def _windows(self, user: str) -> str:
         """Per-window raw counts next to every stored rollup row of ``user`` (diagnostics)."""
         db = self.settings.clickhouse.database
@@ -237,8 +306,6 @@ class Pipeline:
 
     def _counts(self) -> str:
         """Rows per table and the committed offsets of the worker and sink groups (diagnostics)."""
-        from spendstream.lag import group_lag
-
         s, db = self.settings, self.settings.clickhouse.database
         lines = []
         for table in ("priced_events", "rollups", "dead_letters", "alerts"):
@@ -304,7 +371,9 @@ class Pipeline:
             if (requests, tin, cost) != (want.requests, want.input_tokens, want.cost):
                 raise AssertionError(
                     f"rollups of {user}: {(requests, tin, cost)} != "
-                    f"{(want.requests, want.input_tokens, want.cost)}\n" + self._windows(user)
+                    f"{(want.requests, want.input_tokens, want.cost)}\n"
+                    + self._windows(user)
+                    + self._history(user)
                 )
 
         _, rows = self.store.query(f"SELECT hex(payload) FROM {db}.dead_letters FINAL")
@@ -315,7 +384,20 @@ class Pipeline:
                 f"SELECT alert_id, count() FROM {db}.alerts GROUP BY alert_id"
             )
             stored = {r[0] for r in rows}
-            assert stored == oracle.alert_ids(), "alerts differ"
+            expected = oracle.alert_ids()
+            if stored != expected:
+                odd = sorted(expected ^ stored)
+                user = odd[0].split("|")[0]
+                caps = read_topic_keyed(
+                    self.settings, f"{self.settings.processor.app_id}-caps-changelog", user
+                )
+                raise AssertionError(
+                    f"alerts differ: missing {sorted(expected - stored)[:10]}, "
+                    f"unexpected {sorted(stored - expected)[:10]}"
+                    + self._history(user)
+                    + "\ncaps changelog writes:\n"
+                    + "\n".join(f"  {p} {o} {v!r}" for p, o, v in caps)
+                )
             _, rows = self.store.query(
                 f"SELECT count(), uniqExact(alert_id) FROM {db}.alerts FINAL"
             )
