@@ -2,9 +2,8 @@
 
 faust drops records fetched while its flow is stopped and relies on a seek to the committed
 offset to read them again; aiokafka does not move a partition that has no committed offset.
-These cases pin down which partitions the worker's own seek rewinds, and that its consumer does
-not commit while a rebalance or table recovery runs, on fakes that record the calls (the real
-broker paths are tests/integration/test_scale_out.py and the fault suite).
+These cases pin down which partitions the worker's own seek rewinds, on a fake consumer that
+records the calls (the real broker path is tests/integration/test_scale_out.py).
 """
 
 from __future__ import annotations
@@ -82,35 +81,3 @@ def test_read_and_committed_offsets_follow_the_commits() -> None:
     assert consumer._read_offset[TopicPartition(EVENTS, 1)] is None
     assert consumer._committed_offset[TopicPartition(EVENTS, 0)] == 40
     assert consumer._committed_offset[TopicPartition(EVENTS, 1)] is None
-
-
-class FakeApp:
-    """What ``_rewind_uncommitted_inputs`` uses of a faust App: a consumer factory, a flag."""
-
-    def __init__(self) -> None:
-        self.rebalancing = False
-        self.commits: list[Any] = []
-
-    def _new_consumer(self) -> Any:
-        app = self
-
-        class Consumer(FakeConsumer):
-            async def commit(self, *args: Any, **kwargs: Any) -> bool:
-                app.commits.append(args)
-                return True
-
-        return Consumer({}, 0)
-
-
-def test_no_commit_while_a_rebalance_or_recovery_runs() -> None:
-    from stream_processors._app import _rewind_uncommitted_inputs
-
-    app = FakeApp()
-    _rewind_uncommitted_inputs(app, frozenset({EVENTS}))  # type: ignore[arg-type]
-    consumer = app._new_consumer()
-    assert asyncio.run(consumer.commit({"tp": 5})) is True
-    app.rebalancing = True
-    assert asyncio.run(consumer.commit({"tp": 9})) is False  # left to the replay
-    app.rebalancing = False
-    assert asyncio.run(consumer.commit({"tp": 9})) is True
-    assert app.commits == [({"tp": 5},), ({"tp": 9},)]
