@@ -176,30 +176,12 @@ class TableState:
 
 
 def _rewind_uncommitted_inputs(app: faust.App, topics: frozenset[str]) -> None:
-    """Give ``app`` a consumer whose seeks never skip unread input (see :func:`_rewinding_seek`)
-    and which never commits while a rebalance or table recovery is in progress.
-
-    Recovery re-reads the changelogs into the in-memory tables up to the highwaters it saw at
-    its start; a state write still in flight then is missing from the restored table. An
-    offset commit made during recovery (faust's periodic one, or the worker's own) could
-    then move past the batch that wrote it, and the restored state would never see that
-    batch again: the fault suite lost an event from a window, and an alert, this way. Not
-    committing until the rebalance ends leaves such batches to be replayed from the older
-    commit; the offset-aware states apply exactly what they lack.
-    """
+    """Give ``app`` a consumer whose seeks never skip unread input (see :func:`_rewinding_seek`)."""
     new_consumer = app._new_consumer
 
     def _new_consumer() -> Any:
         consumer: Any = new_consumer()
         consumer.perform_seek = _rewinding_seek(consumer, topics)
-        commit = consumer.commit
-
-        async def commit_unless_rebalancing(*args: Any, **kwargs: Any) -> bool:
-            if app.rebalancing:
-                return False
-            return bool(await commit(*args, **kwargs))
-
-        consumer.commit = commit_unless_rebalancing
         return consumer
 
     setattr(app, "_new_consumer", _new_consumer)  # noqa: B010 (mypy: no method assignment)
@@ -223,7 +205,10 @@ def _rewinding_seek(consumer: Any, topics: frozenset[str]) -> Callable[[], Any]:
         fresh = [tp for tp, offset in committed.items() if tp.topic in topics and not offset]
         if fresh:
             earliest = await consumer.earliest_offsets(*fresh)
-            await consumer.seek_wait({tp: earliest[tp] for tp in fresh})
+            for tp in fresh:
+                # faust's seek (no wait for the position: the fetcher resets it lazily, as
+                # after faust's own seeks; waiting stalled recovery for seconds under load).
+                await consumer.seek(tp, earliest[tp])
             log.info("rewound %d input partition(s) without a committed offset", len(fresh))
         # As faust's own perform_seek: read and committed offsets follow the commits.
         consumer._read_offset.update(
@@ -406,9 +391,7 @@ def build_app(
     outputs: list[OutputProducer] = []
 
     async def commit_offsets(offsets: dict[Any, int]) -> None:
-        if not offsets or app.rebalancing:
-            # During a rebalance the tables may be restored without these batches' state:
-            # they are replayed from the older commit instead (see _rewind_uncommitted_inputs).
+        if not offsets:
             return
         consumer: Any = app.consumer
         if await consumer._commit(offsets):

@@ -25,7 +25,7 @@ class TopicPartition(NamedTuple):
 
 
 class FakeConsumer:
-    """The few faust consumer members the seek uses; positions move only by ``seek_wait``."""
+    """The few faust consumer members the seek uses; positions move only by ``seek``."""
 
     def __init__(self, committed: dict[TopicPartition, int | None], earliest: int) -> None:
         self.committed = committed
@@ -40,8 +40,8 @@ class FakeConsumer:
     async def earliest_offsets(self, *tps: TopicPartition) -> dict[TopicPartition, int]:
         return {tp: self.earliest for tp in tps}
 
-    async def seek_wait(self, partitions: dict[TopicPartition, int]) -> None:
-        self.sought.update(partitions)
+    async def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.sought[partition] = offset
 
 
 @pytest.mark.parametrize(
