@@ -14,7 +14,7 @@ import logging
 import os
 import ssl
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -175,19 +175,23 @@ class TableState:
         return len(self._table.data)
 
 
-def _rewind_uncommitted_inputs(app: faust.App, topics: frozenset[str]) -> None:
+def _rewind_uncommitted_inputs(
+    app: faust.App, topics: frozenset[str], processed: Mapping[Any, int]
+) -> None:
     """Give ``app`` a consumer whose seeks never skip unread input (see :func:`_rewinding_seek`)."""
     new_consumer = app._new_consumer
 
     def _new_consumer() -> Any:
         consumer: Any = new_consumer()
-        consumer.perform_seek = _rewinding_seek(consumer, topics)
+        consumer.perform_seek = _rewinding_seek(consumer, topics, processed)
         return consumer
 
     setattr(app, "_new_consumer", _new_consumer)  # noqa: B010 (mypy: no method assignment)
 
 
-def _rewinding_seek(consumer: Any, topics: frozenset[str]) -> Callable[[], Any]:
+def _rewinding_seek(
+    consumer: Any, topics: frozenset[str], processed: Mapping[Any, int]
+) -> Callable[[], Any]:
     """faust's ``perform_seek``, which also rewinds input partitions that have no commit.
 
     faust drops records fetched while its flow is stopped (during a rebalance or table
@@ -195,21 +199,27 @@ def _rewinding_seek(consumer: Any, topics: frozenset[str]) -> Callable[[], Any]:
     partitions whose committed offset is above 0, so a partition of a new consumer group kept
     the fetch position past the dropped records; faust then counted them as a gap and
     committed beyond them. The two-worker scale-out test lost runs of 70 to 500 events this
-    way under CPU load. Here such partitions are sought back to their earliest offset
-    (auto.offset.reset=earliest, as a fresh group would read them); anything read twice is
-    deduplicated by the processor's state, which is the design for every replay.
+    way under CPU load. Here such a partition is sought to the offset after the last record
+    this worker processed from it (``processed``: partition -> next offset), or to its earliest
+    offset when it processed none. Never further back: the stream may already be flowing
+    while faust seeks, and a seek behind records that are queued for processing made faust
+    skip the re-read ones. Anything read twice is deduplicated by the processor's state.
     """
 
     async def perform_seek() -> None:
         committed = await consumer.seek_to_committed()
         fresh = [tp for tp, offset in committed.items() if tp.topic in topics and not offset]
         if fresh:
-            earliest = await consumer.earliest_offsets(*fresh)
+            unread = [tp for tp in fresh if (tp.topic, tp.partition) not in processed]
+            earliest = await consumer.earliest_offsets(*unread) if unread else {}
             for tp in fresh:
+                target = processed.get((tp.topic, tp.partition), earliest.get(tp))
+                if target is None:
+                    continue
                 # faust's seek (no wait for the position: the fetcher resets it lazily, as
                 # after faust's own seeks; waiting stalled recovery for seconds under load).
-                await consumer.seek(tp, earliest[tp])
-            log.info("rewound %d input partition(s) without a committed offset", len(fresh))
+                await consumer.seek(tp, target)
+            log.info("sought %d input partition(s) without a committed offset", len(fresh))
         # As faust's own perform_seek: read and committed offsets follow the commits.
         consumer._read_offset.update(
             {
@@ -380,7 +390,9 @@ def build_app(
     stats = WorkerStats()
 
     events = app.topic(t.events, key_serializer="raw", value_serializer="raw")
-    _rewind_uncommitted_inputs(app, frozenset({t.events}))
+    # Partition -> the offset after the last record this worker processed from it.
+    processed_upto: dict[Any, int] = {}
+    _rewind_uncommitted_inputs(app, frozenset({t.events}), processed_upto)
 
     # Offsets (next to read, per faust TP) of processed batches whose state is queued but not yet
     # known durable; committed by the worker itself once a flush made that state durable.
@@ -511,6 +523,9 @@ def build_app(
             for e in batch:
                 tp = e.message.tp
                 batch_offsets[tp] = max(batch_offsets.get(tp, 0), e.message.offset + 1)
+            for tp, offset in batch_offsets.items():
+                part = (tp.topic, tp.partition)
+                processed_upto[part] = max(processed_upto.get(part, 0), offset)
             async with commit_lock:
                 if output is not None:
                     await output.flush()

@@ -61,22 +61,38 @@ def test_input_partitions_without_a_commit_are_rewound(
     committed: dict[int, int | None], earliest: int, rewound: dict[int, int]
 ) -> None:
     consumer = FakeConsumer({TopicPartition(EVENTS, p): o for p, o in committed.items()}, earliest)
-    asyncio.run(_rewinding_seek(consumer, frozenset({EVENTS}))())
+    asyncio.run(_rewinding_seek(consumer, frozenset({EVENTS}), {})())
     assert consumer.sought == {TopicPartition(EVENTS, p): o for p, o in rewound.items()}
+
+
+def test_a_partition_this_worker_read_goes_back_only_to_after_what_it_processed() -> None:
+    # The stream may already flow while faust seeks: going further back than what was
+    # processed would race with records queued for processing.
+    consumer = FakeConsumer(
+        {
+            TopicPartition(EVENTS, 0): None,
+            TopicPartition(EVENTS, 1): None,
+            TopicPartition(EVENTS, 2): 7,
+        },
+        0,
+    )
+    processed = {(EVENTS, 0): 420, (EVENTS, 2): 9}
+    asyncio.run(_rewinding_seek(consumer, frozenset({EVENTS}), processed)())
+    assert consumer.sought == {TopicPartition(EVENTS, 0): 420, TopicPartition(EVENTS, 1): 0}
 
 
 def test_other_topics_are_left_to_faust() -> None:
     # Changelog partitions are read by faust's recovery from positions it sets itself.
     changelog = TopicPartition("worker-seen-changelog", 0)
     consumer = FakeConsumer({changelog: None, TopicPartition(EVENTS, 0): 40}, 0)
-    asyncio.run(_rewinding_seek(consumer, frozenset({EVENTS}))())
+    asyncio.run(_rewinding_seek(consumer, frozenset({EVENTS}), {})())
     assert consumer.sought == {}
 
 
 def test_read_and_committed_offsets_follow_the_commits() -> None:
     committed = {TopicPartition(EVENTS, 0): 40, TopicPartition(EVENTS, 1): None}
     consumer = FakeConsumer(committed, 0)
-    asyncio.run(_rewinding_seek(consumer, frozenset({EVENTS}))())
+    asyncio.run(_rewinding_seek(consumer, frozenset({EVENTS}), {})())
     assert consumer._read_offset[TopicPartition(EVENTS, 0)] == 40
     assert consumer._read_offset[TopicPartition(EVENTS, 1)] is None
     assert consumer._committed_offset[TopicPartition(EVENTS, 0)] == 40
