@@ -27,7 +27,7 @@ from faust.types.auth import SASLMechanism
 from producers._view import CompactedTopicView
 from schemas import Subscription
 from spendstream.settings import Settings
-from stream_processors._enforce import CapStage
+from stream_processors._enforce import CapOutputs, CapStage
 from stream_processors._pricing import PriceCatalog
 from stream_processors._processor import InRecord, UsageProcessor
 from stream_processors.caps import CapEngine
@@ -425,6 +425,18 @@ def build_app(
             pending_offsets.clear()
         await commit_offsets(ready)
 
+    def publish_caps(sink: OutputProducer | _FaustSends, capped: CapOutputs) -> None:
+        """Queue the cap stage's outputs, each on the partition of its user's state."""
+        where = capped.partitions
+        for topic_name, messages in (
+            (t.alerts, capped.alerts),
+            (t.enforcement, capped.enforcement),
+            (t.overages, capped.overages),
+            (t.dlq, capped.dead),
+        ):
+            for key, value in messages:
+                sink.produce(topic_name, key.encode(), value, where[key])
+
     @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
     async def _apply_credits() -> None:
         if not changed_users or not outputs or app.rebalancing:
@@ -437,14 +449,7 @@ def build_app(
             if not capped.counters["caps_credit_grants"]:
                 return
             out = outputs[0]
-            where = capped.partitions
-            for topic_name, messages in (
-                (t.alerts, capped.alerts),
-                (t.enforcement, capped.enforcement),
-                (t.overages, capped.overages),
-            ):
-                for key, value in messages:
-                    out.produce(topic_name, key.encode(), value, where[key])
+            publish_caps(out, capped)
             # Outputs before the state that says they were produced, as for a batch.
             await out.flush()
             caps_s.flush_changelog(out)
@@ -498,17 +503,10 @@ def build_app(
             # Caps after pricing, in the same batch: the processor already deduplicated, so
             # each event counts once toward the user's windows.
             capped = caps.process(result.accepted, datetime.now(UTC))
-            cap_partition = capped.partitions
-            for topic_name, messages, where in (
-                (t.priced, result.priced, partition_of),
-                (t.rollups, result.rollups, partition_of),
-                (t.alerts, capped.alerts, cap_partition),
-                (t.enforcement, capped.enforcement, cap_partition),
-                (t.overages, capped.overages, cap_partition),
-                (t.dlq, capped.dead, cap_partition),
-            ):
+            for topic_name, messages in ((t.priced, result.priced), (t.rollups, result.rollups)):
                 for key, value in messages:
-                    sink.produce(topic_name, key.encode(), value, where[key])
+                    sink.produce(topic_name, key.encode(), value, partition_of[key])
+            publish_caps(sink, capped)
             for rec_key, value, partition in result.dead:
                 sink.produce(t.dlq, rec_key, value, partition)
             # Durability order, so that a crash anywhere before the offset commit replays

@@ -171,32 +171,7 @@ def read_topic_keyed(
 
 def read_topic(settings: Settings, topic: str) -> list[tuple[int, int, bytes | None]]:
     """Every message of ``topic`` now, as (partition, offset, value) (diagnostics)."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer(
-        {**settings.kafka.confluent_config(), "group.id": "diag", "enable.auto.commit": False}
-    )
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            for p in meta.partitions
-        }
-        consumer.assign([TopicPartition(topic, p, lo) for p, (lo, hi) in ends.items() if hi > lo])
-        remaining = {p for p, (lo, hi) in ends.items() if hi > lo}
-        out: list[tuple[int, int, bytes | None]] = []
-        deadline = time.monotonic() + 60
-        while remaining and time.monotonic() < deadline:
-            msg = consumer.poll(1.0)
-            if msg is None or msg.error():
-                continue
-            part, offset = msg.partition() or 0, msg.offset() or 0
-            out.append((part, offset, msg.value()))
-            if offset + 1 >= ends[part][1]:
-                remaining.discard(part)
-        return out
-    finally:
-        consumer.close()
+    return [(p, o, v) for p, o, _, v in read_topic_all(settings, topic)]
 
 
 class Pipeline:

@@ -192,6 +192,44 @@ def committed_events(settings: Settings) -> int:
         consumer.close()
 
 
+class ScriptedUser:
+    """A new user on ``plan`` (subscribed three days ago) sending events of exactly 0.10 USD
+    (40,000 gpt-4o input tokens at 2.5e-6), one second apart in event time."""
+
+    def __init__(self, settings: Settings, plan: str) -> None:
+        self.settings = settings
+        self.id = f"user-{uuid.uuid4().hex[:8]}"
+        now = datetime.now(UTC).replace(microsecond=0)
+        publish_subscriptions(
+            settings,
+            [
+                Subscription(
+                    user_id=self.id,
+                    org_id="org-1",
+                    billing_anchor=now - timedelta(days=3),
+                    plans=[PlanPeriod(plan_id=plan, effective_at=now - timedelta(days=3))],
+                )
+            ],
+        )
+        self.t0 = now - timedelta(minutes=10)
+
+    def send(self, first: int, count: int) -> None:
+        """Events ``first`` .. ``first + count - 1`` (ids ``<user>-e<n>``)."""
+        with UsageProducer(self.settings) as producer:
+            for i in range(first, first + count):
+                producer.send(
+                    {
+                        "event_id": f"{self.id}-e{i}",
+                        "occurred_at": (self.t0 + timedelta(seconds=i)).isoformat(),
+                        "org_id": "org-1",
+                        "user_id": self.id,
+                        "gateway": "test",
+                        "requested_model": "gpt-4o",
+                        "input_tokens": 40_000,
+                    }
+                )
+
+
 @pytest.mark.parametrize(
     "after_commit",
     [
@@ -203,35 +241,8 @@ def test_alerts_once_across_a_worker_crash_and_the_guard_sees_blocked(
     worker_setup: tuple[Settings, WorkerProcess], after_commit: bool
 ) -> None:
     settings, worker = worker_setup
-    user = f"user-{uuid.uuid4().hex[:8]}"
-    now = datetime.now(UTC).replace(microsecond=0)
-    publish_subscriptions(
-        settings,
-        [
-            Subscription(
-                user_id=user,
-                org_id="org-1",
-                billing_anchor=now - timedelta(days=3),
-                plans=[PlanPeriod(plan_id="capped", effective_at=now - timedelta(days=3))],
-            )
-        ],
-    )
-    t0 = now - timedelta(minutes=10)
-
-    def send(first: int, count: int) -> None:
-        with UsageProducer(settings) as producer:
-            for i in range(first, first + count):
-                producer.send(
-                    {
-                        "event_id": f"{user}-e{i}",
-                        "occurred_at": (t0 + timedelta(seconds=i)).isoformat(),
-                        "org_id": "org-1",
-                        "user_id": user,
-                        "gateway": "test",
-                        "requested_model": "gpt-4o",
-                        "input_tokens": 40_000,  # 40,000 x 2.5e-6 = exactly 0.10 USD
-                    }
-                )
+    scripted = ScriptedUser(settings, "capped")
+    user, send = scripted.id, scripted.send
 
     alerts = TopicReader(settings, settings.topics.alerts)
     guard = CapGuard(settings).start(wait_s=30)
@@ -298,35 +309,8 @@ def test_a_top_up_unblocks_a_user_at_the_overage_ceiling_and_is_drawn_first(
     """Blocked at the ceiling, topped up from the CLI, unblocked with no new event; the next
     event is paid from the credit (a credit_draw record), not billed."""
     settings, worker = worker_setup
-    user = f"user-{uuid.uuid4().hex[:8]}"
-    now = datetime.now(UTC).replace(microsecond=0)
-    publish_subscriptions(
-        settings,
-        [
-            Subscription(
-                user_id=user,
-                org_id="org-1",
-                billing_anchor=now - timedelta(days=3),
-                plans=[PlanPeriod(plan_id="ceiled", effective_at=now - timedelta(days=3))],
-            )
-        ],
-    )
-    t0 = now - timedelta(minutes=10)
-
-    def send(first: int, count: int) -> None:
-        with UsageProducer(settings) as producer:
-            for i in range(first, first + count):
-                producer.send(
-                    {
-                        "event_id": f"{user}-e{i}",
-                        "occurred_at": (t0 + timedelta(seconds=i)).isoformat(),
-                        "org_id": "org-1",
-                        "user_id": user,
-                        "gateway": "test",
-                        "requested_model": "gpt-4o",
-                        "input_tokens": 40_000,  # 0.10 USD each
-                    }
-                )
+    scripted = ScriptedUser(settings, "ceiled")
+    user, send = scripted.id, scripted.send
 
     def top_up(credit_id: str) -> str:
         done = subprocess.run(

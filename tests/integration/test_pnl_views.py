@@ -451,7 +451,7 @@ def test_cli_report_json_and_html(
         query = staticmethod(store.query)
 
         def close(self) -> None:
-            pass
+            """Leave the module's store open for the next test."""
 
     monkeypatch.setattr("spendstream.commands.report._open", lambda readonly: Borrowed())
     runner = CliRunner()
