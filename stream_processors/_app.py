@@ -28,6 +28,7 @@ from producers._view import CompactedTopicView
 from schemas import Subscription
 from spendstream.settings import Settings
 from stream_processors._enforce import CapOutputs, CapStage
+from stream_processors._gate import BrokerProbe, InputGate
 from stream_processors._pricing import PriceCatalog
 from stream_processors._processor import InRecord, UsageProcessor
 from stream_processors.caps import CapEngine
@@ -239,6 +240,13 @@ def _rewinding_seek(
     return perform_seek
 
 
+def _unack(consumer: Any, messages: list[Any]) -> None:
+    """Keep faust from acking (and so committing) messages the worker did not process."""
+    for message in messages:
+        message.acked = True  # faust's take_events acks every taken event; this makes it a no-op
+        consumer._unacked_messages.discard(message)
+
+
 @dataclass
 class WorkerStats:
     """Counters of a worker since start (exposed as metrics and in logs)."""
@@ -390,9 +398,27 @@ def build_app(
     stats = WorkerStats()
 
     events = app.topic(t.events, key_serializer="raw", value_serializer="raw")
+    # Each input partition's records in offset order, none skipped (see stream_processors._gate).
+    # In-process tests have no broker to ask and no faust fetcher to race with.
+    probe = None if in_process else BrokerProbe(settings.kafka.confluent_config(), p.app_id)
+    gate = None if probe is None else InputGate(probe)
     # Partition -> the offset after the last record this worker processed from it.
-    processed_upto: dict[Any, int] = {}
+    processed_upto: dict[Any, int] = {} if gate is None else gate.next
     _rewind_uncommitted_inputs(app, frozenset({t.events}), processed_upto)
+    held: set[tuple[str, int]] = set()
+
+    @app.on_partitions_assigned.connect
+    async def _on_assigned(sender: Any, /, *args: Any, **kwargs: Any) -> None:
+        # Only a partition held before and after a rebalance keeps its expected offset: no
+        # other worker can have read it in between. Any other starts from its commit.
+        assigned = {(tp.topic, tp.partition) for tp in (args[0] if args else set())}
+        if gate is not None:
+            gate.keep_only(held & assigned)  # processed_upto is its ``next``
+        else:
+            for part in [part for part in processed_upto if part not in held & assigned]:
+                del processed_upto[part]
+        held.clear()
+        held.update(assigned)
 
     # Offsets (next to read, per faust TP) of processed batches whose state is queued but not yet
     # known durable; committed by the worker itself once a flush made that state durable.
@@ -424,6 +450,20 @@ def build_app(
             ready = dict(pending_offsets)
             pending_offsets.clear()
         await commit_offsets(ready)
+
+    @app.timer(interval=2.0)  # type: ignore[untyped-decorator]
+    async def _seek_stalled_inputs() -> None:
+        # A lost record is seen as a gap when a later one arrives; this covers the last one.
+        if gate is None or not outputs or app.rebalancing:
+            return
+        consumer: Any = app.consumer
+        highwaters = {}
+        for tp in consumer.assignment():
+            if tp.topic == t.events and (end := consumer.highwater(tp)) is not None:
+                highwaters[(tp.topic, tp.partition)] = end
+        for (topic, partition), offset in (await gate.stalled(highwaters)).items():
+            await consumer.seek(TP(topic, partition), offset)
+            stats.counters["input_stall_seeks"] += 1
 
     def publish_caps(sink: OutputProducer | _FaustSends, capped: CapOutputs) -> None:
         """Queue the cap stage's outputs, each on the partition of its user's state."""
@@ -483,11 +523,14 @@ def build_app(
         finally:
             if output is not None:
                 output.close()
+            if probe is not None:
+                probe.close()
 
     async def _process_batches(
         stream: Any, sink: OutputProducer | _FaustSends, output: OutputProducer | None
     ) -> None:
-        async for batch in stream.take_events(p.batch_size, within=p.batch_within_s):
+        async for taken in stream.take_events(p.batch_size, within=p.batch_within_s):
+            batch = taken
             records = [
                 InRecord(
                     e.message.topic,
@@ -496,9 +539,25 @@ def build_app(
                     e.message.key,
                     e.message.value,
                 )
-                for e in batch
+                for e in taken
             ]
+            gated: Counter[str] = Counter()
+            if gate is not None:
+                admitted = await gate.admit(records)
+                if admitted.dropped:
+                    _unack(app.consumer, [taken[i].message for i in admitted.dropped])
+                    records = [records[i] for i in admitted.kept]
+                    batch = [taken[i] for i in admitted.kept]
+                for (topic, partition), offset in admitted.seeks.items():
+                    await app.consumer.seek(TP(topic, partition), offset)
+                gated.update(
+                    input_redelivered=admitted.redelivered,
+                    input_held_back=admitted.held_back,
+                    input_gaps_skipped=admitted.gaps_skipped,
+                    input_seeks=len(admitted.seeks),
+                )
             result = processor.process(records)
+            result.counters.update(+gated)
             partition_of = {r.event.user_id: r.partition for r in result.accepted}
             # Caps after pricing, in the same batch: the processor already deduplicated, so
             # each event counts once toward the user's windows.
