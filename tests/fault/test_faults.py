@@ -78,13 +78,6 @@ def wait_until(predicate: Any, timeout_s: float, why: str) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, not fixed: about 1 run in 5 (here, 2026-11-27) a worker SIGKILLed right "
-    "after its first batches and restarted twice loses one event from a state (a window, a "
-    "user's cap windows, or the priced output); the code of 2026-11-26 fails the same way. "
-    "Reported as XFAIL/XPASS, never counted as a pass; see BENCHMARKS.md, Scale-out.",
-)
 def test_worker_killed_mid_batch_then_restarted(pipeline: Pipeline) -> None:
     sim, items = simulated(300, 12_000, seed=11, duplicates=0.01)
     pipeline.publish_subscriptions(sim.subscriptions())
