@@ -28,6 +28,7 @@ from producers._view import CompactedTopicView
 from schemas import Subscription
 from spendstream.settings import Settings
 from stream_processors._enforce import CapOutputs, CapStage
+from stream_processors._fastpath import fast_wait_first
 from stream_processors._gate import BrokerProbe, InputGate
 from stream_processors._pricing import PriceCatalog
 from stream_processors._processor import InRecord, UsageProcessor
@@ -179,12 +180,17 @@ class TableState:
 def _rewind_uncommitted_inputs(
     app: faust.App, topics: frozenset[str], processed: Mapping[Any, int]
 ) -> None:
-    """Give ``app`` a consumer whose seeks never skip unread input (see :func:`_rewinding_seek`)."""
+    """Give ``app`` a consumer whose seeks never skip unread input (see :func:`_rewinding_seek`).
+
+    Its fetch loop also hands messages to the stream through
+    :func:`~stream_processors._fastpath.fast_wait_first`.
+    """
     new_consumer = app._new_consumer
 
     def _new_consumer() -> Any:
         consumer: Any = new_consumer()
         consumer.perform_seek = _rewinding_seek(consumer, topics, processed)
+        consumer.wait_first = fast_wait_first(consumer.wait_first, consumer.suspend_flow.is_set)
         return consumer
 
     setattr(app, "_new_consumer", _new_consumer)  # noqa: B010 (mypy: no method assignment)

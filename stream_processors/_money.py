@@ -40,11 +40,17 @@ def to_units(value: Decimal | str | int) -> int:
 
 def units_to_str(units: int) -> str:
     """Decimal string of an amount in units, e.g. ``123 -> "0.000000000000000000000123"``."""
-    sign = "-" if units < 0 else ""
-    whole, frac = divmod(abs(units), SCALE)
-    if frac == 0:
-        return f"{sign}{whole}"
-    return f"{sign}{whole}.{frac:0{MONEY_SCALE}d}".rstrip("0")
+    # String slicing rather than divmod and a padded format: this runs several times per
+    # event (every money field of every output), and zero (no savings) is the common value.
+    if not units:
+        return "0"
+    if units < 0:
+        return "-" + units_to_str(-units)
+    digits = str(units)
+    if len(digits) <= MONEY_SCALE:
+        digits = digits.rjust(MONEY_SCALE + 1, "0")
+    frac = digits[-MONEY_SCALE:].rstrip("0")
+    return f"{digits[:-MONEY_SCALE]}.{frac}" if frac else digits[:-MONEY_SCALE]
 
 
 def units_to_decimal(units: int) -> Decimal:
