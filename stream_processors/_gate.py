@@ -205,17 +205,39 @@ class BrokerProbe:
         return self._consumer
 
     async def start_offsets(self, parts: Sequence[Part]) -> dict[Part, int]:
-        """The group's committed offset of each partition, else its earliest offset."""
-        async with self._lock:
-            return await asyncio.to_thread(self._start_offsets, parts)
+        """The group's committed offset of each partition, else its earliest offset.
+
+        Retried until the broker answers: without them no record of these partitions can be
+        admitted, and a worker that waits is better than one that guesses.
+        """
+        from confluent_kafka import KafkaException
+
+        delay = 0.5
+        while True:
+            async with self._lock:
+                try:
+                    return await asyncio.to_thread(self._start_offsets, parts)
+                except KafkaException as exc:
+                    log.warning("start offsets of %s: %s; retrying in %.1f s", parts, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     async def first_offset(self, part: Part, offset: int) -> int | None:
-        """The offset of the first record at or after ``offset``, read from the broker."""
+        """The offset of the first record at or after ``offset``, read from the broker.
+
+        None when the broker did not answer: the gate then seeks back, which is always safe.
+        """
+        from confluent_kafka import KafkaException
+
         async with self._lock:
-            return await asyncio.to_thread(self._first_offset, part, offset)
+            try:
+                return await asyncio.to_thread(self._first_offset, part, offset)
+            except KafkaException as exc:
+                log.warning("first offset of %s[%d] from %d: %s", *part, offset, exc)
+                return None
 
     def _start_offsets(self, parts: Sequence[Part]) -> dict[Part, int]:
-        from confluent_kafka import TopicPartition
+        from confluent_kafka import KafkaException, TopicPartition
 
         client = self._client()
         committed = client.committed(
@@ -224,7 +246,7 @@ class BrokerProbe:
         out: dict[Part, int] = {}
         for tp in committed:
             if tp.error is not None:
-                raise RuntimeError(f"committed offset of {tp.topic}[{tp.partition}]: {tp.error}")
+                raise KafkaException(tp.error)
             if tp.offset >= 0:
                 out[(tp.topic, tp.partition)] = tp.offset
             else:  # nothing committed
