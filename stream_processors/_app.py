@@ -586,9 +586,10 @@ def build_app(
             for e in batch:
                 tp = e.message.tp
                 batch_offsets[tp] = max(batch_offsets.get(tp, 0), e.message.offset + 1)
-            for tp, offset in batch_offsets.items():
-                part = (tp.topic, tp.partition)
-                processed_upto[part] = max(processed_upto.get(part, 0), offset)
+            if gate is None:  # otherwise the gate advanced its ``next`` (processed_upto)
+                for tp, offset in batch_offsets.items():
+                    part = (tp.topic, tp.partition)
+                    processed_upto[part] = max(processed_upto.get(part, 0), offset)
             async with commit_lock:
                 if output is not None:
                     await output.flush()

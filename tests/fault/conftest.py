@@ -14,10 +14,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
     outcome = yield
     report = outcome.get_result()
     if report.when == "call":
-        outcome = report.outcome
-        if hasattr(report, "wasxfail"):  # a known bug: say whether it showed this time
-            outcome = "xpass" if report.passed else "xfail"
-        _durations.append((item.name, outcome, report.duration))
+        _durations.append((item.name, report.outcome, report.duration))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
