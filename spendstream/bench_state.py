@@ -16,7 +16,6 @@ reported on its own (bytes per event within the dedupe horizon).
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -62,18 +61,10 @@ def _sizes(state: _Values) -> tuple[int, int]:
 
 def run_state_bench(settings: Settings, users: int = 100_000, per_user: int = 3) -> dict[str, Any]:
     """Process ``users * per_user`` events of ``users`` users; measure every state."""
+    from spendstream.bench_worker import run_pure
     from spendstream.simulate import Simulator
-    from stream_processors import (
-        SAMPLE_PLANS,
-        CapEngine,
-        InRecord,
-        PriceCatalog,
-        UsageProcessor,
-        load_plans,
-    )
-    from stream_processors._enforce import CapStage
+    from stream_processors import InRecord
 
-    p = settings.processor
     sim = Simulator(users, seed=11, start=BENCH_START, rate=20_000.0, rhythm=False)
     subs = {s.user_id: s for s in sim.subscriptions()}
     records: list[InRecord] = []
@@ -90,23 +81,7 @@ def run_state_bench(settings: Settings, users: int = 100_000, per_user: int = 3)
                 )
             )
     seen, windows, marks, caps_state = _Values(), _Values(), _Values(), _Values()
-    processor = UsageProcessor(
-        PriceCatalog.load(p.price_catalog, p.price_overrides),
-        subs.get,
-        seen=seen,
-        windows=windows,
-        marks=marks,
-        window_s=p.window_s,
-        grace_s=p.grace_s,
-        dedupe_horizon_s=p.dedupe_horizon_s,
-    )
-    engine = CapEngine(load_plans(settings.plans_file or SAMPLE_PLANS), grace_s=p.grace_s)
-    caps = CapStage(engine, subs.get, caps_state)
-    t0 = time.perf_counter()
-    for i in range(0, len(records), p.batch_size):
-        result = processor.process(records[i : i + p.batch_size])
-        caps.process(result.accepted, datetime.now(UTC))
-    elapsed = time.perf_counter() - t0
+    elapsed = run_pure(settings, subs.get, records, (seen, windows, marks, caps_state))
 
     cap_windows = 0
     for raw in caps_state.data.values():

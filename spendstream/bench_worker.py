@@ -14,7 +14,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -59,43 +59,53 @@ def _payloads(events: int, users: int) -> tuple[list[tuple[str, bytes]], list[An
     return out, sim.subscriptions()
 
 
-def pure_rate(settings: Settings, payloads: list[tuple[str, bytes]], subs: list[Any]) -> float:
-    """Events/s of the worker's pure pipeline (validate, dedupe, price, roll up, caps) alone."""
-    from stream_processors import (
-        SAMPLE_PLANS,
-        CapEngine,
-        DictState,
-        InRecord,
-        PriceCatalog,
-        UsageProcessor,
-        load_plans,
-    )
+def run_pure(
+    settings: Settings,
+    lookup: Callable[[str], Any],
+    records: list[Any],
+    states: tuple[Any, Any, Any, Any],
+) -> float:
+    """Run the worker's pure pipeline over ``records`` in the worker's batch size; seconds taken.
+
+    ``states`` are the (seen, windows, marks, caps) states; ``lookup`` finds a subscription.
+    This is the code the faust agent runs per batch: validate, dedupe, price, roll up, caps.
+    """
+    from stream_processors import SAMPLE_PLANS, CapEngine, PriceCatalog, UsageProcessor, load_plans
     from stream_processors._enforce import CapStage
 
-    by_user = {s.user_id: s for s in subs}
     p = settings.processor
+    seen, windows, marks, caps_state = states
     processor = UsageProcessor(
         PriceCatalog.load(p.price_catalog, p.price_overrides),
-        by_user.get,
-        seen=DictState(),
-        windows=DictState(),
-        marks=DictState(),
+        lookup,
+        seen=seen,
+        windows=windows,
+        marks=marks,
         window_s=p.window_s,
         grace_s=p.grace_s,
         dedupe_horizon_s=p.dedupe_horizon_s,
     )
     engine = CapEngine(load_plans(settings.plans_file or SAMPLE_PLANS), grace_s=p.grace_s)
-    caps = CapStage(engine, by_user.get, DictState())
-    records = [
-        InRecord("bench", hash(key) % 6, i, key.encode(), value)
-        for i, (key, value) in enumerate(payloads)
-    ]
+    caps = CapStage(engine, lookup, caps_state)
     size = p.batch_size
     start = time.perf_counter()
     for i in range(0, len(records), size):
         result = processor.process(records[i : i + size])
         caps.process(result.accepted, datetime.now(UTC))
-    return len(records) / (time.perf_counter() - start)
+    return time.perf_counter() - start
+
+
+def pure_rate(settings: Settings, payloads: list[tuple[str, bytes]], subs: list[Any]) -> float:
+    """Events/s of the worker's pure pipeline (validate, dedupe, price, roll up, caps) alone."""
+    from stream_processors import DictState, InRecord
+
+    by_user = {s.user_id: s for s in subs}
+    records = [
+        InRecord("bench", hash(key) % 6, i, key.encode(), value)
+        for i, (key, value) in enumerate(payloads)
+    ]
+    states = (DictState(), DictState(), DictState(), DictState())
+    return len(records) / run_pure(settings, by_user.get, records, states)
 
 
 def _topic_size(conf: dict[str, Any], topic: str) -> int:
