@@ -53,12 +53,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 from typing import Any
 
 import orjson
 
-from schemas import DeadLetter, Subscription, encode_event
-from stream_processors._money import units_to_decimal
+from schemas import MONEY_SCALE, DeadLetter, Subscription, encode_event
 from stream_processors._processor import NO_PLAN, PricedRecord, late_segment, micros_to_iso
 from stream_processors._processor import to_micros as _to_micros
 from stream_processors._state import PartitionedState
@@ -91,16 +91,27 @@ class CapOutputs:
         return bool(self.alerts or self.enforcement or self.overages or self.dead)
 
 
+_EXACT = Context(prec=120, traps=[Inexact, InvalidOperation, Overflow])
+
+
 def cap_event(rec: PricedRecord) -> CapEvent:
-    """What the cap engine needs of a priced record (cost exact: integer units -> Decimal)."""
+    """What the cap engine needs of a priced record (cost exact: integer units -> Decimal).
+
+    The engine counts ``cost_units`` and the plan the processor resolved; ``cost`` is the same
+    amount as a Decimal (``scaleb`` in a wide context is exact, and cheaper than via text).
+    """
     ev = rec.event
+    units = rec.quote.cost
     return CapEvent(
-        event_id=ev.event_id,
-        user_id=ev.user_id,
-        occurred_at=ev.occurred_at,
-        cost=units_to_decimal(rec.quote.cost),
-        tokens=ev.input_tokens + ev.output_tokens,
-        served_model=ev.served_model or ev.requested_model,
+        ev.event_id,
+        ev.user_id,
+        ev.occurred_at,
+        Decimal(units).scaleb(-MONEY_SCALE, _EXACT),
+        ev.input_tokens + ev.output_tokens,
+        ev.served_model or ev.requested_model,
+        1,
+        units,
+        rec.plan_id,
     )
 
 

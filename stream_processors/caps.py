@@ -134,6 +134,11 @@ class CapEvent:
     """Input + output tokens."""
     served_model: str
     requests: int = 1
+    cost_units: int | None = None
+    """``cost`` in units of 10**-MONEY_SCALE USD, when the caller has it already (the worker's
+    pricer does): saves the Decimal conversion. It must equal ``cost``."""
+    plan_id: str | None = None
+    """The plan in force at ``occurred_at``, when the caller resolved it already."""
 
     @classmethod
     def from_priced(cls, record: Mapping[str, Any]) -> CapEvent:
@@ -472,8 +477,8 @@ class CapEngine:
             if ev.user_id != state.user_id:
                 raise ValueError(f"event of user {ev.user_id!r} applied to {state.user_id!r}")
             t = epoch_s(ev.occurred_at)
-            plan = self._plan(sub.plan_at(ev.occurred_at))
-            cost = to_units(ev.cost)
+            plan = self._plan(ev.plan_id if ev.plan_id is not None else sub.plan_at(ev.occurred_at))
+            cost = ev.cost_units if ev.cost_units is not None else to_units(ev.cost)
             if cost < 0 or ev.tokens < 0 or ev.requests < 0:
                 raise ValueError("cost, tokens and requests must not be negative")
         except (ValueError, ConfigError, InvalidOperation, TypeError) as exc:
