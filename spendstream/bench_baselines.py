@@ -1,12 +1,14 @@
 """Baselines for the worker's throughput, on the same pre-produced topic data.
 
-Two figures put the worker's events/s in context:
+Three figures put the worker's events/s in context:
 
 * **bare** (the near-limit): :func:`bare_rate`, one confluent-kafka consumer in one process doing
   the same per-event work in plain Python, with none of a stream processor's guarantees;
 * **quix** (the peer framework): :func:`quix_rate`, the same job written idiomatically with
   quixstreams, run as a child process against the same broker and input topic, measured on its
-  output topic as the worker is measured on its priced topic.
+  output topic as the worker is measured on its priced topic;
+* **faust ceiling**: :func:`spendstream.bench_faust.faust_ceiling_rate`, the worker's faust App
+  with an agent that only takes and counts the input batches: what faust itself costs.
 
 quixstreams pins older confluent-kafka and pydantic than spendstream uses, so it is not
 installed next to the project: the job runs under the interpreter named by
@@ -47,12 +49,13 @@ def run_baselines(
     *,
     worker_events_per_s: float | None = None,
 ) -> dict[str, Any]:
-    """Bare-consumer and quixstreams events/s on one pre-produced input, next to the worker's.
+    """Bare-consumer, quixstreams and faust-ceiling events/s on one input, next to the worker's.
 
     ``worker_events_per_s`` is the worker section's figure for the same ``events`` and ``users``
     (the input is deterministic); without it the worker is measured here on the same topic.
     Ratios are worker / baseline: below 1, the baseline is faster.
     """
+    from spendstream.bench_faust import faust_ceiling_rate
     from spendstream.bench_worker import bench_input, measure_worker
 
     with bench_input(settings, events, users, name="bench-base") as data:
@@ -61,6 +64,7 @@ def run_baselines(
             worker_events_per_s = float(measure_worker(data)["worker_events_per_s"])
         bare = bare_rate(data)
         quix = quix_rate(data)
+        ceiling = faust_ceiling_rate(data)
     figures: dict[str, Any] = {
         "events": len(data.payloads),
         "users": users,
@@ -70,6 +74,8 @@ def run_baselines(
         "worker_figure_from": worker_source,
         "bare_events_per_s": bare["events_per_s"],
         "worker_vs_bare": worker_events_per_s / bare["events_per_s"],
+        "faust_ceiling_events_per_s": ceiling["events_per_s"],
+        "worker_vs_faust_ceiling": worker_events_per_s / ceiling["events_per_s"],
     }
     if "events_per_s" in quix:
         figures["quix_events_per_s"] = quix["events_per_s"]
@@ -81,6 +87,7 @@ def run_baselines(
         figures["quix_skipped"] = quix["skipped"]
     figures["bare"] = bare
     figures["quix"] = quix
+    figures["faust_ceiling"] = ceiling
     return figures
 
 

@@ -38,7 +38,7 @@ from stream_processors.caps import (
 from stream_processors.plans import SAMPLE_PLANS, Plan, PlanCatalog, load_plans, parse_plans
 
 if TYPE_CHECKING:
-    from stream_processors._app import build_app
+    from stream_processors._app import build_app, faust_app
 
 __all__ = [
     "DEFAULT_GRACE_S",
@@ -68,6 +68,7 @@ __all__ = [
     "UserCapState",
     "WindowUsage",
     "build_app",
+    "faust_app",
     "late_segment",
     "load_plans",
     "parse_plans",
@@ -79,8 +80,8 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # faust is heavy and patches the event loop policy on import: load it only when asked.
-    if name == "build_app":
-        from stream_processors._app import build_app
+    if name in ("build_app", "faust_app"):
+        from stream_processors import _app
 
-        return build_app
+        return getattr(_app, name)
     raise AttributeError(name)

@@ -334,34 +334,20 @@ def broker_credentials(settings: Settings) -> Any:
     return None
 
 
-def build_app(
-    settings: Settings,
-    *,
-    catalog: PriceCatalog | None = None,
-    subscriptions: Callable[[str], Subscription | None] | None = None,
-    plans: PlanCatalog | None = None,
-    on_batch: Callable[[Any], None] | None = None,
-    on_caps: Callable[[Any], None] | None = None,
-    in_process: bool = False,
-) -> WorkerApp:
-    """Build the worker's faust App from settings.
+def faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
+    """The faust App the worker runs, configured from ``settings`` (no agents or tables yet).
 
-    ``subscriptions`` looks up a user's plan schedule; by default a
-    :class:`~producers.CompactedTopicView` over the subscriptions topic, started with the app.
-    ``plans`` is the plans catalog; by default ``settings.plans_file`` or the sample plans.
-    ``on_batch`` (tests, benchmarks) sees every :class:`~stream_processors.BatchResult` and
-    ``on_caps`` every :class:`~stream_processors._enforce.CapOutputs`. ``in_process`` is for
-    ``agent.test_context()``: no librdkafka producer, faust's in-memory sends instead.
+    ``app_id`` (the consumer group) defaults to ``processor.app_id``; the benchmark's faust
+    ceiling uses the same configuration under another id.
     """
-    p = settings.processor
-    t = settings.topics
+    p, t = settings.processor, settings.topics
     bootstrap = ",".join(
         f"kafka://{h.strip()}" for h in settings.kafka.bootstrap_servers.split(",")
     )
     # faust creates only the last level of its datadir when it starts.
     (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
-    app = faust.App(
-        p.app_id,
+    return faust.App(
+        app_id or p.app_id,
         broker=bootstrap,
         broker_credentials=broker_credentials(settings),
         store="memory://",
@@ -390,6 +376,30 @@ def build_app(
         loghandlers=[],
         Monitor=LeanMonitor,
     )
+
+
+def build_app(
+    settings: Settings,
+    *,
+    catalog: PriceCatalog | None = None,
+    subscriptions: Callable[[str], Subscription | None] | None = None,
+    plans: PlanCatalog | None = None,
+    on_batch: Callable[[Any], None] | None = None,
+    on_caps: Callable[[Any], None] | None = None,
+    in_process: bool = False,
+) -> WorkerApp:
+    """Build the worker's faust App from settings.
+
+    ``subscriptions`` looks up a user's plan schedule; by default a
+    :class:`~producers.CompactedTopicView` over the subscriptions topic, started with the app.
+    ``plans`` is the plans catalog; by default ``settings.plans_file`` or the sample plans.
+    ``on_batch`` (tests, benchmarks) sees every :class:`~stream_processors.BatchResult` and
+    ``on_caps`` every :class:`~stream_processors._enforce.CapOutputs`. ``in_process`` is for
+    ``agent.test_context()``: no librdkafka producer, faust's in-memory sends instead.
+    """
+    p = settings.processor
+    t = settings.topics
+    app = faust_app(settings)
     catalog = catalog or PriceCatalog.load(
         p.price_catalog,
         p.price_overrides,

@@ -1,0 +1,131 @@
+"""The faust ceiling: how fast faust alone hands the input topic to an agent, with no work.
+
+A child process runs the worker's faust App (:func:`stream_processors.faust_app`, the same
+configuration, monitor and fast hand-over of fetched messages) under its own consumer group,
+with one agent that takes the input in the worker's batches (``take_events(batch_size,
+within=batch_within_s)``), counts them and does nothing else: no decoding, no state, no
+outputs. faust acks and commits as usual. Its events/s bounds any faust-based worker on this
+machine, since the worker does the same consumption plus its own work.
+
+The child writes ``<monotonic seconds> <events so far>`` after each batch to a progress file;
+the parent reads it every 0.1 s, as it reads the worker's output topic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spendstream.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from spendstream.bench_worker import BenchInput
+
+_PROGRESS_ENV = "SPENDSTREAM_BENCH_FAUST_PROGRESS"
+
+
+def faust_ceiling_rate(data: BenchInput) -> dict[str, Any]:
+    """Events/s of the no-work faust agent over ``data``'s input topic (see the module doc)."""
+    progress = data.workdir / "faust-ceiling.progress"
+    progress.write_text("")
+    log_path = data.workdir / "faust-ceiling.log"
+    env = {**os.environ, **data.settings.to_env(), _PROGRESS_ENV: str(progress)}
+    expected = len(data.payloads)
+    samples: list[tuple[float, int]] = []
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "spendstream.bench_faust"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        t0 = time.monotonic()
+        try:
+            while not samples or samples[-1][1] < expected:
+                if proc.poll() is not None:
+                    tail = log_path.read_text(errors="replace").splitlines()[-15:]
+                    raise RuntimeError(
+                        f"the faust ceiling job exited with code {proc.returncode}:\n"
+                        + "\n".join(tail)
+                    )
+                if time.monotonic() - t0 > 900:
+                    raise TimeoutError("the faust ceiling job did not finish within 15 minutes")
+                time.sleep(0.1)
+                samples = _read_progress(progress)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+    first, last = samples[0], samples[-1]
+    rate = (last[1] - first[1]) / max(last[0] - first[0], 1e-9)
+    steps = [
+        (n1 - n0) / (t1 - t0_)
+        for (t0_, n0), (t1, n1) in itertools.pairwise(samples)
+        if n1 > n0 and t1 > t0_
+    ]
+    return {
+        "events_per_s": rate,
+        "median_batch_events_per_s": statistics.median(steps) if steps else rate,
+        "events": last[1],
+        "batches": len(samples),
+        "startup_s": first[0] - t0,
+    }
+
+
+def _read_progress(path: Path) -> list[tuple[float, int]]:
+    samples = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2:  # a line being written is skipped until it is whole
+            samples.append((float(parts[0]), int(parts[1])))
+    return samples
+
+
+def run_ceiling_job(settings: Settings, progress: Path) -> None:  # pragma: no cover - child
+    """Run the no-work agent until SIGTERM, appending progress lines to ``progress``."""
+    import faust
+
+    from spendstream.worker import gc_tuned
+    from stream_processors import faust_app
+    from stream_processors._fastpath import fast_wait_first
+
+    p = settings.processor
+    app = faust_app(settings, app_id=f"{p.app_id}-faust-ceiling")
+    new_consumer = app._new_consumer
+
+    def _new_consumer() -> Any:
+        consumer: Any = new_consumer()
+        consumer.wait_first = fast_wait_first(consumer.wait_first, consumer.suspend_flow.is_set)
+        return consumer
+
+    setattr(app, "_new_consumer", _new_consumer)  # noqa: B010 - as the worker does
+    events = app.topic(settings.topics.events, key_serializer="raw", value_serializer="raw")
+    out = progress.open("a")
+    count = 0
+
+    @app.agent(events)
+    async def count_only(stream: Any) -> None:
+        nonlocal count
+        async for batch in stream.take_events(p.batch_size, within=p.batch_within_s):
+            count += len(batch)
+            out.write(f"{time.monotonic():.6f} {count}\n")
+            out.flush()
+
+    worker: Any = faust.Worker(app, loglevel="warning", quiet=True)
+    with gc_tuned():
+        worker.execute_from_commandline()
+
+
+if __name__ == "__main__":  # pragma: no cover - the child process
+    run_ceiling_job(load_settings(), Path(os.environ[_PROGRESS_ENV]))
