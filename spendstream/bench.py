@@ -3,8 +3,9 @@
 Sections (each can be skipped): the producer (validated vs raw), one worker (events/s on the
 broker, and the same pure processing without Kafka), the sink into chDB (rows/s), the caps
 path (event-to-alert latency at a fixed rate), baselines for the worker (a bare consumer
-doing the same per-event work, and the same job in quixstreams), and the worker's state size per
-active user-window at 100,000 users. Speed is measured here, never asserted in tests.
+doing the same per-event work, the same job in quixstreams, and the faust ceiling: the worker's
+faust App taking batches and doing nothing else), and the worker's state size per active
+user-window at 100,000 users. Speed is measured here, never asserted in tests.
 """
 
 from __future__ import annotations
