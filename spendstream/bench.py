@@ -35,6 +35,7 @@ class BenchOptions:
     sink_rows: int = 500_000
     caps_rates: tuple[int, ...] = (2_000, 10_000)
     caps_seconds: float = 10.0
+    caps_workers: int = 1
     state_users: int = 100_000
     skip: tuple[str, ...] = ()
 
@@ -96,7 +97,9 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
             steps.append(
                 (
                     f"caps@{rate}/s",
-                    lambda r=rate: caps_latency(settings, r, options.caps_seconds),  # type: ignore[misc]
+                    lambda r=rate: caps_latency(  # type: ignore[misc]
+                        settings, r, options.caps_seconds, options.caps_workers
+                    ),
                 )
             )
     if "baselines" not in options.skip:
@@ -130,8 +133,9 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
     return results
 
 
-def caps_latency(settings: Settings, rate: int, seconds: float) -> dict[str, Any]:
-    """Event-to-alert latency at ``rate`` events/s through a worker started for it."""
+def caps_latency(settings: Settings, rate: int, seconds: float, workers: int = 1) -> dict[str, Any]:
+    """Event-to-alert latency at ``rate`` events/s through ``workers`` workers started for it
+    (one consumer group: they share the partitions)."""
     import shutil
     import tempfile
     import uuid
@@ -147,15 +151,48 @@ def caps_latency(settings: Settings, rate: int, seconds: float) -> dict[str, Any
     s = isolated(settings, prefix, workdir)
     conf = s.kafka.confluent_config()
     ensure_topics(s)
-    worker = WorkerProcess(s, workdir / "worker.log")
+    procs = [WorkerProcess(s, workdir / f"worker-{i}.log") for i in range(workers)]
     try:
+        if workers > 1:
+            # Measure only once the group has settled: a rebalance mid-run would be measured.
+            _wait_for_group(conf, s.processor.app_id, workers, procs)
         figures = run_caps_bench(s, rate, seconds, users=min(2_000, max(rate // 5, 100)))
-        worker.check_alive()
-        return figures
+        for proc in procs:
+            proc.check_alive()
+        return {**figures, "workers": workers}
     finally:
-        worker.stop()
+        for proc in procs:
+            proc.stop()
         delete_topics(conf, [t for t in topic_partitions(conf) if t.startswith(prefix)])
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _wait_for_group(
+    conf: dict[str, Any], group_id: str, members: int, procs: list[Any], timeout_s: float = 180.0
+) -> None:
+    """Block until ``group_id`` is stable with ``members`` members (faust's assignor encodes
+    assignments in its own format, so the members' partitions are not read here)."""
+    from confluent_kafka import ConsumerGroupState, KafkaException
+
+    from spendstream.kafka_admin import admin_client
+
+    admin = admin_client(conf, quiet=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in procs:
+            proc.check_alive()
+        try:
+            group = admin.describe_consumer_groups([group_id])[group_id].result(timeout=10)
+        except (KafkaException, TimeoutError):  # no group yet, or its coordinator is loading
+            group = None
+        if (
+            group is not None
+            and group.state == ConsumerGroupState.STABLE
+            and len(group.members) == members
+        ):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"group {group_id!r} did not settle with {members} members in time")
 
 
 @contextmanager

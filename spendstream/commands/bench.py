@@ -38,6 +38,12 @@ def register(app: typer.Typer) -> None:
         caps_seconds: float = typer.Option(
             10.0, "--caps-seconds", min=1, help="Seconds of traffic for the latency section."
         ),
+        caps_workers: int = typer.Option(
+            1,
+            "--caps-workers",
+            min=1,
+            help="Workers (one consumer group) for the latency section.",
+        ),
         state_users: int = typer.Option(
             100_000,
             "--state-users",
@@ -71,6 +77,7 @@ def register(app: typer.Typer) -> None:
             sink_rows=sink_rows,
             caps_rates=tuple(caps_rate),
             caps_seconds=caps_seconds,
+            caps_workers=caps_workers,
             state_users=state_users,
             skip=tuple(skip),
         )
