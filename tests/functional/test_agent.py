@@ -74,3 +74,21 @@ def test_agent_prices_dedupes_and_dead_letters_in_batches() -> None:
     assert len(results) >= 2  # batch_size 4: the agent really took batches
     last = max((orjson.loads(v) for r in results for _, v in r.rollups), key=lambda x: x["version"])
     assert last["requests"] == 6 and last["cost"] == "0.0165"
+
+
+def test_worker_app_skips_faust_per_message_bookkeeping() -> None:
+    from faust.types import TP
+
+    from stream_processors._app import LeanMonitor
+
+    settings = load_settings(kafka={"bootstrap_servers": "127.0.0.1:1"})
+    worker = build_app(settings, subscriptions=SUBS.get, in_process=True)
+    monitor = worker.app.monitor
+    assert isinstance(monitor, LeanMonitor)
+    tp = TP("t", 0)
+    monitor.on_message_in(tp, 1, object())
+    monitor.on_message_out(tp, 1, object())
+    assert monitor.messages_received_total == 0 and monitor.events_total == 0
+    # What the worker's agent runs on is unaffected (see the test above); commit stats remain.
+    monitor.on_tp_commit({tp: 5})
+    assert monitor.tp_committed_offsets[tp] == 5
