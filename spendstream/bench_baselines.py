@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import itertools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -216,7 +214,7 @@ def quix_rate(data: BenchInput) -> dict[str, Any]:
     topic. The rate runs from the first sample with output to the last one, so start-up, topic
     creation and the group join are not counted.
     """
-    from spendstream.bench_worker import _topic_size
+    from spendstream.bench_worker import _topic_size, progress_rates
 
     python, how = quix_python()
     if python is None:
@@ -280,18 +278,12 @@ def quix_rate(data: BenchInput) -> dict[str, Any]:
                 proc.kill()
                 proc.wait(10)
     version = log_path.read_text(errors="replace").partition("quixstreams ")[2].split()[:1]
-    first = next((t, n) for t, n in samples if n > 0)
-    rate = (samples[-1][1] - first[1]) / max(samples[-1][0] - first[0], 1e-9)
-    steps = [
-        (n1 - n0) / (t1 - t0_)
-        for (t0_, n0), (t1, n1) in itertools.pairwise(samples)
-        if n1 > n0 and t1 > t0_
-    ]
+    first, rate, median_step = progress_rates(samples)
     return {
         "events_per_s": rate,
-        "median_step_events_per_s": statistics.median(steps) if steps else rate,
+        "median_step_events_per_s": median_step,
         "outputs": samples[-1][1],
-        "startup_s": first[0] - t0,
+        "startup_s": first - t0,
         "version": version[0] if version else "?",
         "python": python,
         "found_by": how,

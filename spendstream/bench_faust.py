@@ -13,9 +13,7 @@ the parent reads it every 0.1 s, as it reads the worker's output topic.
 
 from __future__ import annotations
 
-import itertools
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +30,8 @@ _PROGRESS_ENV = "SPENDSTREAM_BENCH_FAUST_PROGRESS"
 
 def faust_ceiling_rate(data: BenchInput) -> dict[str, Any]:
     """Events/s of the no-work faust agent over ``data``'s input topic (see the module doc)."""
+    from spendstream.bench_worker import progress_rates
+
     progress = data.workdir / "faust-ceiling.progress"
     progress.write_text("")
     log_path = data.workdir / "faust-ceiling.log"
@@ -67,19 +67,13 @@ def faust_ceiling_rate(data: BenchInput) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-    first, last = samples[0], samples[-1]
-    rate = (last[1] - first[1]) / max(last[0] - first[0], 1e-9)
-    steps = [
-        (n1 - n0) / (t1 - t0_)
-        for (t0_, n0), (t1, n1) in itertools.pairwise(samples)
-        if n1 > n0 and t1 > t0_
-    ]
+    first, rate, median_batch = progress_rates(samples)
     return {
         "events_per_s": rate,
-        "median_batch_events_per_s": statistics.median(steps) if steps else rate,
-        "events": last[1],
+        "median_batch_events_per_s": median_batch,
+        "events": samples[-1][1],
         "batches": len(samples),
-        "startup_s": first[0] - t0,
+        "startup_s": first - t0,
     }
 
 
@@ -98,18 +92,12 @@ def run_ceiling_job(settings: Settings, progress: Path) -> None:  # pragma: no c
 
     from spendstream.worker import gc_tuned
     from stream_processors import faust_app
-    from stream_processors._fastpath import fast_wait_first
+    from stream_processors._app import patch_consumers
+    from stream_processors._fastpath import use_fast_handover
 
     p = settings.processor
     app = faust_app(settings, app_id=f"{p.app_id}-faust-ceiling")
-    new_consumer = app._new_consumer
-
-    def _new_consumer() -> Any:
-        consumer: Any = new_consumer()
-        consumer.wait_first = fast_wait_first(consumer.wait_first, consumer.suspend_flow.is_set)
-        return consumer
-
-    setattr(app, "_new_consumer", _new_consumer)  # noqa: B010 - as the worker does
+    patch_consumers(app, use_fast_handover)  # as the worker's consumer
     events = app.topic(settings.topics.events, key_serializer="raw", value_serializer="raw")
     out = progress.open("a")
     count = 0

@@ -14,7 +14,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -202,6 +202,25 @@ def run_worker_bench(
         return measure_worker(data)
 
 
+def progress_rates(samples: Sequence[tuple[float, int]]) -> tuple[float, float, float]:
+    """From (monotonic seconds, events done) samples: when progress was first seen, events/s
+    from then to the last sample, and the median rate of the steps that made progress.
+
+    Start-up (group join, first fetch) is not counted: the rate starts at the first progress.
+    """
+    first = next(((t, n) for t, n in samples if n > 0), None)
+    if first is None:
+        raise ValueError("no progress in the samples: nothing was processed")
+    last = samples[-1]
+    rate = (last[1] - first[1]) / max(last[0] - first[0], 1e-9)
+    steps = [
+        (n1 - n0) / (t1 - t0_)
+        for (t0_, n0), (t1, n1) in itertools.pairwise(samples)
+        if n1 > n0 and t1 > t0_
+    ]
+    return first[0], rate, statistics.median(steps) if steps else rate
+
+
 def measure_worker(data: BenchInput) -> dict[str, Any]:
     """Run one worker over ``data`` (its app id has not consumed it yet); return the figures."""
     from spendstream.runner import WorkerProcess
@@ -227,20 +246,14 @@ def measure_worker(data: BenchInput) -> dict[str, Any]:
         lag_zero = _wait_committed(conf, s, t0)
     finally:
         worker.stop()
-    first = next((t, n) for t, n in samples if n > 0)
-    rate = (samples[-1][1] - first[1]) / max(samples[-1][0] - first[0], 1e-9)
-    steps = [
-        (n1 - n0) / (t1 - t0_)
-        for (t0_, n0), (t1, n1) in itertools.pairwise(samples)
-        if n1 > n0 and t1 > t0_
-    ]
+    first, rate, median_step = progress_rates(samples)
     return {
         "events": len(payloads),
         "users": data.users,
         "worker_events_per_s": rate,
-        "worker_median_step_events_per_s": statistics.median(steps) if steps else rate,
+        "worker_median_step_events_per_s": median_step,
         "pure_events_per_s": pure,
-        "startup_s": first[0] - t0,
+        "startup_s": first - t0,
         "all_committed_s": lag_zero,
         "batch_size": s.processor.batch_size,
         "partitions": s.topics.partitions,

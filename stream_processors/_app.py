@@ -29,7 +29,7 @@ from producers._view import CompactedTopicView
 from schemas import Subscription
 from spendstream.settings import Settings
 from stream_processors._enforce import CapOutputs, CapStage
-from stream_processors._fastpath import fast_wait_first
+from stream_processors._fastpath import use_fast_handover
 from stream_processors._gate import BrokerProbe, InputGate
 from stream_processors._pricing import PriceCatalog
 from stream_processors._processor import InRecord, UsageProcessor
@@ -37,6 +37,10 @@ from stream_processors.caps import CapEngine
 from stream_processors.plans import SAMPLE_PLANS, PlanCatalog, load_plans
 
 log = logging.getLogger(__name__)
+
+
+def _skip_hook(self: Any, *args: Any, **kwargs: Any) -> None:
+    """A monitor hook that records nothing."""
 
 
 class LeanMonitor(Monitor):
@@ -47,28 +51,13 @@ class LeanMonitor(Monitor):
     and ``/metrics`` report throughput. Commit, send, rebalance and assignment hooks stay.
     """
 
-    def on_message_in(self, tp: TP, offset: int, message: Any) -> None:
-        pass
-
-    def on_stream_event_in(self, tp: TP, offset: int, stream: Any, event: Any) -> None:
-        return None
-
-    def on_stream_event_out(
-        self, tp: TP, offset: int, stream: Any, event: Any, state: Any = None
-    ) -> None:
-        pass
-
-    def on_message_out(self, tp: TP, offset: int, message: Any) -> None:
-        pass
-
-    def on_table_get(self, table: Any, key: Any) -> None:
-        pass
-
-    def on_table_set(self, table: Any, key: Any, value: Any) -> None:
-        pass
-
-    def on_table_del(self, table: Any, key: Any) -> None:
-        pass
+    on_message_in = _skip_hook
+    on_stream_event_in = _skip_hook
+    on_stream_event_out = _skip_hook
+    on_message_out = _skip_hook
+    on_table_get = _skip_hook
+    on_table_set = _skip_hook
+    on_table_del = _skip_hook
 
 
 class OutputProducer:
@@ -210,6 +199,18 @@ class TableState:
         return len(self._table.data)
 
 
+def patch_consumers(app: faust.App, patch: Callable[[Any], None]) -> None:
+    """Apply ``patch`` to every consumer ``app`` creates (faust has no hook for it)."""
+    new_consumer = app._new_consumer
+
+    def _new_consumer() -> Any:
+        consumer: Any = new_consumer()
+        patch(consumer)
+        return consumer
+
+    setattr(app, "_new_consumer", _new_consumer)  # noqa: B010 (mypy: no method assignment)
+
+
 def _rewind_uncommitted_inputs(
     app: faust.App, topics: frozenset[str], processed: Mapping[Any, int]
 ) -> None:
@@ -218,15 +219,12 @@ def _rewind_uncommitted_inputs(
     Its fetch loop also hands messages to the stream through
     :func:`~stream_processors._fastpath.fast_wait_first`.
     """
-    new_consumer = app._new_consumer
 
-    def _new_consumer() -> Any:
-        consumer: Any = new_consumer()
+    def patch(consumer: Any) -> None:
         consumer.perform_seek = _rewinding_seek(consumer, topics, processed)
-        consumer.wait_first = fast_wait_first(consumer.wait_first, consumer.suspend_flow.is_set)
-        return consumer
+        use_fast_handover(consumer)
 
-    setattr(app, "_new_consumer", _new_consumer)  # noqa: B010 (mypy: no method assignment)
+    patch_consumers(app, patch)
 
 
 def _rewinding_seek(
