@@ -2,10 +2,10 @@
 
 Sections (each can be skipped): the producer (validated vs raw), one worker (events/s on the
 broker, and the same pure processing without Kafka), the sink into chDB (rows/s), the caps
-path (event-to-alert latency at a fixed rate), baselines for the worker (a bare consumer
-doing the same per-event work, the same job in quixstreams, and the faust ceiling: the worker's
-faust App taking batches and doing nothing else), and the worker's state size per active
-user-window at 100,000 users. Speed is measured here, never asserted in tests.
+path (event-to-alert and event-to-rollup latency at fixed rates), baselines for the worker (a
+bare consumer doing the same per-event work, the same job in quixstreams, and the faust ceiling:
+the worker's faust App taking batches and doing nothing else), and the worker's state size per
+active user-window at 100,000 users. Speed is measured here, never asserted in tests.
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
 
 
 def caps_latency(settings: Settings, rate: int, seconds: float, workers: int = 1) -> dict[str, Any]:
-    """Event-to-alert latency at ``rate`` events/s through ``workers`` workers started for it
-    (one consumer group: they share the partitions)."""
+    """Event-to-alert and event-to-rollup latency at ``rate`` events/s through ``workers``
+    workers started for it (one consumer group: they share the partitions)."""
     import shutil
     import tempfile
     import uuid

@@ -1,4 +1,4 @@
-"""Event-to-alert latency: usage events at a fixed rate through a running worker to ``alerts``.
+"""Event-to-alert and event-to-rollup latency: usage events at a fixed rate through a worker.
 
 Needs a broker and a running ``spendstream worker`` with the same settings (``SPENDSTREAM_*``)
 and the sample plans (the default). The benchmark subscribes ``--users`` fresh users to the
@@ -6,7 +6,10 @@ and the sample plans (the default). The benchmark subscribes ``--users`` fresh u
 over them at ``--rate`` events/s for ``--duration`` s; each event costs 0.0025 USD (1,000 gpt-4o
 input tokens), so every user crosses several thresholds during the run. For each alert, latency
 is the time from just before its triggering event was handed to the producer until the alert
-was read back from the alerts topic (one process, one monotonic clock)::
+was read back from the alerts topic (one process, one monotonic clock). For each event, the
+event-to-rollup latency runs until the first rollup of its (user, window) that counts it is read
+back from the rollups topic: a user's events reach one partition in order, so the k-th event of
+a window is in the first upsert whose ``requests`` is at least k::
 
     python -m spendstream.bench_caps --rate 10000 --duration 10 --users 2000
 """
@@ -17,6 +20,7 @@ import argparse
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,6 +30,7 @@ from confluent_kafka import Consumer, TopicPartition
 from producers import UsageProducer, publish_subscriptions
 from schemas import PlanPeriod, Subscription
 from spendstream.settings import Settings, load_settings
+from stream_processors._processor import to_micros
 
 _TICK_S = 0.005
 
@@ -38,23 +43,40 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[int(rank) - 1]
 
 
-class _AlertReader(threading.Thread):
-    """Reads the alerts topic from its current end and stamps each alert on arrival."""
+def _latency_figures(name: str, ascending: list[float]) -> dict[str, float | None]:
+    """p50, p95, p99 and max (ms) of an ascending list, under ``name_``-prefixed keys."""
+    figures: dict[str, float | None] = {
+        f"{name}_p{q}_ms": round(_percentile(ascending, q), 1) for q in (50, 95, 99)
+    }
+    figures[f"{name}_max_ms"] = round(ascending[-1], 1) if ascending else None
+    return figures
 
-    def __init__(self, settings: Settings, prefix: str) -> None:
-        super().__init__(name="bench-alerts", daemon=True)
+
+class _OutputReader(threading.Thread):
+    """Reads the alerts and rollups topics from their current end, stamping each arrival."""
+
+    def __init__(self, settings: Settings, prefix: str, ignore: str) -> None:
+        super().__init__(name="bench-outputs", daemon=True)
         conf = settings.kafka.confluent_config()
         conf.update({"group.id": f"bench-caps-{uuid.uuid4().hex}", "enable.auto.commit": False})
         self.consumer = Consumer(conf)
-        topic = settings.topics.alerts
-        meta = self.consumer.list_topics(topic, timeout=30).topics[topic]
+        self.alerts_topic = settings.topics.alerts
         parts = []
-        for p in meta.partitions:
-            _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            parts.append(TopicPartition(topic, p, high))
+        for topic in (settings.topics.alerts, settings.topics.rollups):
+            meta = self.consumer.list_topics(topic, timeout=30).topics[topic]
+            for p in meta.partitions:
+                _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                parts.append(TopicPartition(topic, p, high))
         self.consumer.assign(parts)
         self.prefix = prefix
+        self.ignore = ignore
         self.arrivals: list[tuple[str, float]] = []
+        """(triggering event id, arrival) per alert."""
+        self.rollups: list[tuple[str, int, int, float]] = []
+        """(user, window start in epoch µs, requests, arrival) per on-time rollup upsert."""
+        self.counted = 0
+        """Events counted by the rollups read so far (the highest ``requests`` per window)."""
+        self._highest: dict[tuple[str, int], int] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -62,14 +84,57 @@ class _AlertReader(threading.Thread):
             for msg in self.consumer.consume(1000, 0.05):
                 now = time.monotonic()
                 value = msg.value()
-                if msg.error() is None and value is not None:
-                    alert = orjson.loads(value)
-                    if alert["user_id"].startswith(self.prefix):
-                        self.arrivals.append((alert["event_id"], now))
+                if msg.error() is not None or value is None:
+                    continue
+                record = orjson.loads(value)
+                user = record["user_id"]
+                if not user.startswith(self.prefix):
+                    continue
+                if msg.topic() == self.alerts_topic:
+                    self.arrivals.append((record["event_id"], now))
+                elif record["segment"] == 0 and user != self.ignore:  # no late events here
+                    start = to_micros(datetime.fromisoformat(record["window_start"]))
+                    requests = record["requests"]
+                    self.rollups.append((user, start, requests, now))
+                    before = self._highest.get((user, start), 0)
+                    if requests > before:
+                        self._highest[(user, start)] = requests
+                        self.counted += requests - before
         self.consumer.close()
 
 
-def _warm_up(settings: Settings, reader: _AlertReader, probe: str, now: datetime) -> None:
+def rollup_latencies(
+    sent: Sequence[tuple[str, int, float]], rollups: Sequence[tuple[str, int, int, float]]
+) -> list[float]:
+    """Seconds from each sent event to the first rollup upsert that counts it, ascending.
+
+    ``sent`` holds (user, window start, send time) in send order; ``rollups`` holds (user,
+    window start, requests, arrival) in arrival order. The k-th event of a (user, window) is
+    counted by the first upsert of that window with ``requests >= k`` (a user's events are in
+    one partition, in order). Events no upsert has counted yet are left out.
+    """
+    arrivals: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for user, start, requests, arrived in rollups:
+        arrivals.setdefault((user, start), []).append((requests, arrived))
+    ordinal: dict[tuple[str, int], int] = {}
+    cursor: dict[tuple[str, int], int] = {}
+    out: list[float] = []
+    for user, start, sent_at in sent:
+        key = (user, start)
+        k = ordinal[key] = ordinal.get(key, 0) + 1
+        seen = arrivals.get(key, [])
+        i = cursor.get(key, 0)
+        # The ordinal only grows within a window, so the search resumes where it stopped.
+        while i < len(seen) and seen[i][0] < k:
+            i += 1
+        cursor[key] = i
+        if i < len(seen):
+            out.append(seen[i][1] - sent_at)
+    out.sort()
+    return out
+
+
+def _warm_up(settings: Settings, reader: _OutputReader, probe: str, now: datetime) -> None:
     """Wait until the worker is live: a probe user's 50 % alert comes back (it also proves the
     worker sees the new subscriptions, so no measured event is priced without a plan)."""
     deadline = time.monotonic() + 180.0
@@ -100,7 +165,7 @@ def _warm_up(settings: Settings, reader: _AlertReader, probe: str, now: datetime
 def run_caps_bench(
     settings: Settings, rate: int = 10_000, duration_s: float = 10.0, users: int = 2000
 ) -> dict[str, Any]:
-    """Produce ``rate`` events/s for ``duration_s`` and measure event-to-alert latency (ms)."""
+    """Produce ``rate`` events/s for ``duration_s``; event-to-alert and event-to-rollup latency."""
     tag = uuid.uuid4().hex[:6]
     prefix = f"bench-{tag}-"
     names = [f"{prefix}{i}" for i in range(users)]
@@ -121,15 +186,19 @@ def run_caps_bench(
 
     total = int(rate * duration_s)
     t0 = now
-    encoded: list[tuple[str, str, bytes]] = []
+    window_us = settings.processor.window_s * 1_000_000
+    encoded: list[tuple[str, str, int, bytes]] = []
     for i in range(total):
         user = names[i % users]
         event_id = f"{tag}-{i}"
-        occurred = (t0 + timedelta(microseconds=i * 1_000_000 // rate)).isoformat()
+        occurred_at = t0 + timedelta(microseconds=i * 1_000_000 // rate)
+        occurred = occurred_at.isoformat()
+        t_us = to_micros(occurred_at)
         encoded.append(
             (
                 event_id,
                 user,
+                t_us - t_us % window_us,
                 orjson.dumps(
                     {
                         "event_id": event_id,
@@ -144,10 +213,11 @@ def run_caps_bench(
             )
         )
 
-    reader = _AlertReader(settings, prefix)
+    reader = _OutputReader(settings, prefix, ignore=probe)
     reader.start()
     _warm_up(settings, reader, probe, now)
     sent_at: dict[str, float] = {}
+    sent: list[tuple[str, int, float]] = []
     producer = UsageProducer(settings)
     per_tick = max(1, round(rate * _TICK_S))
     start = time.monotonic()
@@ -158,8 +228,9 @@ def run_caps_bench(
             ahead = due - time.monotonic()
             if ahead > 0:
                 time.sleep(ahead)
-            for event_id, user, value in encoded[n : n + per_tick]:
-                sent_at[event_id] = time.monotonic()
+            for event_id, user, window, value in encoded[n : n + per_tick]:
+                sent_at[event_id] = at = time.monotonic()
+                sent.append((user, window, at))
                 producer.send_raw(user, value)
         send_s = time.monotonic() - start
         producer.flush()
@@ -171,8 +242,8 @@ def run_caps_bench(
     deadline = time.monotonic() + 180.0
     last_count, quiet_since = 0, time.monotonic()
     while time.monotonic() < deadline:
-        count = len(reader.arrivals)
-        if expected is not None and count >= expected:
+        count = len(reader.arrivals) + reader.counted
+        if expected is not None and len(reader.arrivals) >= expected and reader.counted >= total:
             break
         if count != last_count:
             last_count, quiet_since = count, time.monotonic()
@@ -187,6 +258,7 @@ def run_caps_bench(
         for event_id, arrived in reader.arrivals
         if event_id in sent_at
     )
+    to_rollup = [s * 1000 for s in rollup_latencies(sent, reader.rollups)]
     return {
         "rate_target": rate,
         "rate_achieved": round(total / send_s, 1) if send_s > 0 else None,
@@ -195,10 +267,9 @@ def run_caps_bench(
         "users": users,
         "alerts": len(latencies),
         "alerts_expected": expected,
-        "p50_ms": round(_percentile(latencies, 50), 1),
-        "p90_ms": round(_percentile(latencies, 90), 1),
-        "p99_ms": round(_percentile(latencies, 99), 1),
-        "max_ms": round(latencies[-1], 1) if latencies else None,
+        **_latency_figures("alert", latencies),
+        "events_in_a_rollup": len(to_rollup),
+        **_latency_figures("rollup", to_rollup),
         # This process's settings: the worker's match only if it was started with the same.
         "settings_batch_size": settings.processor.batch_size,
         "settings_batch_within_s": settings.processor.batch_within_s,

@@ -33,7 +33,10 @@ def register(app: typer.Typer) -> None:
             [2_000, 10_000],
             "--caps-rate",
             min=1,
-            help="Events/s for the event-to-alert latency (repeatable; default 2000 and 10000).",
+            help=(
+                "Events/s for the event-to-alert and event-to-rollup latency "
+                "(repeatable; default 2000 and 10000)."
+            ),
         ),
         caps_seconds: float = typer.Option(
             10.0, "--caps-seconds", min=1, help="Seconds of traffic for the latency section."
