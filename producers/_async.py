@@ -15,14 +15,13 @@ from producers._producer import (
     ProducerStats,
     UsageProducer,
     _report,
-    validate_event,
+    encode_for_send,
 )
 from schemas import UsageEvent
 from spendstream.errors import BackpressureError, DeliveryError
 from spendstream.settings import Settings
 
 log = logging.getLogger(__name__)
-_serialize = UsageEvent.__pydantic_serializer__.to_json
 
 
 def _settle(fut: asyncio.Future[DeliveryReport], report: DeliveryReport) -> None:
@@ -81,8 +80,8 @@ class AsyncUsageProducer:
         self, event: UsageEvent | dict[str, Any], *, wait: bool = True
     ) -> DeliveryReport | None:
         """Validate and produce ``event``; with ``wait`` return once it is delivered."""
-        ev = validate_event(event)
-        return await self.send_raw(ev.user_id, _serialize(ev, exclude_none=True), wait=wait)
+        key, value = encode_for_send(event)
+        return await self.send_raw(key, value, wait=wait)
 
     async def send_raw(
         self, key: str | bytes, value: bytes, *, wait: bool = True

@@ -38,6 +38,17 @@ AttrKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ATTRIBUT
 AttrValue = Annotated[str, StringConstraints(max_length=MAX_ATTRIBUTE_VALUE_CHARS)]
 
 
+def token_classes_problem(
+    input_tokens: int, cached: int, cache_write: int, output_tokens: int, reasoning: int
+) -> str | None:
+    """The contract's rule across token fields: what is wrong, or None when they fit."""
+    if cached + cache_write > input_tokens:
+        return "cached_input_tokens + cache_write_tokens must not exceed input_tokens"
+    if reasoning > output_tokens:
+        return "reasoning_tokens must not exceed output_tokens"
+    return None
+
+
 class UsageEvent(BaseModel):
     """One model call, as emitted by a gateway after the call (DESIGN §3).
 
@@ -92,12 +103,15 @@ class UsageEvent(BaseModel):
 
     @model_validator(mode="after")
     def _token_classes_fit(self) -> UsageEvent:
-        if self.cached_input_tokens + self.cache_write_tokens > self.input_tokens:
-            raise ValueError(
-                "cached_input_tokens + cache_write_tokens must not exceed input_tokens"
-            )
-        if self.reasoning_tokens > self.output_tokens:
-            raise ValueError("reasoning_tokens must not exceed output_tokens")
+        problem = token_classes_problem(
+            self.input_tokens,
+            self.cached_input_tokens,
+            self.cache_write_tokens,
+            self.output_tokens,
+            self.reasoning_tokens,
+        )
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     @property

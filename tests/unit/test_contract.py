@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from producers import validate_event
-from producers._producer import fast_encode
+from producers._producer import encode_for_send, fast_encode
 from schemas import (
     MAX_ATTRIBUTES,
     MAX_EVENT_BYTES,
@@ -118,6 +118,7 @@ def test_good_events_validate_and_roundtrip(case: str, obj: dict[str, Any]) -> N
     event = event_from_obj(obj)
     assert decode_event(encode_event(event)) == event
     assert validate_event(obj) == event
+    assert encode_for_send(obj) == (event.user_id, encode_event(event))
 
 
 @pytest.mark.parametrize(("case", "obj", "reason"), BAD, ids=[c for c, _, _ in BAD])
@@ -127,6 +128,8 @@ def test_bad_events_rejected_with_reason(case: str, obj: Any, reason: str) -> No
     # the producer's fast path rejects exactly the same events, with the same message
     with pytest.raises(InvalidEventError, match=reason.replace("+", r"\+")):
         validate_event(obj)
+    with pytest.raises(InvalidEventError, match=reason.replace("+", r"\+")):
+        encode_for_send(obj)
 
 
 def test_stored_as_utc() -> None:
@@ -173,8 +176,13 @@ _ids = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40)
 _tokens = st.integers(min_value=0, max_value=10**9)
 
 
+_DEFAULTED = ("cached_input_tokens", "cache_write_tokens", "reasoning_tokens", "status")
+
+
 @st.composite
-def events(draw: st.DrawFn) -> UsageEvent:
+def event_dicts(draw: st.DrawFn) -> dict[str, Any]:
+    """Valid events as a gateway hands them over: any offset, optional fields None or absent,
+    some defaulted fields left out."""
     inp = draw(_tokens)
     cached = draw(st.integers(0, inp))
     write = draw(st.integers(0, inp - cached))
@@ -203,7 +211,16 @@ def events(draw: st.DrawFn) -> UsageEvent:
             st.none() | st.dictionaries(_ids, st.text(max_size=20), max_size=MAX_ATTRIBUTES)
         ),
     }
-    return event_from_obj({k: v for k, v in obj.items() if v is not None})
+    obj = {k: v for k, v in obj.items() if v is not None or draw(st.booleans())}
+    if obj["reasoning_tokens"] == 0 and obj["cached_input_tokens"] == 0:
+        for name in _DEFAULTED:
+            if draw(st.booleans()):
+                obj.pop(name, None)
+    return obj
+
+
+def events() -> st.SearchStrategy[UsageEvent]:
+    return event_dicts().map(event_from_obj)
 
 
 @settings(max_examples=300, deadline=None)
@@ -219,3 +236,11 @@ def test_roundtrip_encode_decode(event: UsageEvent) -> None:
 def test_producer_fast_encoding_is_the_wire_form(event: UsageEvent) -> None:
     # UsageProducer encodes with pydantic-core directly; it must be byte-identical.
     assert fast_encode(event) == encode_event(event)
+
+
+@settings(max_examples=300, deadline=None)
+@given(event_dicts())
+def test_producer_dict_path_is_the_wire_form(obj: dict[str, Any]) -> None:
+    # send(dict) validates into a dict, not a model: same bytes as through the model.
+    event = event_from_obj(obj)
+    assert encode_for_send(obj) == (event.user_id, encode_event(event))
