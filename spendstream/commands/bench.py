@@ -68,6 +68,7 @@ def register(app: typer.Typer) -> None:
         created under a unique prefix and deleted afterwards; chDB runs in a temporary folder.
         """
         from spendstream.bench import SECTIONS, BenchOptions, run_bench
+        from spendstream.runner import sigterm_as_interrupt
 
         unknown = sorted(set(skip) - set(SECTIONS))
         if unknown:
@@ -85,7 +86,8 @@ def register(app: typer.Typer) -> None:
             skip=tuple(skip),
         )
         try:
-            results = run_bench(settings, options, console)
+            with sigterm_as_interrupt():
+                results = run_bench(settings, options, console)
         except SpendstreamError as exc:
             fail(str(exc))
         if json_out is not None:

@@ -35,12 +35,14 @@ def register(app: typer.Typer) -> None:
         run adds to the first.
         """
         from spendstream.demo import DemoOptions, run_demo
+        from spendstream.runner import sigterm_as_interrupt
 
         settings = settings_or_exit()
         options = DemoOptions(
             users=users, duration_s=duration, rate=rate, seed=seed, drain_timeout_s=drain_timeout
         )
         try:
-            run_demo(settings, options, console)
+            with sigterm_as_interrupt():
+                run_demo(settings, options, console)
         except SpendstreamError as exc:
             fail(str(exc))
