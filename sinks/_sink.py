@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sinks._buffer import SINK_TABLES, Drained, SinkBuffer, TableSpec
+from sinks._buffer import SINK_TABLES, Drained, SinkBuffer, TableSpec, warm_up
 from sinks._store import Store
 from spendstream import metrics
 from spendstream.errors import BackpressureError, KafkaError, StoreError
@@ -72,6 +72,7 @@ class Sink:
         self.last_poll = time.monotonic()
         self.store_failing = False
         cfg = settings.sink
+        warm_up()
         self.buffer = SinkBuffer(
             self.topics,
             batch_rows=cfg.batch_rows,

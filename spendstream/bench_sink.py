@@ -76,10 +76,11 @@ def run_sink_bench(settings: Settings, rows: int, batch_rows: int | None = None)
     Uses a fresh chDB folder under a temporary directory (never the settings' store, which a
     running sink may own). ``batch_rows`` defaults to ``settings.sink.batch_rows``.
     """
-    from sinks._buffer import PRICED_EVENTS, SinkBuffer
+    from sinks._buffer import PRICED_EVENTS, SinkBuffer, warm_up
     from sinks._chdb import ChdbStore
 
     batch = batch_rows or max(settings.sink.batch_rows, 1)
+    warm_up()  # as the sink does when it starts
     payloads = [orjson.dumps(sample_priced_event(i)) for i in range(rows)]
     workdir = Path(tempfile.mkdtemp(prefix="spendstream-bench-"))
     store = ChdbStore(workdir / "chdb", database=settings.clickhouse.database, serve=False)
