@@ -77,7 +77,7 @@ def run_baselines(
     }
     if "events_per_s" in quix:
         figures["quix_events_per_s"] = quix["events_per_s"]
-        figures["quix_median_step_events_per_s"] = quix["median_step_events_per_s"]
+        figures["quix_steady_events_per_s"] = quix["steady_events_per_s"]
         figures["worker_vs_quix"] = worker_events_per_s / quix["events_per_s"]
         figures["quix_startup_s"] = quix["startup_s"]
         figures["quix_version"] = quix["version"]
@@ -214,7 +214,7 @@ def quix_rate(data: BenchInput) -> dict[str, Any]:
     topic. The rate runs from the first sample with output to the last one, so start-up, topic
     creation and the group join are not counted.
     """
-    from spendstream.bench_worker import _topic_size, progress_rates
+    from spendstream.bench_worker import TopicSize, progress_rates
 
     python, how = quix_python()
     if python is None:
@@ -253,6 +253,7 @@ def quix_rate(data: BenchInput) -> dict[str, Any]:
             start_new_session=True,
         )
         samples: list[tuple[float, int]] = []
+        size = TopicSize(data.conf, output)
         t0 = time.monotonic()
         try:
             while True:
@@ -262,7 +263,7 @@ def quix_rate(data: BenchInput) -> dict[str, Any]:
                         f"the quixstreams job exited with code {proc.returncode}:\n"
                         + "\n".join(tail)
                     )
-                done = _topic_size(data.conf, output)
+                done = size()
                 now = time.monotonic()
                 samples.append((now, done))
                 if done >= expected:
@@ -271,6 +272,7 @@ def quix_rate(data: BenchInput) -> dict[str, Any]:
                     raise TimeoutError("the quixstreams job did not finish within 15 minutes")
                 time.sleep(0.1)
         finally:
+            size.close()
             proc.terminate()
             try:
                 proc.wait(30)
@@ -278,10 +280,10 @@ def quix_rate(data: BenchInput) -> dict[str, Any]:
                 proc.kill()
                 proc.wait(10)
     version = log_path.read_text(errors="replace").partition("quixstreams ")[2].split()[:1]
-    first, rate, median_step = progress_rates(samples)
+    first, rate, steady = progress_rates(samples, expected)
     return {
         "events_per_s": rate,
-        "median_step_events_per_s": median_step,
+        "steady_events_per_s": steady,
         "outputs": samples[-1][1],
         "startup_s": first - t0,
         "version": version[0] if version else "?",
