@@ -116,10 +116,10 @@ class _OutputReader(threading.Thread):
         self._parsed = end
 
 
-def rollup_latencies(
+def rollup_matches(
     sent: Sequence[tuple[str, int, float]], rollups: Sequence[tuple[str, int, int, float]]
-) -> list[float]:
-    """Seconds from each sent event to the first rollup upsert that counts it, ascending.
+) -> list[tuple[float, float]]:
+    """(send time, seconds to the first rollup upsert that counts it) per sent event.
 
     ``sent`` holds (user, window start, send time) in send order; ``rollups`` holds (user,
     window start, requests, arrival) in arrival order. The k-th event of a (user, window) is
@@ -131,7 +131,7 @@ def rollup_latencies(
         arrivals.setdefault((user, start), []).append((requests, arrived))
     ordinal: dict[tuple[str, int], int] = {}
     cursor: dict[tuple[str, int], int] = {}
-    out: list[float] = []
+    out: list[tuple[float, float]] = []
     for user, start, sent_at in sent:
         key = (user, start)
         k = ordinal[key] = ordinal.get(key, 0) + 1
@@ -142,9 +142,27 @@ def rollup_latencies(
             i += 1
         cursor[key] = i
         if i < len(seen):
-            out.append(seen[i][1] - sent_at)
-    out.sort()
+            out.append((sent_at, seen[i][1] - sent_at))
     return out
+
+
+def rollup_latencies(
+    sent: Sequence[tuple[str, int, float]], rollups: Sequence[tuple[str, int, int, float]]
+) -> list[float]:
+    """The latencies of :func:`rollup_matches`, ascending."""
+    return sorted(latency for _, latency in rollup_matches(sent, rollups))
+
+
+def max_by_second(start: float, pairs: Sequence[tuple[float, float]]) -> list[float]:
+    """The largest latency (ms) among the events sent in each second after ``start``.
+
+    Shows when in a run the tail happened (a stall at the start, a steady backlog, ...).
+    """
+    worst: dict[int, float] = {}
+    for sent_at, latency in pairs:
+        second = int(sent_at - start)
+        worst[second] = max(worst.get(second, 0.0), latency)
+    return [round(worst.get(i, 0.0) * 1000, 1) for i in range(max(worst, default=-1) + 1)]
 
 
 def _warm_up(producer: UsageProducer, reader: _OutputReader, probe: str, now: datetime) -> None:
@@ -279,12 +297,14 @@ def run_caps_bench(
     reader.join(10)
     reader.parse_new()
 
-    latencies = sorted(
-        (arrived - sent_at[event_id]) * 1000
+    alert_pairs = [
+        (sent_at[event_id], arrived - sent_at[event_id])
         for event_id, arrived in reader.arrivals
         if event_id in sent_at
-    )
-    to_rollup = [s * 1000 for s in rollup_latencies(sent, reader.rollups)]
+    ]
+    latencies = sorted(latency * 1000 for _, latency in alert_pairs)
+    rollup_pairs = rollup_matches(sent, reader.rollups)
+    to_rollup = sorted(latency * 1000 for _, latency in rollup_pairs)
     return {
         "rate_target": rate,
         "rate_achieved": round(total / send_s, 1) if send_s > 0 else None,
@@ -296,6 +316,9 @@ def run_caps_bench(
         **_latency_figures("alert", latencies),
         "events_in_a_rollup": len(to_rollup),
         **_latency_figures("rollup", to_rollup),
+        # In the JSON output only: the worst latency of the events sent in each second.
+        "alert_max_ms_by_second": max_by_second(start, alert_pairs),
+        "rollup_max_ms_by_second": max_by_second(start, rollup_pairs),
         # This process's settings: the worker's match only if it was started with the same.
         "settings_batch_size": settings.processor.batch_size,
         "settings_batch_within_s": settings.processor.batch_within_s,

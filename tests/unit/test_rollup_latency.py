@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spendstream.bench_caps import rollup_latencies
+from spendstream.bench_caps import max_by_second, rollup_latencies
 
 W0, W1 = 0, 60_000_000
 
@@ -62,3 +62,15 @@ def test_rollup_latencies(
     expected: list[float],
 ) -> None:
     assert rollup_latencies(sent, rollups) == expected
+
+
+@pytest.mark.parametrize(
+    ("pairs", "expected"),
+    [
+        pytest.param([], [], id="nothing"),
+        pytest.param([(100.2, 0.05), (100.9, 0.2), (102.5, 1.5)], [200.0, 0.0, 1500.0],
+                     id="worst per second, a quiet second is 0"),
+    ],
+)  # fmt: skip
+def test_max_by_second(pairs: list[tuple[float, float]], expected: list[float]) -> None:
+    assert max_by_second(100.0, pairs) == expected
