@@ -215,6 +215,7 @@ def quix_rate(data: BenchInput) -> dict[str, Any]:
     creation and the group join are not counted.
     """
     from spendstream.bench_worker import TopicSize, progress_rates
+    from spendstream.runner import stop_process
 
     python, how = quix_python()
     if python is None:
@@ -273,12 +274,7 @@ def quix_rate(data: BenchInput) -> dict[str, Any]:
                 time.sleep(0.1)
         finally:
             size.close()
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            stop_process(proc)
     version = log_path.read_text(errors="replace").partition("quixstreams ")[2].split()[:1]
     first, rate, steady = progress_rates(samples, expected)
     return {

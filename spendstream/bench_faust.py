@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spendstream.runner import stop_process
 from spendstream.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -61,12 +62,7 @@ def faust_ceiling_rate(data: BenchInput) -> dict[str, Any]:
                 time.sleep(0.1)
                 samples = _read_progress(progress)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            stop_process(proc)
     first, rate, steady = progress_rates(samples, expected)
     return {
         "events_per_s": rate,

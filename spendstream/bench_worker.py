@@ -214,19 +214,18 @@ class TopicSize:
 
         self._consumer = Consumer({**conf, "group.id": "bench-size-probe"})
         self.topic = topic
+        self._parts: list[Any] = []
         for attempt in range(20):
             try:
                 meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
                 self._parts = [TopicPartition(topic, p) for p in meta.partitions]
-                if self._parts:
-                    break
             except KafkaException:
-                pass
-            # A fresh topic's leaders can still be moving ("not leader"): ask again.
+                self._parts = []  # a fresh topic's leaders can still be moving: ask again
+            if self._parts:
+                return
             time.sleep(0.1 * (attempt + 1))
-        else:
-            self._consumer.close()
-            raise TimeoutError(f"cannot read the partitions of topic {topic!r}")
+        self._consumer.close()
+        raise TimeoutError(f"cannot read the partitions of topic {topic!r}")
 
     def __call__(self) -> int:
         from confluent_kafka import KafkaException
