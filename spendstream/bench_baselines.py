@@ -1,6 +1,6 @@
 """Baselines for the worker's throughput, on the same pre-produced topic data.
 
-Three figures put the worker's events/s in context:
+These figures put the worker's events/s in context:
 
 * **bare** (the near-limit): :func:`bare_rate`, one confluent-kafka consumer in one process doing
   the same per-event work in plain Python, with none of a stream processor's guarantees;
@@ -8,7 +8,8 @@ Three figures put the worker's events/s in context:
   quixstreams, run as a child process against the same broker and input topic, measured on its
   output topic as the worker is measured on its priced topic;
 * **faust ceiling**: :func:`spendstream.bench_faust.faust_ceiling_rate`, the worker's faust App
-  with an agent that only takes and counts the input batches: what faust itself costs.
+  with an agent that only takes and counts the input batches: what faust itself costs, through
+  the worker's hand-over (the input lane) and through faust's own stream (``take_events``).
 
 quixstreams pins older confluent-kafka and pydantic than spendstream uses, so it is not
 installed next to the project: the job runs under the interpreter named by
@@ -62,7 +63,8 @@ def run_baselines(
             worker_events_per_s = float(measure_worker(data)["worker_events_per_s"])
         bare = bare_rate(data)
         quix = quix_rate(data)
-        ceiling = faust_ceiling_rate(data)
+        ceiling = faust_ceiling_rate(data, "lane")
+        stream = faust_ceiling_rate(data, "stream")
     figures: dict[str, Any] = {
         "events": len(data.payloads),
         "users": users,
@@ -74,6 +76,8 @@ def run_baselines(
         "worker_vs_bare": worker_events_per_s / bare["events_per_s"],
         "faust_ceiling_events_per_s": ceiling["events_per_s"],
         "worker_vs_faust_ceiling": worker_events_per_s / ceiling["events_per_s"],
+        "faust_stream_events_per_s": stream["events_per_s"],
+        "faust_lane_vs_stream": ceiling["events_per_s"] / stream["events_per_s"],
     }
     if "events_per_s" in quix:
         figures["quix_events_per_s"] = quix["events_per_s"]
@@ -86,6 +90,7 @@ def run_baselines(
     figures["bare"] = bare
     figures["quix"] = quix
     figures["faust_ceiling"] = ceiling
+    figures["faust_stream"] = stream
     return figures
 
 

@@ -2,10 +2,19 @@
 
 A child process runs the worker's faust App (:func:`stream_processors.faust_app`, the same
 configuration, monitor and fast hand-over of fetched messages) under its own consumer group,
-with one agent that takes the input in the worker's batches (``take_events(batch_size,
-within=batch_within_s)``), counts them and does nothing else: no decoding, no state, no
-outputs. faust acks and commits as usual. Its events/s bounds any faust-based worker on this
-machine, since the worker does the same consumption plus its own work.
+with one agent that takes the input in the worker's batches (``batch_size`` events or
+``batch_within_s``), counts them and does nothing else: no decoding, no state, no outputs.
+Two hand-overs can be measured (``path``):
+
+* ``lane``, the worker's: the fetch loop appends the input topic's messages to an
+  :class:`~stream_processors._lane.InputLane` and the agent takes them from it; the topic is
+  declared without acks, as in the worker (which commits its offsets itself);
+* ``stream``, faust's own: the conductor makes an Event per message and the agent iterates its
+  stream with ``take_events``; faust acks and commits as usual.
+
+The ``lane`` figure bounds the worker on this machine, since the worker does the same
+consumption plus its own work; the ``stream`` figure is what a worker built the usual faust
+way could at most reach.
 
 The child writes ``<monotonic seconds> <events so far>`` after each batch to a progress file;
 the parent reads it every 0.1 s, as it reads the worker's output topic.
@@ -27,16 +36,29 @@ if TYPE_CHECKING:
     from spendstream.bench_worker import BenchInput
 
 _PROGRESS_ENV = "SPENDSTREAM_BENCH_FAUST_PROGRESS"
+_PATH_ENV = "SPENDSTREAM_BENCH_FAUST_PATH"
+PATHS = ("lane", "stream")
 
 
-def faust_ceiling_rate(data: BenchInput) -> dict[str, Any]:
-    """Events/s of the no-work faust agent over ``data``'s input topic (see the module doc)."""
+def faust_ceiling_rate(data: BenchInput, path: str = "lane") -> dict[str, Any]:
+    """Events/s of the no-work faust agent over ``data``'s input topic (see the module doc).
+
+    ``path`` is ``lane`` (the worker's hand-over) or ``stream`` (faust's); each path consumes
+    under a consumer group of its own.
+    """
     from spendstream.bench_worker import progress_rates
 
-    progress = data.workdir / "faust-ceiling.progress"
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, not {path!r}")
+    progress = data.workdir / f"faust-ceiling-{path}.progress"
     progress.write_text("")
-    log_path = data.workdir / "faust-ceiling.log"
-    env = {**os.environ, **data.settings.to_env(), _PROGRESS_ENV: str(progress)}
+    log_path = data.workdir / f"faust-ceiling-{path}.log"
+    env = {
+        **os.environ,
+        **data.settings.to_env(),
+        _PROGRESS_ENV: str(progress),
+        _PATH_ENV: path,
+    }
     expected = len(data.payloads)
     samples: list[tuple[float, int]] = []
     with log_path.open("ab") as log:
@@ -65,6 +87,7 @@ def faust_ceiling_rate(data: BenchInput) -> dict[str, Any]:
             stop_process(proc)
     first, rate, steady = progress_rates(samples, expected)
     return {
+        "path": path,
         "events_per_s": rate,
         "steady_events_per_s": steady,
         "events": samples[-1][1],
@@ -82,7 +105,7 @@ def _read_progress(path: Path) -> list[tuple[float, int]]:
     return samples
 
 
-def run_ceiling_job(settings: Settings, progress: Path) -> None:  # pragma: no cover - child
+def run_ceiling_job(settings: Settings, progress: Path, path: str) -> None:  # pragma: no cover
     """Run the no-work agent until SIGTERM, appending progress lines to ``progress``."""
     import faust
 
@@ -90,21 +113,39 @@ def run_ceiling_job(settings: Settings, progress: Path) -> None:  # pragma: no c
     from stream_processors import faust_app
     from stream_processors._app import patch_consumers
     from stream_processors._fastpath import use_fast_handover
+    from stream_processors._lane import InputLane, use_lane
 
     p = settings.processor
-    app = faust_app(settings, app_id=f"{p.app_id}-faust-ceiling")
-    patch_consumers(app, use_fast_handover)  # as the worker's consumer
-    events = app.topic(settings.topics.events, key_serializer="raw", value_serializer="raw")
+    app = faust_app(settings, app_id=f"{p.app_id}-faust-ceiling-{path}")
+    # As the worker: lane and buffer size from stream_processors._app.build_app.
+    lane = InputLane(settings.topics.events, max_buffered=max(4 * p.batch_size, 4096))
+
+    def patch(consumer: Any) -> None:
+        use_fast_handover(consumer)
+        if path == "lane":
+            use_lane(consumer, lane)
+
+    patch_consumers(app, patch)
+    events = app.topic(
+        settings.topics.events, key_serializer="raw", value_serializer="raw", acks=path != "lane"
+    )
     out = progress.open("a")
     count = 0
 
+    def counted(n: int) -> None:
+        nonlocal count
+        count += n
+        out.write(f"{time.monotonic():.6f} {count}\n")
+        out.flush()
+
     @app.agent(events)
     async def count_only(stream: Any) -> None:
-        nonlocal count
-        async for batch in stream.take_events(p.batch_size, within=p.batch_within_s):
-            count += len(batch)
-            out.write(f"{time.monotonic():.6f} {count}\n")
-            out.flush()
+        if path == "stream":
+            async for batch in stream.take_events(p.batch_size, within=p.batch_within_s):
+                counted(len(batch))
+        while True:
+            batch, _ = await lane.take(p.batch_size, p.batch_within_s)
+            counted(len(batch))
 
     worker: Any = faust.Worker(app, loglevel="warning", quiet=True)
     with gc_tuned():
@@ -112,4 +153,4 @@ def run_ceiling_job(settings: Settings, progress: Path) -> None:  # pragma: no c
 
 
 if __name__ == "__main__":  # pragma: no cover - the child process
-    run_ceiling_job(load_settings(), Path(os.environ[_PROGRESS_ENV]))
+    run_ceiling_job(load_settings(), Path(os.environ[_PROGRESS_ENV]), os.environ[_PATH_ENV])

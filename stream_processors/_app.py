@@ -1,6 +1,7 @@
 """The faust-streaming application, built by a factory: no module-level app, no import effects.
 
-The agent is thin: it takes batches of events (``take_events``), hands their raw bytes to the pure
+The agent is thin: it takes batches of events (from the :class:`~stream_processors._lane.InputLane`
+in a worker, from ``take_events`` in ``agent.test_context()``), hands their raw bytes to the pure
 :class:`~stream_processors.UsageProcessor`, the accepted (priced) events to the pure caps stage
 (:class:`~stream_processors._enforce.CapStage`), and publishes what they return. Outputs go to
 the same partition number as their source message, so one user's data stays co-partitioned end
@@ -31,6 +32,7 @@ from spendstream.settings import Settings
 from stream_processors._enforce import CapOutputs, CapStage
 from stream_processors._fastpath import use_fast_handover
 from stream_processors._gate import BrokerProbe, InputGate
+from stream_processors._lane import InputLane, use_lane
 from stream_processors._pricing import PriceCatalog
 from stream_processors._processor import InRecord, UsageProcessor
 from stream_processors.caps import CapEngine
@@ -212,17 +214,23 @@ def patch_consumers(app: faust.App, patch: Callable[[Any], None]) -> None:
 
 
 def _rewind_uncommitted_inputs(
-    app: faust.App, topics: frozenset[str], processed: Mapping[Any, int]
+    app: faust.App,
+    topics: frozenset[str],
+    processed: Mapping[Any, int],
+    lane: InputLane | None = None,
 ) -> None:
     """Give ``app`` a consumer whose seeks never skip unread input (see :func:`_rewinding_seek`).
 
-    Its fetch loop also hands messages to the stream through
-    :func:`~stream_processors._fastpath.fast_wait_first`.
+    Its fetch loop also hands messages over through
+    :func:`~stream_processors._fastpath.fast_wait_first`, and the input topic's to ``lane``
+    when there is one.
     """
 
     def patch(consumer: Any) -> None:
         consumer.perform_seek = _rewinding_seek(consumer, topics, processed)
         use_fast_handover(consumer)
+        if lane is not None:
+            use_lane(consumer, lane)
 
     patch_consumers(app, patch)
 
@@ -445,14 +453,17 @@ def build_app(
     )
     stats = WorkerStats()
 
-    events = app.topic(t.events, key_serializer="raw", value_serializer="raw")
+    # A worker takes its input from the lane, and commits its offsets itself: faust neither
+    # tracks nor commits them (acks=False). In-process tests feed the agent's stream instead.
+    lane = None if in_process else InputLane(t.events, max_buffered=max(4 * p.batch_size, 4096))
+    events = app.topic(t.events, key_serializer="raw", value_serializer="raw", acks=lane is None)
     # Each input partition's records in offset order, none skipped (see stream_processors._gate).
     # In-process tests have no broker to ask and no faust fetcher to race with.
     probe = None if in_process else BrokerProbe(settings.kafka.confluent_config(), p.app_id)
     gate = None if probe is None else InputGate(probe)
     # Partition -> the offset after the last record this worker processed from it.
     processed_upto: dict[Any, int] = {} if gate is None else gate.next
-    _rewind_uncommitted_inputs(app, frozenset({t.events}), processed_upto)
+    _rewind_uncommitted_inputs(app, frozenset({t.events}), processed_upto, lane)
     held: set[tuple[str, int]] = set()
 
     @app.on_partitions_assigned.connect
@@ -475,6 +486,24 @@ def build_app(
     commit_lock = asyncio.Lock()
     pending_offsets: dict[Any, int] = {}
     outputs: list[OutputProducer] = []
+
+    if lane is not None:
+
+        @app.on_partitions_revoked.connect
+        async def _on_revoked(sender: Any, /, *args: Any, **kwargs: Any) -> None:
+            # faust has stopped the flow: nothing more reaches the lane until the new
+            # assignment. As faust waits for in-flight events before a rebalance, wait for the
+            # batch in progress, drop what was fetched and not taken (another worker may own
+            # it next), and make the last batch's state durable before its owner changes.
+            async with lane.busy:
+                dropped = lane.clear()
+                if dropped:
+                    stats.counters["input_dropped_at_rebalance"] += dropped
+                if outputs:
+                    async with commit_lock:
+                        await outputs[0].flush()
+                        marks_s.flush_changelog(outputs[0], previous=True)
+                        await outputs[0].flush()
 
     async def commit_offsets(offsets: dict[Any, int]) -> None:
         if not offsets:
@@ -577,81 +606,95 @@ def build_app(
     async def _process_batches(
         stream: Any, sink: OutputProducer | _FaustSends, output: OutputProducer | None
     ) -> None:
-        async for taken in stream.take_events(p.batch_size, within=p.batch_within_s):
-            batch = taken
-            records = [
-                InRecord(
-                    e.message.topic,
-                    e.message.partition,
-                    e.message.offset,
-                    e.message.key,
-                    e.message.value,
-                )
-                for e in taken
-            ]
-            gated: Counter[str] = Counter()
-            if gate is not None:
-                admitted = await gate.admit(records)
-                if admitted.dropped:
-                    _unack(app.consumer, [taken[i].message for i in admitted.dropped])
-                    records = [records[i] for i in admitted.kept]
-                    batch = [taken[i] for i in admitted.kept]
-                for (topic, partition), offset in admitted.seeks.items():
-                    await app.consumer.seek(TP(topic, partition), offset)
-                gated.update(
-                    input_redelivered=admitted.redelivered,
-                    input_held_back=admitted.held_back,
-                    input_gaps_skipped=admitted.gaps_skipped,
-                    input_seeks=len(admitted.seeks),
-                )
-            result = processor.process(records)
-            result.counters.update(+gated)
-            partition_of = {r.event.user_id: r.partition for r in result.accepted}
-            # Caps after pricing, in the same batch: the processor already deduplicated, so
-            # each event counts once toward the user's windows.
-            capped = caps.process(result.accepted, datetime.now(UTC))
-            for topic_name, messages in ((t.priced, result.priced), (t.rollups, result.rollups)):
-                for key, value in messages:
-                    sink.produce(topic_name, key.encode(), value, partition_of[key])
-            publish_caps(sink, capped)
-            for rec_key, value, partition in result.dead:
-                sink.produce(t.dlq, rec_key, value, partition)
-            # Durability order, so that a crash anywhere before the offset commit replays
-            # into exactly-once state (each state also records the last offset it applied):
-            # outputs are acked before the states that say they were produced are written,
-            # and states before the watermarks, whose advance would otherwise change how a
-            # replay classifies lateness. The flush here makes this batch's outputs and the
-            # previous batch's states durable; then the previous batch's watermarks and this
-            # batch's states are queued. Before committing offsets faust flushes its producer,
-            # which flushes ours too (see below), so no offset is committed ahead of state.
-            batch_offsets: dict[Any, int] = {}
-            for e in batch:
-                tp = e.message.tp
-                batch_offsets[tp] = max(batch_offsets.get(tp, 0), e.message.offset + 1)
-            if gate is None:  # otherwise the gate advanced its ``next`` (processed_upto)
-                for tp, offset in batch_offsets.items():
-                    part = (tp.topic, tp.partition)
-                    processed_upto[part] = max(processed_upto.get(part, 0), offset)
-            async with commit_lock:
-                if output is not None:
-                    await output.flush()
-                marks_s.flush_changelog(output, previous=True)
-                ready = dict(pending_offsets)  # the previous batches' state is durable now
-                pending_offsets.clear()
-                for state in (seen_s, windows_s, caps_s):
-                    state.flush_changelog(output)
-                marks_s.hold()
-                if output is not None:
-                    for tp, offset in batch_offsets.items():
-                        pending_offsets[tp] = max(pending_offsets.get(tp, 0), offset)
+        if lane is None:
+            async for taken in stream.take_events(p.batch_size, within=p.batch_within_s):
+                await commit_offsets(await _process([e.message for e in taken], sink, output))
+            return
+        while True:
+            messages, generation = await lane.take(p.batch_size, p.batch_within_s)
+            async with lane.busy:
+                if lane.generation != generation:
+                    # A rebalance took the lock first and cleared the lane: these are from
+                    # before it, and their partitions may belong to another worker now.
+                    stats.counters["input_dropped_at_rebalance"] += len(messages)
+                    continue
+                ready = await _process(messages, sink, output)
+            # Outside the lock: a commit can wait on a rebalance, which waits on the lock.
             await commit_offsets(ready)
-            stats.batches += 1
-            stats.counters.update(result.counters)
-            stats.counters.update(capped.counters)
-            if on_batch is not None:
-                on_batch(result)
-            if on_caps is not None:
-                on_caps(capped)
+
+    async def _process(
+        messages: list[Any], sink: OutputProducer | _FaustSends, output: OutputProducer | None
+    ) -> dict[Any, int]:
+        """Process one batch of input messages; the offsets made committable by it.
+
+        Those are the previous batches' offsets, whose state this batch's flush made durable.
+        """
+        batch = messages
+        records = [InRecord(m.topic, m.partition, m.offset, m.key, m.value) for m in messages]
+        gated: Counter[str] = Counter()
+        if gate is not None:
+            admitted = await gate.admit(records)
+            if admitted.dropped:
+                if lane is None:
+                    _unack(app.consumer, [messages[i] for i in admitted.dropped])
+                records = [records[i] for i in admitted.kept]
+                batch = [messages[i] for i in admitted.kept]
+            for (topic, partition), offset in admitted.seeks.items():
+                await app.consumer.seek(TP(topic, partition), offset)
+            gated.update(
+                input_redelivered=admitted.redelivered,
+                input_held_back=admitted.held_back,
+                input_gaps_skipped=admitted.gaps_skipped,
+                input_seeks=len(admitted.seeks),
+            )
+        result = processor.process(records)
+        result.counters.update(+gated)
+        partition_of = {r.event.user_id: r.partition for r in result.accepted}
+        # Caps after pricing, in the same batch: the processor already deduplicated, so
+        # each event counts once toward the user's windows.
+        capped = caps.process(result.accepted, datetime.now(UTC))
+        for topic_name, out in ((t.priced, result.priced), (t.rollups, result.rollups)):
+            for key, value in out:
+                sink.produce(topic_name, key.encode(), value, partition_of[key])
+        publish_caps(sink, capped)
+        for rec_key, value, partition in result.dead:
+            sink.produce(t.dlq, rec_key, value, partition)
+        # Durability order, so that a crash anywhere before the offset commit replays
+        # into exactly-once state (each state also records the last offset it applied):
+        # outputs are acked before the states that say they were produced are written,
+        # and states before the watermarks, whose advance would otherwise change how a
+        # replay classifies lateness. The flush here makes this batch's outputs and the
+        # previous batch's states durable; then the previous batch's watermarks and this
+        # batch's states are queued. Before committing offsets faust flushes its producer,
+        # which flushes ours too (see below), so no offset is committed ahead of state.
+        batch_offsets: dict[Any, int] = {}
+        for m in batch:
+            tp = m.tp
+            batch_offsets[tp] = max(batch_offsets.get(tp, 0), m.offset + 1)
+        if gate is None:  # otherwise the gate advanced its ``next`` (processed_upto)
+            for tp, offset in batch_offsets.items():
+                part = (tp.topic, tp.partition)
+                processed_upto[part] = max(processed_upto.get(part, 0), offset)
+        async with commit_lock:
+            if output is not None:
+                await output.flush()
+            marks_s.flush_changelog(output, previous=True)
+            ready = dict(pending_offsets)  # the previous batches' state is durable now
+            pending_offsets.clear()
+            for state in (seen_s, windows_s, caps_s):
+                state.flush_changelog(output)
+            marks_s.hold()
+            if output is not None:
+                for tp, offset in batch_offsets.items():
+                    pending_offsets[tp] = max(pending_offsets.get(tp, 0), offset)
+        stats.batches += 1
+        stats.counters.update(result.counters)
+        stats.counters.update(capped.counters)
+        if on_batch is not None:
+            on_batch(result)
+        if on_caps is not None:
+            on_caps(capped)
+        return ready
 
     @app.on_rebalance_complete.connect
     async def _on_rebalance(sender: Any, /, *args: Any, **kwargs: Any) -> None:

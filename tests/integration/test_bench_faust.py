@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from spendstream.bench_faust import faust_ceiling_rate
-from spendstream.bench_worker import bench_input
+import pytest
+
+from spendstream.bench_faust import PATHS, faust_ceiling_rate
+from spendstream.bench_worker import BenchInput, bench_input
 from spendstream.settings import Settings
 
 
-def test_faust_ceiling_counts_every_event_once(settings: Settings) -> None:
-    with bench_input(settings, 3_000, 50, name="t-ceiling") as data:
-        figures = faust_ceiling_rate(data)
+@pytest.mark.parametrize("path", PATHS)
+def test_faust_ceiling_counts_every_event_once(settings: Settings, path: str) -> None:
+    with bench_input(settings, 3_000, 50, name=f"t-ceiling-{path}") as data:
+        figures = faust_ceiling_rate(data, path)
     # Batches are cut by size and time; every event is counted exactly once in total.
+    assert figures["path"] == path
     assert figures["events"] == 3_000
     assert figures["batches"] >= 2  # 3,000 events in batches of at most batch_size (2,000)
     assert figures["events_per_s"] > 0
+
+
+def test_faust_ceiling_refuses_an_unknown_path(settings: Settings) -> None:
+    data = BenchInput(settings, "p", settings.state_dir, [], [], 0)
+    with pytest.raises(ValueError, match="lane, stream"):
+        faust_ceiling_rate(data, "bogus")
