@@ -7,8 +7,9 @@ path bounded a faust agent that does nothing at about 17k events/s on the develo
 
 :class:`InputLane` replaces it for the worker's input topic only. :func:`use_lane` makes a
 consumer's fetch loop hand the input topic's messages straight to the lane (one list append),
-and the agent takes them in batches with :meth:`InputLane.take`, with ``take_events``'
-semantics: wait for a first message, then up to ``within`` seconds for a full batch. Every
+and the agent takes them in batches with :meth:`InputLane.take`: whatever arrived while the
+previous batch was processed goes at once (up to the batch size); on an idle lane, the first
+message is followed by up to ``within`` seconds for a full batch, as with ``take_events``. Every
 other topic (changelogs during recovery, for example) still goes through faust's conductor.
 
 What faust's stream gave the worker for free is kept explicitly:
@@ -73,18 +74,18 @@ class InputLane:
     async def take(self, size: int, within: float) -> tuple[list[Any], int]:
         """The next batch, at most ``size`` messages in fetch order, and the lane's generation.
 
-        Waits for the first message without limit, then at most ``within`` seconds for
+        Messages already waiting are returned at once: they waited while the previous batch
+        was processed, and waiting ``within`` more would only add to their latency. On an empty
+        lane, waits for the first message without limit, then at most ``within`` seconds for
         ``size`` messages in all. The batch is stale if :attr:`generation` has changed by the
         time the caller holds :attr:`busy` (a rebalance cleared the lane in between).
         """
         items = self._items
-        while True:
-            if not items:
-                await self._wait_for(1, None)
+        while not items:
+            await self._wait_for(1, None)
             if len(items) < size:
                 await self._wait_for(size, within)
-            if items:  # else a clear() emptied the lane while we waited for more
-                break
+            # else a clear() emptied the lane while we waited for more: wait again
         batch = items[:size]
         del items[:size]
         if len(items) < self.max_buffered:

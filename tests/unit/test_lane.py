@@ -1,4 +1,4 @@
-"""The input lane: batches with take_events' semantics, backpressure, clear on rebalance."""
+"""The input lane: batches taken at once or within a time, backpressure, clear on rebalance."""
 
 from __future__ import annotations
 
@@ -31,17 +31,39 @@ def test_take_returns_a_full_batch_without_waiting_for_within() -> None:
     assert took < 1.0
 
 
-def test_take_waits_within_for_more_then_returns_what_there_is() -> None:
-    async def main() -> tuple[list[int], float]:
+def test_messages_already_waiting_are_taken_at_once() -> None:
+    async def main() -> tuple[list[str], float]:
         lane = InputLane("in", max_buffered=100)
         await lane.put("a")
+        await lane.put("b")
         t0 = time.monotonic()
-        batch, _ = await lane.take(5, within=0.2)
+        batch, _ = await lane.take(5, within=10.0)
         return batch, time.monotonic() - t0
 
     batch, took = run(main())
-    assert batch == ["a"]
-    assert 0.15 <= took < 2.0
+    assert batch == ["a", "b"]
+    assert took < 1.0  # not the 10 s of ``within``
+
+
+def test_on_an_empty_lane_take_waits_within_for_more_after_the_first() -> None:
+    async def main() -> tuple[list[str], float]:
+        lane = InputLane("in", max_buffered=100)
+
+        async def feed() -> None:
+            await asyncio.sleep(0.01)
+            await lane.put("a")
+            await asyncio.sleep(0.05)
+            await lane.put("b")  # within the 0.3 s after the first
+
+        feeder = asyncio.create_task(feed())
+        t0 = time.monotonic()
+        batch, _ = await lane.take(5, within=0.3)
+        await feeder
+        return batch, time.monotonic() - t0
+
+    batch, took = run(main())
+    assert batch == ["a", "b"]
+    assert 0.25 <= took < 2.0  # the first message, then the whole ``within`` for a full batch
 
 
 def test_take_waits_for_a_first_message_then_completes_when_the_batch_fills() -> None:
@@ -99,8 +121,9 @@ def test_clear_drops_waiting_messages_and_marks_taken_batches_stale() -> None:
 def test_a_clear_during_the_wait_for_more_is_not_returned_as_an_empty_batch() -> None:
     async def main() -> list[str]:
         lane = InputLane("in", max_buffered=100)
-        await lane.put("revoked")
         taker = asyncio.create_task(lane.take(5, within=0.1))
+        await asyncio.sleep(0.01)
+        await lane.put("revoked")  # the first message: the taker now waits for more
         await asyncio.sleep(0.02)
         lane.clear()
         await asyncio.sleep(0.2)  # the within window ends on an empty lane
