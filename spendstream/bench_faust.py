@@ -1,9 +1,10 @@
 """The faust ceiling: how fast faust alone hands the input topic to an agent, with no work.
 
 A child process runs the worker's faust App (:func:`stream_processors.faust_app`, the same
-configuration, monitor and fast hand-over of fetched messages) under its own consumer group,
-with one agent that takes the input in the worker's batches (``batch_size`` events or
-``batch_within_s``), counts them and does nothing else: no decoding, no state, no outputs.
+configuration, monitor, fetch wait and fast hand-over of fetched messages) under its own
+consumer group, with one agent that takes the input in the worker's batches (``batch_size``
+events or ``batch_within_s``), counts them and does nothing else: no decoding, no state, no
+outputs.
 Two hand-overs can be measured (``path``):
 
 * ``lane``, the worker's: the fetch loop appends the input topic's messages to an
@@ -111,7 +112,7 @@ def run_ceiling_job(settings: Settings, progress: Path, path: str) -> None:  # p
 
     from spendstream.worker import gc_tuned
     from stream_processors import faust_app
-    from stream_processors._app import patch_consumers
+    from stream_processors._app import patch_consumers, use_fetch_wait
     from stream_processors._fastpath import use_fast_handover
     from stream_processors._lane import InputLane, use_lane
 
@@ -122,6 +123,7 @@ def run_ceiling_job(settings: Settings, progress: Path, path: str) -> None:  # p
 
     def patch(consumer: Any) -> None:
         use_fast_handover(consumer)
+        use_fetch_wait(consumer, p.fetch_max_wait_ms)
         if path == "lane":
             use_lane(consumer, lane)
 

@@ -213,17 +213,40 @@ def patch_consumers(app: faust.App, patch: Callable[[Any], None]) -> None:
     setattr(app, "_new_consumer", _new_consumer)  # noqa: B010 (mypy: no method assignment)
 
 
+def use_fetch_wait(consumer: Any, fetch_max_wait_ms: int) -> None:
+    """Make the aiokafka consumer that faust's ``consumer`` creates wait at most this long.
+
+    faust creates it with ``fetch_max_wait_ms=1500`` and no setting to change it. aiokafka sends
+    one fetch request per broker at a time, for the assigned partitions that have no fetched
+    records waiting; when every input partition still had records waiting, that request named
+    only partitions that get no data (faust's leader-election topic), and the broker held it
+    for the full 1.5 s while the input piled up. Under load this showed as 1.2-1.4 s with no
+    input at all, early in every 10k events/s benchmark run (see BENCHMARKS.md).
+    """
+    thread = consumer._thread
+    create = thread._create_worker_consumer
+
+    def create_worker_consumer(*args: Any, **kwargs: Any) -> Any:
+        aio = create(*args, **kwargs)
+        aio._fetch_max_wait_ms = fetch_max_wait_ms  # read when the consumer starts
+        return aio
+
+    thread._create_worker_consumer = create_worker_consumer
+
+
 def _rewind_uncommitted_inputs(
     app: faust.App,
     topics: frozenset[str],
     processed: Mapping[Any, int],
     lane: InputLane | None = None,
+    fetch_max_wait_ms: int | None = None,
 ) -> None:
     """Give ``app`` a consumer whose seeks never skip unread input (see :func:`_rewinding_seek`).
 
     Its fetch loop also hands messages over through
     :func:`~stream_processors._fastpath.fast_wait_first`, and the input topic's to ``lane``
-    when there is one.
+    when there is one; its fetches wait at most ``fetch_max_wait_ms`` (see
+    :func:`use_fetch_wait`).
     """
 
     def patch(consumer: Any) -> None:
@@ -231,6 +254,8 @@ def _rewind_uncommitted_inputs(
         use_fast_handover(consumer)
         if lane is not None:
             use_lane(consumer, lane)
+        if fetch_max_wait_ms is not None:
+            use_fetch_wait(consumer, fetch_max_wait_ms)
 
     patch_consumers(app, patch)
 
@@ -463,7 +488,9 @@ def build_app(
     gate = None if probe is None else InputGate(probe)
     # Partition -> the offset after the last record this worker processed from it.
     processed_upto: dict[Any, int] = {} if gate is None else gate.next
-    _rewind_uncommitted_inputs(app, frozenset({t.events}), processed_upto, lane)
+    _rewind_uncommitted_inputs(
+        app, frozenset({t.events}), processed_upto, lane, p.fetch_max_wait_ms
+    )
     held: set[tuple[str, int]] = set()
 
     @app.on_partitions_assigned.connect

@@ -92,3 +92,22 @@ def test_worker_app_skips_faust_per_message_bookkeeping() -> None:
     # What the worker's agent runs on is unaffected (see the test above); commit stats remain.
     monitor.on_tp_commit({tp: 5})
     assert monitor.tp_committed_offsets[tp] == 5
+
+
+def test_the_worker_consumer_waits_at_most_the_configured_fetch_time() -> None:
+    # faust creates its aiokafka consumer with fetch_max_wait_ms=1500 and no setting for it.
+    settings = load_settings(
+        kafka={"bootstrap_servers": "127.0.0.1:1"}, processor={"fetch_max_wait_ms": 40}
+    )
+
+    async def created() -> Any:
+        worker = build_app(settings, subscriptions=SUBS.get)
+        try:
+            consumer: Any = worker.app.consumer  # made by faust, patched by build_app
+            aio = consumer._thread._create_worker_consumer(worker.app.transport)
+            return aio._fetch_max_wait_ms
+        finally:
+            if worker.subscriptions is not None:
+                worker.subscriptions.close()
+
+    assert asyncio.run(created()) == 40
