@@ -112,14 +112,13 @@ def run_ceiling_job(settings: Settings, progress: Path, path: str) -> None:  # p
 
     from spendstream.worker import gc_tuned
     from stream_processors import faust_app
-    from stream_processors._app import patch_consumers, use_fetch_wait
+    from stream_processors._app import input_lane, patch_consumers, use_fetch_wait
     from stream_processors._fastpath import use_fast_handover
-    from stream_processors._lane import InputLane, use_lane
+    from stream_processors._lane import use_lane
 
     p = settings.processor
     app = faust_app(settings, app_id=f"{p.app_id}-faust-ceiling-{path}")
-    # As the worker: lane and buffer size from stream_processors._app.build_app.
-    lane = InputLane(settings.topics.events, max_buffered=max(4 * p.batch_size, 4096))
+    lane = input_lane(settings)  # as the worker's
 
     def patch(consumer: Any) -> None:
         use_fast_handover(consumer)

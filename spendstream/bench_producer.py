@@ -13,6 +13,7 @@ import argparse
 import gc
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from confluent_kafka import Producer
@@ -30,6 +31,17 @@ WARM_UP_EVENTS = 400_000
 def _events(n: int) -> list[dict[str, Any]]:
     sim = Simulator(users=1000, seed=7)
     return [e for _, e in zip(range(n), sim.events(), strict=False)]
+
+
+def _produce_all(producer: Producer, topic: str, items: Iterable[tuple[str, bytes]]) -> None:
+    """``produce()`` each (key, value); on a full local queue, poll once and produce again."""
+    produce = producer.produce
+    for key, value in items:
+        try:
+            produce(topic, value, key)
+        except BufferError:
+            producer.poll(0.05)
+            produce(topic, value, key)
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -99,26 +111,14 @@ def _measure_on(
     conf["delivery.report.only.error"] = True
     raw = Producer(conf)
     raw.list_topics(raw_topic, timeout=15)  # warm-up: metadata, connection, producer id
-    produce = raw.produce
     # Warm the broker too (unmeasured). On a broker the benchmark had just started, the raw
     # run (measured first) gave 150k-167k/s without this, 164k-217k/s after 100,000 warm-up
     # messages and 276k-283k/s after 400,000, against 448k-574k/s on a broker that had run
     # for an hour: a cold JVM made the ratio look better than it is.
-    for i in range(warm_up):
-        key, value = encoded[i % len(encoded)]
-        try:
-            produce(raw_topic, value, key)
-        except BufferError:
-            raw.poll(0.05)
-            produce(raw_topic, value, key)
+    _produce_all(raw, raw_topic, (encoded[i % len(encoded)] for i in range(warm_up)))
     raw.flush(120)
     t0 = time.perf_counter()
-    for key, value in encoded:
-        try:
-            produce(raw_topic, value, key)
-        except BufferError:
-            raw.poll(0.05)
-            produce(raw_topic, value, key)
+    _produce_all(raw, raw_topic, encoded)
     left = raw.flush(120)
     raw_s = time.perf_counter() - t0
     if left:

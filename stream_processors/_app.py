@@ -213,6 +213,12 @@ def patch_consumers(app: faust.App, patch: Callable[[Any], None]) -> None:
     setattr(app, "_new_consumer", _new_consumer)  # noqa: B010 (mypy: no method assignment)
 
 
+def input_lane(settings: Settings) -> InputLane:
+    """The worker's :class:`~stream_processors._lane.InputLane` for the input topic."""
+    p = settings.processor
+    return InputLane(settings.topics.events, max_buffered=max(4 * p.batch_size, 4096))
+
+
 def use_fetch_wait(consumer: Any, fetch_max_wait_ms: int) -> None:
     """Make the aiokafka consumer that faust's ``consumer`` creates wait at most this long.
 
@@ -234,16 +240,15 @@ def use_fetch_wait(consumer: Any, fetch_max_wait_ms: int) -> None:
     thread._create_worker_consumer = create_worker_consumer
 
 
-def _rewind_uncommitted_inputs(
+def _patch_worker_consumer(
     app: faust.App,
     topics: frozenset[str],
     processed: Mapping[Any, int],
     lane: InputLane | None = None,
     fetch_max_wait_ms: int | None = None,
 ) -> None:
-    """Give ``app`` a consumer whose seeks never skip unread input (see :func:`_rewinding_seek`).
-
-    Its fetch loop also hands messages over through
+    """Give ``app`` the worker's consumer: its seeks never skip unread input (see
+    :func:`_rewinding_seek`), and its fetch loop hands messages over through
     :func:`~stream_processors._fastpath.fast_wait_first`, and the input topic's to ``lane``
     when there is one; its fetches wait at most ``fetch_max_wait_ms`` (see
     :func:`use_fetch_wait`).
@@ -308,13 +313,6 @@ def _rewinding_seek(
         )
 
     return perform_seek
-
-
-def _unack(consumer: Any, messages: list[Any]) -> None:
-    """Keep faust from acking (and so committing) messages the worker did not process."""
-    for message in messages:
-        message.acked = True  # faust's take_events acks every taken event; this makes it a no-op
-        consumer._unacked_messages.discard(message)
 
 
 @dataclass
@@ -480,7 +478,7 @@ def build_app(
 
     # A worker takes its input from the lane, and commits its offsets itself: faust neither
     # tracks nor commits them (acks=False). In-process tests feed the agent's stream instead.
-    lane = None if in_process else InputLane(t.events, max_buffered=max(4 * p.batch_size, 4096))
+    lane = None if in_process else input_lane(settings)
     events = app.topic(t.events, key_serializer="raw", value_serializer="raw", acks=lane is None)
     # Each input partition's records in offset order, none skipped (see stream_processors._gate).
     # In-process tests have no broker to ask and no faust fetcher to race with.
@@ -488,9 +486,7 @@ def build_app(
     gate = None if probe is None else InputGate(probe)
     # Partition -> the offset after the last record this worker processed from it.
     processed_upto: dict[Any, int] = {} if gate is None else gate.next
-    _rewind_uncommitted_inputs(
-        app, frozenset({t.events}), processed_upto, lane, p.fetch_max_wait_ms
-    )
+    _patch_worker_consumer(app, frozenset({t.events}), processed_upto, lane, p.fetch_max_wait_ms)
     held: set[tuple[str, int]] = set()
 
     @app.on_partitions_assigned.connect
@@ -514,6 +510,12 @@ def build_app(
     pending_offsets: dict[Any, int] = {}
     outputs: list[OutputProducer] = []
 
+    async def make_state_durable(out: OutputProducer) -> None:
+        # The queued states, then (flushed on the next call) the held watermarks.
+        await out.flush()
+        marks_s.flush_changelog(out, previous=True)
+        await out.flush()
+
     if lane is not None:
 
         @app.on_partitions_revoked.connect
@@ -528,9 +530,7 @@ def build_app(
                     stats.counters["input_dropped_at_rebalance"] += dropped
                 if outputs:
                     async with commit_lock:
-                        await outputs[0].flush()
-                        marks_s.flush_changelog(outputs[0], previous=True)
-                        await outputs[0].flush()
+                        await make_state_durable(outputs[0])
 
     async def commit_offsets(offsets: dict[Any, int]) -> None:
         if not offsets:
@@ -548,9 +548,7 @@ def build_app(
         if not outputs or not pending_offsets:
             return
         async with commit_lock:
-            await outputs[0].flush()
-            marks_s.flush_changelog(outputs[0], previous=True)
-            await outputs[0].flush()
+            await make_state_durable(outputs[0])
             ready = dict(pending_offsets)
             pending_offsets.clear()
         await commit_offsets(ready)
@@ -614,12 +612,9 @@ def build_app(
             faust_flush = app.producer.flush
 
             async def flush_both() -> None:
-                # faust awaits this before every offset commit: ours must be durable too,
-                # first the queued states, then (on the next flush) the held watermarks.
+                # faust awaits this before every offset commit: ours must be durable too.
                 await faust_flush()
-                await output.flush()
-                marks_s.flush_changelog(output, previous=True)
-                await output.flush()
+                await make_state_durable(output)
 
             app.producer.flush = flush_both  # type: ignore[method-assign]
         try:
@@ -662,8 +657,7 @@ def build_app(
         if gate is not None:
             admitted = await gate.admit(records)
             if admitted.dropped:
-                if lane is None:
-                    _unack(app.consumer, [messages[i] for i in admitted.dropped])
+                # The input topic has no acks (the lane): dropped records need no un-acking.
                 records = [records[i] for i in admitted.kept]
                 batch = [messages[i] for i in admitted.kept]
             for (topic, partition), offset in admitted.seeks.items():
