@@ -187,7 +187,10 @@ class ProcessorSettings(BaseModel):
     dedupe_horizon_s: int = Field(default=24 * 3600, ge=60)
     window_s: int = Field(default=60, ge=1, le=24 * 3600)
     grace_s: int = Field(default=300, ge=0)
-    batch_size: int = Field(default=2000, ge=1, le=100_000)
+    # Under a backlog the batch is what waits, up to this: 5,000 kept one worker up with 10k
+    # events/s where 2,000 fell behind (per-user state is written once per batch); at low rates
+    # batches stay small whatever this is (see BENCHMARKS.md).
+    batch_size: int = Field(default=5000, ge=1, le=100_000)
     # Events that arrived while the previous batch was processed go at once (up to
     # batch_size); on an idle worker a batch goes when full or this long after its first
     # event. 50 ms measured better than 200 ms at every rate tried (2k-10k events/s).
