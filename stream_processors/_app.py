@@ -668,35 +668,38 @@ def build_app(
                 input_gaps_skipped=admitted.gaps_skipped,
                 input_seeks=len(admitted.seeks),
             )
-        result = processor.process(records)
-        result.counters.update(+gated)
-        partition_of = {r.event.user_id: r.partition for r in result.accepted}
-        # Caps after pricing, in the same batch: the processor already deduplicated, so
-        # each event counts once toward the user's windows.
-        capped = caps.process(result.accepted, datetime.now(UTC))
-        for topic_name, out in ((t.priced, result.priced), (t.rollups, result.rollups)):
-            for key, value in out:
-                sink.produce(topic_name, key.encode(), value, partition_of[key])
-        publish_caps(sink, capped)
-        for rec_key, value, partition in result.dead:
-            sink.produce(t.dlq, rec_key, value, partition)
-        # Durability order, so that a crash anywhere before the offset commit replays
-        # into exactly-once state (each state also records the last offset it applied):
-        # outputs are acked before the states that say they were produced are written,
-        # and states before the watermarks, whose advance would otherwise change how a
-        # replay classifies lateness. The flush here makes this batch's outputs and the
-        # previous batch's states durable; then the previous batch's watermarks and this
-        # batch's states are queued. Before committing offsets faust flushes its producer,
-        # which flushes ours too (see below), so no offset is committed ahead of state.
-        batch_offsets: dict[Any, int] = {}
-        for m in batch:
-            tp = m.tp
-            batch_offsets[tp] = max(batch_offsets.get(tp, 0), m.offset + 1)
-        if gate is None:  # otherwise the gate advanced its ``next`` (processed_upto)
-            for tp, offset in batch_offsets.items():
-                part = (tp.topic, tp.partition)
-                processed_upto[part] = max(processed_upto.get(part, 0), offset)
+        # Under the lock from the batch's first state change on: the credits timer, which
+        # writes the cap state's pending changes, must not write this batch's ahead of
+        # its outputs.
         async with commit_lock:
+            result = processor.process(records)
+            result.counters.update(+gated)
+            partition_of = {r.event.user_id: r.partition for r in result.accepted}
+            # Caps after pricing, in the same batch: the processor already deduplicated, so
+            # each event counts once toward the user's windows.
+            capped = caps.process(result.accepted, datetime.now(UTC))
+            for topic_name, out in ((t.priced, result.priced), (t.rollups, result.rollups)):
+                for key, value in out:
+                    sink.produce(topic_name, key.encode(), value, partition_of[key])
+            publish_caps(sink, capped)
+            for rec_key, value, partition in result.dead:
+                sink.produce(t.dlq, rec_key, value, partition)
+            # Durability order, so that a crash anywhere before the offset commit replays
+            # into exactly-once state (each state also records the last offset it applied):
+            # outputs are acked before the states that say they were produced are written,
+            # and states before the watermarks, whose advance would otherwise change how a
+            # replay classifies lateness. The flush here makes this batch's outputs and the
+            # previous batch's states durable; then the previous batch's watermarks and this
+            # batch's states are queued. Before committing offsets faust flushes its producer,
+            # which flushes ours too (see below), so no offset is committed ahead of state.
+            batch_offsets: dict[Any, int] = {}
+            for m in batch:
+                tp = m.tp
+                batch_offsets[tp] = max(batch_offsets.get(tp, 0), m.offset + 1)
+            if gate is None:  # otherwise the gate advanced its ``next`` (processed_upto)
+                for tp, offset in batch_offsets.items():
+                    part = (tp.topic, tp.partition)
+                    processed_upto[part] = max(processed_upto.get(part, 0), offset)
             if output is not None:
                 await output.flush()
             marks_s.flush_changelog(output, previous=True)
