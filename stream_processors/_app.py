@@ -244,8 +244,8 @@ def _patch_worker_consumer(
     app: faust.App,
     topics: frozenset[str],
     processed: Mapping[Any, int],
-    lane: InputLane | None = None,
-    fetch_max_wait_ms: int | None = None,
+    lane: InputLane | None,
+    fetch_max_wait_ms: int,
 ) -> None:
     """Give ``app`` the worker's consumer: its seeks never skip unread input (see
     :func:`_rewinding_seek`), and its fetch loop hands messages over through
@@ -259,8 +259,7 @@ def _patch_worker_consumer(
         use_fast_handover(consumer)
         if lane is not None:
             use_lane(consumer, lane)
-        if fetch_max_wait_ms is not None:
-            use_fetch_wait(consumer, fetch_max_wait_ms)
+        use_fetch_wait(consumer, fetch_max_wait_ms)
 
     patch_consumers(app, patch)
 

@@ -81,11 +81,10 @@ class InputLane:
         time the caller holds :attr:`busy` (a rebalance cleared the lane in between).
         """
         items = self._items
-        while not items:
+        while not items:  # again if a clear() emptied the lane during the waits
             await self._wait_for(1, None)
             if len(items) < size:
                 await self._wait_for(size, within)
-            # else a clear() emptied the lane while we waited for more: wait again
         batch = items[:size]
         del items[:size]
         if len(items) < self.max_buffered:
