@@ -91,8 +91,11 @@ class UsageEvent(BaseModel):
     @field_validator("occurred_at", mode="before")
     @classmethod
     def _rfc3339_only(cls, value: Any) -> Any:
-        # pydantic would accept unix numbers; the contract is an RFC 3339 string with an offset.
-        if isinstance(value, str | datetime):
+        # pydantic would accept unix numbers, and numeric strings as unix time too; the contract
+        # is an RFC 3339 string with an offset (the date and time parts checked by pydantic).
+        if isinstance(value, datetime):
+            return value
+        if isinstance(value, str) and value[4:5] == "-" and value[10:11] in ("T", "t", " "):
             return value
         raise ValueError("occurred_at must be an RFC 3339 timestamp string with an offset")
 
