@@ -18,8 +18,8 @@ from pydantic import ValidationError
 
 from producers._config import producer_config
 from producers._spool import DiskSpool, SpoolRecord, SpoolStats
-from producers._wire import encode_dict
 from schemas import UsageEvent, event_from_obj, topics
+from schemas._wire import encode_dict
 from spendstream.errors import BackpressureError, DeliveryError, KafkaError
 from spendstream.settings import Settings
 
@@ -42,7 +42,7 @@ def fast_encode(event: UsageEvent) -> bytes:
 def encode_for_send(obj: UsageEvent | dict[str, Any]) -> tuple[str, bytes]:
     """Validate ``obj`` and return (key, wire bytes); raise ``InvalidEventError``.
 
-    A dict goes through msgspec (:mod:`producers._wire`), about a third of the CPU of the
+    A dict goes through msgspec (:mod:`schemas._wire`), about a third of the CPU of the
     pydantic model (measured in BENCHMARKS.md). Anything that path refuses is re-checked through
     the model, so the error is the contract's, word for word.
     """

@@ -131,8 +131,10 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def decode_event(data: bytes | str) -> UsageEvent:
+def decode_event(data: bytes | str | None) -> UsageEvent:
     """Parse and validate one wire message; raise :class:`InvalidEventError` with the reason."""
+    if data is None:
+        raise InvalidEventError("message has no value (a null or tombstone record)")
     if len(data) > MAX_EVENT_BYTES:
         raise InvalidEventError(f"event is {len(data)} bytes, over the {MAX_EVENT_BYTES} limit")
     try:

@@ -103,10 +103,11 @@ def bare_rate(data: BenchInput) -> dict[str, Any]:
     What it does, in this process, on ``data``'s input topic from the beginning: one
     confluent-kafka consumer (its own group, no commits) reads in batches of the worker's
     ``processor.batch_size`` (``consume(num_messages=...)``); per message it decodes and
-    validates the event with :func:`schemas.decode_event` (orjson + the pydantic model, as the
-    worker does), drops a repeated ``event_id`` with a Python set, prices it with
-    :meth:`stream_processors.PriceCatalog.quote`, and adds requests, tokens, cost and list value
-    to a dict keyed by (user, served model, 1-minute window start).
+    validates the event with ``schemas._wire.decode_usage`` (msgspec, the pydantic model for
+    anything msgspec refuses, as the worker does), drops a repeated ``event_id`` with a Python
+    set, prices it with :meth:`stream_processors.PriceCatalog.quote`, and adds requests,
+    tokens, cost and list value to a dict keyed by (user, served model, 1-minute window
+    start).
 
     What it does not do: no plan lookup, lateness, watermark or dedupe horizon; no dead letters
     (invalid events are counted only); no state store or changelog; no outputs (no priced
@@ -119,7 +120,7 @@ def bare_rate(data: BenchInput) -> dict[str, Any]:
     """
     from confluent_kafka import Consumer
 
-    from schemas import decode_event
+    from schemas._wire import decode_usage
     from spendstream.errors import InvalidEventError
     from stream_processors import PriceCatalog
 
@@ -154,7 +155,7 @@ def bare_rate(data: BenchInput) -> dict[str, Any]:
                     continue
                 done += 1
                 try:
-                    event = decode_event(msg.value() or b"")
+                    event = decode_usage(msg.value())
                 except InvalidEventError:
                     invalid += 1
                     continue
@@ -305,7 +306,8 @@ def quix_job(job: dict[str, Any]) -> None:  # pragma: no cover - runs in the chi
 
     ``Application`` (at-least-once, RocksDB state with changelog topics, as quixstreams does
     by default) over the input topic, JSON-deserialized, event time from ``occurred_at``:
-    ``apply`` validates (the same pydantic model, :func:`schemas.event_from_obj`) and prices
+    ``apply`` validates (``schemas._wire.decode_dict``: msgspec and the pydantic model, the
+    worker's decoder for a parsed dict) and prices
     (:meth:`~stream_processors.PriceCatalog.quote`); a stateful ``filter`` drops repeated
     event ids (state per user key); a tumbling 1-minute window per user (with the worker's
     grace) ``reduce``-s requests, tokens, cost and list value per served model; ``current()``
@@ -314,7 +316,7 @@ def quix_job(job: dict[str, Any]) -> None:  # pragma: no cover - runs in the chi
     from datetime import datetime
 
     quixstreams: Any = importlib.import_module("quixstreams")
-    from schemas import event_from_obj
+    from schemas._wire import decode_dict
     from spendstream.errors import InvalidEventError
     from stream_processors import PriceCatalog
 
@@ -332,7 +334,7 @@ def quix_job(job: dict[str, Any]) -> None:  # pragma: no cover - runs in the chi
 
     def validate_and_price(value: Any) -> dict[str, Any] | None:
         try:
-            event = event_from_obj(value)
+            event = decode_dict(value)
         except InvalidEventError:
             return None
         quote = catalog.quote(event)

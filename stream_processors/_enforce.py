@@ -59,6 +59,7 @@ from typing import Any
 import orjson
 
 from schemas import MONEY_SCALE, DeadLetter, Subscription, encode_event
+from schemas._wire import to_model
 from stream_processors._processor import NO_PLAN, PricedRecord, late_segment, micros_to_iso
 from stream_processors._processor import to_micros as _to_micros
 from stream_processors._state import PartitionedState
@@ -309,7 +310,7 @@ class CapStage:
             # Unknown here (see the module docstring): a stable negative id per event instead.
             "source_offset": -late_segment(rec.event.event_id),
             "key_b64": base64.b64encode(rec.event.user_id.encode()).decode(),
-            "payload_b64": base64.b64encode(encode_event(rec.event)).decode(),
+            "payload_b64": base64.b64encode(encode_event(to_model(rec.event))).decode(),
             "reason": f"cap engine: {reason}"[:2000],
             "stage": "caps",
             "received_at": micros_to_iso(_to_micros(now)),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas import UsageEvent
+from schemas._wire import DecodedEvent
 from spendstream.errors import ConfigError
 from stream_processors._money import to_units
 
@@ -123,7 +124,7 @@ class PriceCatalog:
             price = self._prices.get(model.split("/", 1)[1])
         return price
 
-    def quote(self, event: UsageEvent) -> Quote:
+    def quote(self, event: UsageEvent | DecodedEvent) -> Quote:
         """Cost, list value and savings of one call, exactly per DESIGN §4."""
         served = event.served_model or event.requested_model
         served_price = self.lookup(served, event.provider)

@@ -24,7 +24,8 @@ from datetime import UTC, datetime
 
 import orjson
 
-from schemas import DeadLetter, PricedEvent, Rollup, Subscription, UsageEvent, decode_event
+from schemas import DeadLetter, PricedEvent, Rollup, Subscription
+from schemas._wire import DecodedEvent, decode_usage
 from spendstream.errors import InvalidEventError
 from stream_processors._money import units_to_str
 from stream_processors._pricing import PriceCatalog, Quote
@@ -50,14 +51,14 @@ class InRecord:
     partition: int
     offset: int
     key: bytes | None
-    value: bytes
+    value: bytes | None
 
 
 @dataclass(slots=True)
 class PricedRecord:
     """A priced event together with the parsed fields later stages (caps) need."""
 
-    event: UsageEvent
+    event: DecodedEvent
     quote: Quote
     plan_id: str
     partition: int
@@ -123,7 +124,7 @@ def dead_letter(record: InRecord, reason: str, stage: str, now: datetime) -> byt
         "source_partition": record.partition,
         "source_offset": record.offset,
         "key_b64": base64.b64encode(record.key).decode() if record.key is not None else None,
-        "payload_b64": base64.b64encode(record.value).decode(),
+        "payload_b64": base64.b64encode(record.value or b"").decode(),
         "reason": reason[:2000],
         "stage": stage,
         "received_at": micros_to_iso(to_micros(now)),
@@ -156,7 +157,7 @@ class _WindowAgg:
         self.out = self.reasoning = self.semantic = self.cost = self.list_value = 0
         self.last_offset = -1
 
-    def add(self, event: UsageEvent, quote: Quote) -> None:
+    def add(self, event: DecodedEvent, quote: Quote) -> None:
         self.requests += 1
         self.inp += event.input_tokens
         self.cached += event.cached_input_tokens
@@ -305,7 +306,7 @@ class UsageProcessor:
         priced_n = 0
         for rec in batch:
             try:
-                event = decode_event(rec.value)
+                event = decode_usage(rec.value)
             except InvalidEventError as exc:
                 counters["dead_letters"] += 1
                 result.dead.append(
@@ -489,13 +490,13 @@ class UsageProcessor:
             return int(st[1]), True
         return int(st[13]), False
 
-    def _plan_of(self, event: UsageEvent) -> str:
+    def _plan_of(self, event: DecodedEvent) -> str:
         sub = self._subscriptions(event.user_id)
         return sub.plan_at(event.occurred_at) if sub is not None else NO_PLAN
 
     @staticmethod
     def _priced(
-        event: UsageEvent,
+        event: DecodedEvent,
         quote: Quote,
         plan_id: str,
         late: bool,

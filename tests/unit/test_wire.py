@@ -1,4 +1,4 @@
-"""The producer's msgspec fast path accepts only what the pydantic contract accepts."""
+"""The msgspec fast paths (producer encode, worker decode) accept only what the contract accepts."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import msgspec
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producers._wire import WireEvent, encode_dict
-from schemas import UsageEvent, decode_event, event_from_obj
+from schemas import UsageEvent, decode_event, encode_event, event_from_obj
+from schemas._wire import FIELDS, WireEvent, decode_dict, decode_usage, encode_dict, to_model
 from spendstream.errors import InvalidEventError
 from tests.unit.test_contract import BASE, event_dicts
 
@@ -108,6 +109,20 @@ def test_the_fast_path_accepts_nothing_the_contract_refuses(obj: dict[str, Any])
     assert decode_event(fast[1]) == model
 
 
+@settings(max_examples=1500, deadline=None)
+@given(broken_events())
+def test_decoding_a_dict_gets_the_contracts_verdict(obj: dict[str, Any]) -> None:
+    model = _model_verdict(obj)
+    try:
+        ours = decode_dict(obj)
+    except InvalidEventError:
+        assert model is None, f"decode_dict refused what the contract accepts: {obj!r}"
+        return
+    assert model is not None, f"decode_dict accepted what the contract refuses: {obj!r}"
+    assert {n: getattr(ours, n) for n in FIELDS} == {n: getattr(model, n) for n in FIELDS}
+    assert ours.occurred_at.tzinfo is UTC
+
+
 @pytest.mark.parametrize("field", _FIELDS)
 def test_each_hostile_value_in_each_field(field: str) -> None:
     # The table behind the property above, exhaustively: every hostile value in this field.
@@ -120,3 +135,139 @@ def test_each_hostile_value_in_each_field(field: str) -> None:
         ):
             wrong.append(value)
     assert not wrong, f"fast path disagrees with the contract on {field} = {wrong!r}"
+    for value in _HOSTILE:
+        obj = {**BASE, field: value}
+        model = _model_verdict(obj)
+        try:
+            ours = decode_dict(obj)
+        except InvalidEventError:
+            assert model is None, f"decode_dict refused {field}={value!r}"
+            continue
+        assert model is not None, f"decode_dict accepted {field}={value!r}"
+        assert {n: getattr(ours, n) for n in FIELDS} == {n: getattr(model, n) for n in FIELDS}
+
+
+# -- the worker's decode path ------------------------------------------------------------------
+
+
+def _values(event: Any) -> dict[str, Any]:
+    return {name: getattr(event, name) for name in FIELDS}
+
+
+def _model_decode(data: bytes | None) -> UsageEvent | str:
+    try:
+        return decode_event(data)
+    except InvalidEventError as exc:
+        return str(exc)
+
+
+def _same_verdict(data: bytes | None) -> None:
+    model = _model_decode(data)
+    try:
+        ours = decode_usage(data)
+    except InvalidEventError as exc:
+        assert str(exc) == model, "refused with another reason than the contract's"
+        return
+    assert isinstance(model, UsageEvent), (
+        f"decode_usage accepted what the contract refuses: {data!r}"
+    )
+    assert _values(ours) == _values(model)
+    assert ours.occurred_at.tzinfo is UTC
+
+
+@settings(max_examples=300, deadline=None)
+@given(event_dicts())
+def test_valid_wire_events_decode_to_the_models_values(obj: dict[str, Any]) -> None:
+    model = event_from_obj(obj)
+    for wire in (orjson.dumps(obj), encode_event(model), encode_dict(obj)[1]):  # type: ignore[index]
+        event = decode_usage(wire)
+        assert _values(event) == _values(model)
+        assert event.occurred_at.tzinfo is UTC
+        assert to_model(event) == model
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    raise TypeError
+
+
+@settings(max_examples=1500, deadline=None)
+@given(broken_events())
+def test_broken_events_as_bytes_get_the_contracts_verdict(obj: dict[str, Any]) -> None:
+    try:
+        wire = orjson.dumps(obj, default=_json_default)
+    except (orjson.JSONEncodeError, TypeError):
+        return  # not representable as JSON (a lone surrogate, a 2**64 key...)
+    _same_verdict(wire)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(event_dicts(), st.data())
+def test_mangled_bytes_get_the_contracts_verdict(obj: dict[str, Any], data: st.DataObject) -> None:
+    wire = bytearray(orjson.dumps(obj))
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(wire)))
+        action = data.draw(st.sampled_from(["insert", "delete", "replace"]))
+        chunk = data.draw(
+            st.sampled_from([b'"', b"\\", b"\\ud800", b",", b":", b"{", b"}", b"[", b"]", b" ",
+                             b"0", b"9", b".5", b"e9", b"-", b"null", b"NaN", b"\xff", b"\x00",
+                             b"\u00e9", b"Z", b"T", b"+"])
+            | st.binary(min_size=1, max_size=3)
+        )  # fmt: skip
+        if action == "insert":
+            wire[at:at] = chunk
+        elif action == "delete":
+            del wire[at : at + len(chunk)]
+        else:
+            wire[at : at + len(chunk)] = chunk
+    _same_verdict(bytes(wire))
+
+
+_CRAFTED: list[bytes] = [
+    # duplicate keys: the last one wins in both parsers
+    b'{"event_id":"a","event_id":"b","occurred_at":"2025-06-02T10:00:00Z","org_id":"o",'
+    b'"user_id":"u","gateway":"g","requested_model":"m"}',
+    b'{"event_id":"a","occurred_at":"2025-06-02T10:00:00Z","occurred_at":"2025-06-02T11:00:00Z",'
+    b'"org_id":"o","user_id":"u","gateway":"g","requested_model":"m"}',
+    # a lone surrogate, escaped
+    b'{"event_id":"\\ud800","occurred_at":"2025-06-02T10:00:00Z","org_id":"o","user_id":"u",'
+    b'"gateway":"g","requested_model":"m"}',
+    # deep nesting in an unknown field
+    b'{"event_id":"a","occurred_at":"2025-06-02T10:00:00Z","org_id":"o","user_id":"u",'
+    b'"gateway":"g","requested_model":"m","x":' + b"[" * 2000 + b"]" * 2000 + b"}",
+    # seven fractional digits, spaced-out JSON, no seconds, a key named occurred_at inside
+    b'{"event_id":"a","occurred_at":"2025-06-02T10:00:00.9999999Z","org_id":"o","user_id":"u",'
+    b'"gateway":"g","requested_model":"m"}',
+    b'{ "event_id" : "a", "occurred_at" : "2025-06-02T10:00:00.9999999+01:00", "org_id" : "o",'
+    b' "user_id" : "u", "gateway" : "g", "requested_model" : "m" }',
+    b'{"event_id":"a","occurred_at":"2025-06-02T10:00Z","org_id":"o","user_id":"u",'
+    b'"gateway":"g","requested_model":"m"}',
+    b'{"attributes":{"occurred_at":"2025-06-02T10:00:00Z"},"event_id":"a",'
+    b'"occurred_at":"2025-06-02T10:00:00.1234567Z","org_id":"o","user_id":"u","gateway":"g",'
+    b'"requested_model":"m"}',
+    b'{"event_id":"a","occurred_at":"2025-06-02T10:00:00-00:00","org_id":"o","user_id":"u",'
+    b'"gateway":"g","requested_model":"m"}',
+    b'{"event_id":"a","occurred_at":"2025-06-02T10:00:00Z","org_id":"o","user_id":"u",'
+    b'"gateway":"g","requested_model":"m","input_tokens":1e3}',
+    b'{"event_id":"a","occurred_at":"2025-06-02T10:00:00Z","org_id":"o","user_id":"u",'
+    b'"gateway":"g","requested_model":"m","input_tokens":NaN}',
+    b'{"event_id":"a","occurred_at":"2025-06-02T10:00:00Z","org_id":"o","user_id":"u",'
+    b'"gateway":"g","requested_model":"m"} trailing',
+    b"\xef\xbb\xbf" + orjson.dumps(BASE),  # a UTF-8 byte-order mark
+    b"[]",
+    b"null",
+    b"",
+    b" " * 20_000,
+    orjson.dumps({**BASE, "attributes": {"k": "v" * 16_000}}),  # over the size limit
+]
+
+
+@pytest.mark.parametrize("data", [*_CRAFTED, None], ids=lambda d: repr(d)[:48])
+def test_crafted_messages_get_the_contracts_verdict(data: bytes | None) -> None:
+    _same_verdict(data)
+
+
+def test_a_null_message_is_refused_not_a_crash() -> None:
+    with pytest.raises(InvalidEventError, match="no value"):
+        decode_usage(None)

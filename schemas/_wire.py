@@ -1,0 +1,209 @@
+"""msgspec mirrors of :class:`schemas.UsageEvent` for the hot paths; the pydantic model decides.
+
+:class:`~schemas.UsageEvent` (pydantic) is the contract. Through it, checking one event cost
+about 5 µs here: a third of the producer's budget per event and about a tenth of the worker's.
+msgspec checks the same field rules in C in about 1.5 µs, and its structs are cheaper to read
+than model instances (BENCHMARKS.md). Here it only ever *accepts*: whatever it refuses goes to
+the pydantic model, so an invalid event's error is the contract's, word for word, and an event
+refused here wrongly is merely slower, never lost or dead-lettered by mistake.
+
+The opposite mistake (msgspec accepting what the contract refuses) would let an event through
+that the contract rejects. ``tests/unit/test_wire.py`` guards it: :class:`WireEvent`'s JSON
+Schema must equal the model's, field for field, and on generated valid and broken events (as
+dicts and as bytes) the fast paths must accept only what the model accepts, with the same
+values.
+
+Two small differences from the model are handled by sending the event to the model instead:
+msgspec rounds fractional seconds beyond the sixth digit where the model truncates, and it
+does not take the model's looser timestamps (``2025-06-02T10:00Z``, without seconds).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from schemas._events import (
+    MAX_ATTRIBUTE_KEY_CHARS,
+    MAX_ATTRIBUTE_VALUE_CHARS,
+    MAX_ATTRIBUTES,
+    MAX_EVENT_BYTES,
+    MAX_TOKENS,
+    UsageEvent,
+    decode_event,
+    event_from_obj,
+    token_classes_problem,
+)
+
+_Id = Annotated[str, Meta(min_length=1, max_length=256)]
+_Name = Annotated[str, Meta(min_length=1, max_length=128)]
+_Tokens = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
+_AttrKey = Annotated[str, Meta(min_length=1, max_length=MAX_ATTRIBUTE_KEY_CHARS)]
+_AttrValue = Annotated[str, Meta(max_length=MAX_ATTRIBUTE_VALUE_CHARS)]
+_Attributes = Annotated[dict[_AttrKey, _AttrValue], Meta(max_length=MAX_ATTRIBUTES)]
+
+
+class WireEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """:class:`schemas.UsageEvent`'s fields and per-field rules, in its order, for msgspec.
+
+    Encoded, fields at their default are left out (consumers apply the contract's defaults)
+    and ``occurred_at`` keeps the offset it came with.
+    """
+
+    event_id: _Id
+    occurred_at: Annotated[datetime, Meta(tz=True)]
+    org_id: _Id
+    user_id: _Id
+    api_key_id: _Id | None = None
+    gateway: _Name
+    request_id: _Id | None = None
+    provider: _Name | None = None
+    requested_model: _Name
+    served_model: _Name | None = None
+    input_tokens: _Tokens = 0
+    cached_input_tokens: _Tokens = 0
+    cache_write_tokens: _Tokens = 0
+    output_tokens: _Tokens = 0
+    reasoning_tokens: _Tokens = 0
+    semantic_cache_hit: bool = False
+    status: Literal["ok", "error"] = "ok"
+    latency_ms: _Tokens | None = None
+    feature: _Name | None = None
+    attributes: _Attributes | None = None
+    schema_version: Annotated[int, Meta(ge=1, le=1)] = 1
+
+    @property
+    def model(self) -> str:
+        """The model that answered: ``served_model`` or, without routing, the requested one."""
+        return self.served_model or self.requested_model
+
+
+class DecodedEvent(WireEvent, kw_only=True, omit_defaults=True):
+    """A usage event as the worker reads it: every contract rule checked, ``occurred_at`` in UTC.
+
+    Same fields and values as :class:`schemas.UsageEvent`; built by :func:`decode_usage`.
+    """
+
+    def __post_init__(self) -> None:
+        if (
+            self.cached_input_tokens + self.cache_write_tokens > self.input_tokens
+            or self.reasoning_tokens > self.output_tokens
+        ):
+            raise ValueError(
+                token_classes_problem(
+                    self.input_tokens,
+                    self.cached_input_tokens,
+                    self.cache_write_tokens,
+                    self.output_tokens,
+                    self.reasoning_tokens,
+                )
+            )
+        when = self.occurred_at
+        if when.tzinfo is not UTC:
+            self.occurred_at = when.astimezone(UTC)
+
+
+FIELDS: tuple[str, ...] = WireEvent.__struct_fields__
+_INVALID = (
+    msgspec.ValidationError,
+    msgspec.DecodeError,
+    msgspec.EncodeError,
+    TypeError,
+    ValueError,
+    RecursionError,  # deeply nested unknown fields
+)
+_convert = msgspec.convert
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(DecodedEvent).decode
+_KEY = b'"occurred_at":"'
+_BACKSLASH = 0x5C
+
+
+def _over_six_digits(when: str) -> bool:
+    # Only called on a timestamp msgspec accepted: its seconds end at index 19.
+    return when[19:20] == "." and when[26:27].isdigit()
+
+
+def encode_dict(obj: dict[str, Any]) -> tuple[str, bytes] | None:
+    """(user_id, wire bytes) of a valid event dict, or None: then ask the pydantic model why."""
+    try:
+        ev = _convert(obj, WireEvent)
+        if (
+            ev.cached_input_tokens + ev.cache_write_tokens > ev.input_tokens
+            or ev.reasoning_tokens > ev.output_tokens
+        ):
+            return None
+        when = obj["occurred_at"]
+        if type(when) is str and _over_six_digits(when):
+            return None
+        return ev.user_id, _encode(ev)
+    except _INVALID:
+        return None
+
+
+def from_model(event: UsageEvent) -> DecodedEvent:
+    """The :class:`DecodedEvent` of an event the pydantic model already validated."""
+    return DecodedEvent(**{name: getattr(event, name) for name in FIELDS})
+
+
+def decode_dict(obj: Any) -> DecodedEvent:
+    """Validate an already-parsed JSON object; the same verdict as :func:`schemas.event_from_obj`.
+
+    Raises :class:`InvalidEventError` with the contract's reason.
+    """
+    if type(obj) is dict:
+        when = obj.get("occurred_at")
+        if type(when) is not str or not _over_six_digits(when):
+            try:
+                event = _convert(obj, DecodedEvent)
+                # Encoding finds lone surrogates, which the model refuses in any string (a
+                # parsed JSON message cannot hold them; a Python dict can).
+                _encode(event)
+                return event
+            except _INVALID:
+                pass
+    return from_model(event_from_obj(obj))
+
+
+def to_model(event: DecodedEvent) -> UsageEvent:
+    """The pydantic :class:`~schemas.UsageEvent` with the same values (for the rare slow path)."""
+    return UsageEvent.model_validate({name: getattr(event, name) for name in FIELDS})
+
+
+def decode_usage(data: bytes | None) -> DecodedEvent:
+    """Parse and validate one wire message; raise :class:`InvalidEventError` with the reason.
+
+    The same verdict and values as :func:`schemas.decode_event`, mostly without pydantic.
+    """
+    if (
+        type(data) is bytes
+        and len(data) <= MAX_EVENT_BYTES
+        # msgspec skips unknown fields without decoding their text, where orjson (the model's
+        # parser) refuses invalid UTF-8 and escaped lone surrogates anywhere in the message.
+        # Messages with a backslash (any escape) are rare, as encoders write UTF-8: they go
+        # to the model, as does non-UTF-8.
+        and _BACKSLASH not in data
+        and (data.isascii() or _is_utf8(data))
+        # One "occurred_at" key, compactly written (anything else is left to the model)...
+        and (at := data.find(_KEY)) >= 0
+        and data.find(_KEY, at + 1) < 0
+    ):
+        start = at + len(_KEY)
+        # ... with at most six fractional digits (msgspec would round a seventh).
+        if not (data[start + 19 : start + 20] == b"." and data[start + 26 : start + 27].isdigit()):
+            try:
+                return _decode(data)
+            except _INVALID:
+                pass
+    return from_model(decode_event(data))
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
