@@ -84,6 +84,15 @@ def test_invalid_messages_become_dead_letters_with_reason_and_source() -> None:
     assert r.counters["dead_letters"] == 3
 
 
+def test_a_message_without_a_value_is_a_dead_letter() -> None:
+    # A null (tombstone) record on the events topic: a dead letter, and the batch goes on.
+    p = make()
+    r = p.process([InRecord("usage.events", 0, next(_offset), b"k", None), rec(ev(1, T0))])
+    assert len(r.dead) == 1 and len(r.priced) == 1
+    letter = orjson.loads(r.dead[0][1])
+    assert "no value" in letter["reason"] and letter["payload_b64"] == ""
+
+
 def test_duplicates_within_and_across_batches_count_once() -> None:
     p = make()
     r1 = p.process([rec(ev(1, T0)), rec(ev(1, T0)), rec(ev(2, T0))])
