@@ -13,9 +13,12 @@ Schema must equal the model's, field for field, and on generated valid and broke
 dicts and as bytes) the fast paths must accept only what the model accepts, with the same
 values.
 
-Two small differences from the model are handled by sending the event to the model instead:
-msgspec rounds fractional seconds beyond the sixth digit where the model truncates, and it
-does not take the model's looser timestamps (``2025-06-02T10:00Z``, without seconds).
+Where msgspec would read an event differently, the event goes to the model instead: more than
+six fractional digits (msgspec rounds, the model truncates), any backslash escape or non-UTF-8
+byte (msgspec skips unknown fields unread, orjson refuses such text anywhere), nesting deep
+enough for a ``RecursionError``, and, in a Python dict, a lone surrogate (caught by encoding).
+msgspec also refuses some timestamps the model takes (``2025-06-02T10:00Z``, without seconds);
+those simply take the model's path.
 """
 
 from __future__ import annotations
@@ -187,12 +190,13 @@ def decode_usage(data: bytes | None) -> DecodedEvent:
         # to the model, as does non-UTF-8.
         and _BACKSLASH not in data
         and (data.isascii() or _is_utf8(data))
-        # One "occurred_at" key, compactly written (anything else is left to the model)...
+        # The fraction check below reads the "occurred_at" it finds: only when that is the one
+        # such key, written compactly (anything else goes to the model).
         and (at := data.find(_KEY)) >= 0
         and data.find(_KEY, at + 1) < 0
     ):
         start = at + len(_KEY)
-        # ... with at most six fractional digits (msgspec would round a seventh).
+        # At most six fractional digits: msgspec would round a seventh.
         if not (data[start + 19 : start + 20] == b"." and data[start + 26 : start + 27].isdigit()):
             try:
                 return _decode(data)
