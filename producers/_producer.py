@@ -361,6 +361,8 @@ class UsageProducer:
 
     def send_raw(self, key: str | bytes, value: bytes) -> None:
         """Queue an already encoded message with ``key`` (the user id), unvalidated."""
+        if self._closed:
+            raise DeliveryError(f"cannot send to {self.topic}: the producer is closed")
         if self._spool is not None:
             self._spool_send(key, value, self._queue_full_timeout_s)
             return
@@ -431,11 +433,13 @@ class UsageProducer:
         if self._spool is not None:
             self._spool.wait_empty(timeout_s)
             return len(self._spool)
+        if self._closed:
+            return 0
         return int(self._producer.flush(timeout_s))
 
     def poll(self, timeout_s: float = 0.0) -> int:
         """Serve pending delivery reports now (the background thread does this anyway)."""
-        return int(self._producer.poll(timeout_s))
+        return 0 if self._closed else int(self._producer.poll(timeout_s))
 
     def stats(self) -> ProducerStats:
         """A consistent snapshot of the counters.
@@ -471,6 +475,8 @@ class UsageProducer:
             with self._lock:
                 self._failed += remaining
                 self._last_error = f"{remaining} messages still queued at close"
+        else:
+            self._release()
         final = self.stats()
         if final.failed:
             raise DeliveryError(
@@ -478,6 +484,15 @@ class UsageProducer:
                 f"{self.topic} (last error: {final.last_error})"
             )
         return final
+
+    def _release(self) -> None:
+        # The poll thread and the client's callbacks refer back to this object, so without
+        # this the client's threads and broker connections would live on until the cyclic
+        # garbage collector finds it. Called with nothing left to deliver: closing flushes.
+        try:
+            self._producer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.debug("closing the Kafka producer: %s", exc)
 
     def _close_spooled(self, timeout_s: float) -> ProducerStats:
         spool = self._spool
@@ -495,6 +510,7 @@ class UsageProducer:
         self._stop.set()
         self._poller.join()
         self._closed = True
+        self._release()
         spool.close()
         if remaining:
             log.warning(
@@ -531,7 +547,7 @@ class UsageProducer:
         """Messages queued or in flight (with a spool: not yet acknowledged)."""
         if self._spool is not None:
             return len(self._spool)
-        return len(self._producer)
+        return 0 if self._closed else len(self._producer)
 
 
 def _open_spool(settings: Settings | None, spool: bool | Path | None) -> DiskSpool | None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
+import os
 import threading
 import time
 import uuid
@@ -19,6 +21,7 @@ from typer.testing import CliRunner
 from producers import AsyncUsageProducer, UsageProducer, publish_subscriptions
 from producers._producer import encode_for_send
 from schemas import Subscription, decode_event, event_from_obj
+from spendstream.errors import DeliveryError
 from spendstream.settings import Settings
 from spendstream.simulate import Simulator, malformed_payloads
 
@@ -138,6 +141,32 @@ def test_broker_restart_while_producing_loses_and_duplicates_nothing(
     assert len(counts) == len(events)  # nothing lost
     assert max(counts.values()) == 1  # nothing duplicated
     assert set(counts) == {e["event_id"] for e in events}
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_close_releases_the_client_threads_and_refuses_later_sends(make_settings: Any) -> None:
+    # close() must end librdkafka's threads and connections itself: the poll thread and the
+    # callbacks refer back to the producer, so dropping it would leave them to the cyclic GC.
+    settings = make_topics(make_settings)
+    gc.collect()
+    before = _os_threads()
+    producer = UsageProducer(settings)
+    for event in sim_events(10):
+        producer.send(event)
+    assert _os_threads() > before  # librdkafka's and the poll thread
+    stats = producer.close()
+    assert (stats.sent, stats.delivered, stats.failed) == (10, 10, 0)
+    deadline = time.monotonic() + 10
+    while _os_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _os_threads() <= before, "the Kafka client's threads outlived close()"
+    assert len(producer) == 0 and producer.flush(0) == 0 and producer.poll(0) == 0
+    with pytest.raises(DeliveryError, match="closed"):
+        producer.send(sim_events(1)[0])
 
 
 def test_async_producer_waits_for_delivery(make_settings: Any) -> None:
