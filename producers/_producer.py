@@ -355,7 +355,8 @@ class UsageProducer:
 
         Raises :class:`InvalidEventError` for an event that breaks the contract (nothing is
         sent), :class:`BackpressureError` if the local queue stays full, and
-        :class:`DeliveryError` if the client refuses the message.
+        :class:`DeliveryError` if the client refuses the message or the producer is
+        closed.
         """
         self.send_raw(*encode_for_send(event))
 
@@ -458,7 +459,9 @@ class UsageProducer:
         return ProducerStats(sent, delivered, failed, in_flight, waits, last)
 
     def close(self, timeout_s: float = 30.0) -> ProducerStats:
-        """Flush, stop the poll thread and return the final counters.
+        """Flush, stop the poll thread, close the Kafka client and return the final counters.
+
+        Later sends raise :class:`DeliveryError`; closing again returns the same counters.
 
         Raises :class:`DeliveryError` if messages are still undelivered after ``timeout_s``
         (they are counted as failed) or if any message failed during the producer's life.
