@@ -78,11 +78,6 @@ class WireEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     attributes: _Attributes | None = None
     schema_version: Annotated[int, Meta(ge=1, le=1)] = 1
 
-    @property
-    def model(self) -> str:
-        """The model that answered: ``served_model`` or, without routing, the requested one."""
-        return self.served_model or self.requested_model
-
 
 class DecodedEvent(WireEvent, kw_only=True, omit_defaults=True):
     """A usage event as the worker reads it: every contract rule checked, ``occurred_at`` in UTC.
@@ -125,9 +120,10 @@ _KEY = b'"occurred_at":"'
 _BACKSLASH = 0x5C
 
 
-def _over_six_digits(when: str) -> bool:
-    # Only called on a timestamp msgspec accepted: its seconds end at index 19.
-    return when[19:20] == "." and when[26:27].isdigit()
+def _over_six_digits(when: str | bytes) -> bool:
+    # The seconds of an RFC 3339 timestamp msgspec reads end at index 19; a seventh
+    # fractional digit would be at 26 (msgspec rounds it, the model truncates).
+    return when[19:20] in (".", b".") and when[26:27].isdigit()
 
 
 def encode_dict(obj: dict[str, Any]) -> tuple[str, bytes] | None:
@@ -165,9 +161,9 @@ def decode_dict(obj: Any) -> DecodedEvent:
                 # Encoding finds lone surrogates, which the model refuses in any string (a
                 # parsed JSON message cannot hold them; a Python dict can).
                 _encode(event)
-                return event
             except _INVALID:
-                pass
+                return from_model(event_from_obj(obj))  # the model's verdict and reason
+            return event
     return from_model(event_from_obj(obj))
 
 
@@ -196,12 +192,11 @@ def decode_usage(data: bytes | None) -> DecodedEvent:
         and data.find(_KEY, at + 1) < 0
     ):
         start = at + len(_KEY)
-        # At most six fractional digits: msgspec would round a seventh.
-        if not (data[start + 19 : start + 20] == b"." and data[start + 26 : start + 27].isdigit()):
+        if not _over_six_digits(data[start : start + 27]):
             try:
                 return _decode(data)
             except _INVALID:
-                pass
+                return from_model(decode_event(data))  # the model's verdict and reason
     return from_model(decode_event(data))
 
 
