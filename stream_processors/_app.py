@@ -34,7 +34,7 @@ from stream_processors._fastpath import use_fast_handover
 from stream_processors._gate import BrokerProbe, InputGate
 from stream_processors._lane import InputLane, use_lane
 from stream_processors._pricing import PriceCatalog
-from stream_processors._processor import InRecord, UsageProcessor
+from stream_processors._processor import SourceRecord, UsageProcessor
 from stream_processors.caps import CapEngine
 from stream_processors.plans import SAMPLE_PLANS, PlanCatalog, load_plans
 
@@ -650,15 +650,15 @@ def build_app(
 
         Those are the previous batches' offsets, whose state this batch's flush made durable.
         """
-        batch = messages
-        records = [InRecord(m.topic, m.partition, m.offset, m.key, m.value) for m in messages]
+        # aiokafka's records from the lane, faust's messages under test: both have the
+        # fields of a SourceRecord, so they are processed as they are.
+        records: list[SourceRecord] = messages
         gated: Counter[str] = Counter()
         if gate is not None:
             admitted = await gate.admit(records)
             if admitted.dropped:
                 # The input topic has no acks (the lane): dropped records need no un-acking.
                 records = [records[i] for i in admitted.kept]
-                batch = [messages[i] for i in admitted.kept]
             for (topic, partition), offset in admitted.seeks.items():
                 await app.consumer.seek(TP(topic, partition), offset)
             gated.update(
@@ -691,10 +691,12 @@ def build_app(
             # previous batch's states durable; then the previous batch's watermarks and this
             # batch's states are queued. Before committing offsets faust flushes its producer,
             # which flushes ours too (see below), so no offset is committed ahead of state.
-            batch_offsets: dict[Any, int] = {}
-            for m in batch:
-                tp = m.tp
-                batch_offsets[tp] = max(batch_offsets.get(tp, 0), m.offset + 1)
+            upto: dict[tuple[str, int], int] = {}
+            for r in records:
+                part, after = (r.topic, r.partition), r.offset + 1
+                if after > upto.get(part, 0):
+                    upto[part] = after
+            batch_offsets: dict[Any, int] = {TP(*part): offset for part, offset in upto.items()}
             if gate is None:  # otherwise the gate advanced its ``next`` (processed_upto)
                 for tp, offset in batch_offsets.items():
                     part = (tp.topic, tp.partition)

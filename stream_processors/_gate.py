@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from stream_processors._processor import InRecord
+from stream_processors._processor import SourceRecord
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class InputGate:
             self._sought[part] = (expected, now)
         return seeks
 
-    async def admit(self, records: Sequence[InRecord]) -> Admission:
+    async def admit(self, records: Sequence[SourceRecord]) -> Admission:
         """Decide, per record of a batch, whether it is processed now."""
         out = Admission()
         await self._learn({(r.topic, r.partition) for r in records})
@@ -149,7 +149,9 @@ class InputGate:
             now = self._clock()
             self._progress.update((part, now) for part in unknown)
 
-    async def _gap_is_real(self, part: Part, expected: int, rec: InRecord, out: Admission) -> bool:
+    async def _gap_is_real(
+        self, part: Part, expected: int, rec: SourceRecord, out: Admission
+    ) -> bool:
         first = self._first.get(part)
         if first is None or first[0] != expected or rec.offset < first[1]:
             # Asked once per expected offset: the records queued before a seek back all

@@ -12,11 +12,24 @@ previous batch was processed goes at once (up to the batch size); on an idle lan
 message is followed by up to ``within`` seconds for a full batch, as with ``take_events``. Every
 other topic (changelogs during recovery, for example) still goes through faust's conductor.
 
+The hand-over is per fetch, not per message: :func:`use_lane` wraps the consumer's
+``_wait_next_records`` (which returns the records aiokafka fetched, per partition) so that the
+input topic's records go to the lane as whole lists, straight from the fetch, before faust's
+``getmany`` makes a ``Message`` of each and its fetch loop delivers each through two
+coroutines. Those per-message steps were about 12 % of a loaded worker's event loop (a py-spy
+profile, see BENCHMARKS.md). The lane holds aiokafka's records then, which have the same
+``topic``, ``partition``, ``offset``, ``key`` and ``value`` as faust's messages.
+
 What faust's stream gave the worker for free is kept explicitly:
 
-* backpressure: :meth:`InputLane.put` waits while ``max_buffered`` messages are waiting; the
-  fetch loop runs it under ``wait_first(..., suspend_flow.wait())`` as faust's own delivery, so
-  a rebalance still abandons a blocked delivery;
+* backpressure: :meth:`InputLane.put_many` waits while ``max_buffered`` messages are waiting,
+  and gives up (dropping the records, which are read again from the committed offsets) when
+  the lane is cleared or the consumer's flow stops meanwhile, as faust abandons a blocked
+  delivery when a rebalance suspends the flow;
+* faust's checks per fetched record: partitions that are not active are skipped, records
+  below the read offset (fetched before a seek) are dropped, a fetch that outlived a
+  rebalance (the consumer generation changed) delivers nothing more, and the read offset
+  follows what was handed over;
 * a rebalance drops what was fetched and not taken (:meth:`InputLane.clear`, as faust clears its
   stream queues), and waits for the batch in progress (:attr:`InputLane.busy`), as faust waits
   for in-flight events to be acked;
@@ -71,6 +84,25 @@ class InputLane:
         if len(items) >= self._want:
             self._wake.set()
 
+    async def put_many(self, messages: list[Any], abandon: Callable[[], bool]) -> bool:
+        """Append ``messages`` (in order) once the lane has room; False if they were dropped.
+
+        Waits while ``max_buffered`` messages are waiting (the lane may then go over the bound
+        by one fetch). Gives up, appending nothing, when :meth:`clear` ran during the wait or
+        ``abandon()`` became true (the consumer's flow stopped for a rebalance).
+        """
+        items = self._items
+        generation = self.generation
+        while len(items) >= self.max_buffered:
+            self._space.clear()
+            await self._space.wait()
+            if self.generation != generation or abandon():
+                return False
+        items.extend(messages)
+        if len(items) >= self._want:
+            self._wake.set()
+        return True
+
     async def take(self, size: int, within: float) -> tuple[list[Any], int]:
         """The next batch, at most ``size`` messages in fetch order, and the lane's generation.
 
@@ -114,10 +146,12 @@ class InputLane:
 
 
 def use_lane(consumer: Any, lane: InputLane) -> None:
-    """Make ``consumer``'s fetch loop hand ``lane.topic``'s messages to ``lane``.
+    """Make ``consumer``'s fetch loop hand ``lane.topic``'s records to ``lane``, a fetch at once.
 
     Must run before the consumer's fetcher starts (faust reads ``callback`` once, when its
-    fetch loop starts); :func:`stream_processors._app.patch_consumers` does.
+    fetch loop starts); :func:`stream_processors._app.patch_consumers` does. Records of other
+    topics go through faust's own path; an input message that still reaches the callback
+    (none should) is put on the lane too.
     """
     original: Callable[[Any], Coroutine[Any, Any, None]] = consumer.callback
     topic, put = lane.topic, lane.put
@@ -126,3 +160,47 @@ def use_lane(consumer: Any, lane: InputLane) -> None:
         return put(message) if message.topic == topic else original(message)
 
     consumer.callback = callback
+    consumer._wait_next_records = _routing_fetch(consumer, lane)
+
+
+def _routing_fetch(
+    consumer: Any, lane: InputLane
+) -> Callable[[float], Coroutine[Any, Any, tuple[Any, Any]]]:
+    """``consumer._wait_next_records`` that moves the input topic's records to ``lane``.
+
+    What faust's ``getmany`` and fetch loop check per record is checked per partition here
+    (see the module docstring); the records of every other topic are returned to faust.
+    """
+    fetch = consumer._wait_next_records
+    topic = lane.topic
+    read_offset = consumer._read_offset
+
+    def stopped() -> bool:
+        return not consumer.flow_active
+
+    async def wait_next_records(timeout: float) -> tuple[Any, Any]:
+        records, active = await fetch(timeout)
+        if not records or not consumer.flow_active or consumer.should_stop:
+            return records, active  # faust seeks back when the flow is stopped
+        mine = [tp for tp in records if tp.topic == topic]
+        if not mine:
+            return records, active
+        app = consumer.app
+        generation = app.consumer_generation_id
+        buffered = consumer._buffered_partitions
+        for tp in mine:
+            batch = records.pop(tp)
+            if not batch or (active is not None and tp not in active and tp not in buffered):
+                continue
+            if app.consumer_generation_id != generation or not consumer.flow_active:
+                continue  # fetched before a rebalance: dropped, as faust's getmany does
+            after = read_offset[tp]
+            if after is not None and batch[0].offset < after:
+                batch = [r for r in batch if r.offset >= after]
+                if not batch:
+                    continue
+            if await lane.put_many(batch, stopped):
+                read_offset[tp] = batch[-1].offset
+        return records, active
+
+    return wait_next_records

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 import orjson
 
@@ -41,6 +42,25 @@ uncommitted, so every replay of its events meets it."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NO_PLAN = ""
 """plan_id of events whose user has no known subscription (counted as ``no_subscription``)."""
+
+
+class SourceRecord(Protocol):
+    """What the processor reads of a consumed message.
+
+    :class:`InRecord` is one; so are aiokafka's records (which the worker's input lane holds)
+    and faust's messages (under ``agent.test_context()``).
+    """
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +125,7 @@ def micros_to_iso(micros: int) -> str:
     return f"{stamp}.{us:06d}Z" if us else f"{stamp}Z"
 
 
-def _same_message(seen_value: bytes, record: InRecord) -> bool:
+def _same_message(seen_value: bytes, record: SourceRecord) -> bool:
     """Whether a ``seen`` entry (``partition:hour:offset:late``) was written for this message."""
     partition, _, offset, _ = seen_value.split(b":")
     return int(partition) == record.partition and int(offset) == record.offset
@@ -117,7 +137,7 @@ def late_segment(event_id: str) -> int:
     return (int.from_bytes(digest, "big") >> 1) or 1
 
 
-def dead_letter(record: InRecord, reason: str, stage: str, now: datetime) -> bytes:
+def dead_letter(record: SourceRecord, reason: str, stage: str, now: datetime) -> bytes:
     """Encode a dead letter that keeps the original bytes and where they came from."""
     letter: DeadLetter = {
         "source_topic": record.topic,
@@ -289,7 +309,7 @@ class UsageProcessor:
         self._seen_by_hour = None
 
     # -- the batch --------------------------------------------------------------------------
-    def process(self, batch: Sequence[InRecord], now: datetime | None = None) -> BatchResult:
+    def process(self, batch: Sequence[SourceRecord], now: datetime | None = None) -> BatchResult:
         """Process one batch in order; return what to publish. Never raises on bad input."""
         now = now or datetime.now(UTC)
         now_iso = micros_to_iso(to_micros(now))

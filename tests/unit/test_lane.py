@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from faust.types import TP
 
 from stream_processors._lane import InputLane, use_lane
 
@@ -148,24 +150,170 @@ def test_clear_releases_a_blocked_put() -> None:
     assert run(main())
 
 
-def test_use_lane_routes_only_the_input_topic() -> None:
-    routed: list[str] = []
+class FakeConsumer:
+    """What use_lane touches of a faust consumer: its callback, its fetch, its flow state."""
 
-    async def original(message: Any) -> None:
-        routed.append(message.topic)
+    def __init__(self, *fetches: dict[TP, list[Any]]) -> None:
+        self.fetches = list(fetches)
+        self.flow_active = True
+        self.should_stop = False
+        self.app = SimpleNamespace(consumer_generation_id=1)
+        self._buffered_partitions: set[TP] = set()
+        self._read_offset: defaultdict[TP, int | None] = defaultdict(lambda: None)
+        self.active: set[TP] | None = None
+        self.routed: list[str] = []
 
+    async def callback(self, message: Any) -> None:
+        self.routed.append(message.topic)
+
+    async def _wait_next_records(self, timeout: float) -> tuple[dict[TP, list[Any]], Any]:
+        return self.fetches.pop(0), self.active
+
+
+def rec(topic: str, partition: int, offset: int) -> SimpleNamespace:
+    return SimpleNamespace(topic=topic, partition=partition, offset=offset)
+
+
+def where(batch: list[Any]) -> list[tuple[str, int, int]]:
+    return [(r.topic, r.partition, r.offset) for r in batch]
+
+
+E0, E1, C0 = TP("events", 0), TP("events", 1), TP("changelog", 0)
+
+
+def test_the_input_topics_records_go_to_the_lane_a_fetch_at_once() -> None:
+    async def main() -> tuple[list[Any], dict[TP, list[Any]], FakeConsumer]:
+        lane = InputLane("events", max_buffered=10)
+        consumer = FakeConsumer(
+            {
+                E0: [rec("events", 0, 5), rec("events", 0, 6)],
+                C0: [rec("changelog", 0, 9)],
+                E1: [rec("events", 1, 0)],
+            }
+        )
+        use_lane(consumer, lane)
+        left, _ = await consumer._wait_next_records(1.0)
+        batch, _ = await lane.take(10, within=0.0)
+        return batch, left, consumer
+
+    batch, left, consumer = run(main())
+    assert where(batch) == [("events", 0, 5), ("events", 0, 6), ("events", 1, 0)]
+    assert list(left) == [C0]  # faust delivers the other topics as before
+    assert consumer._read_offset[E0] == 6 and consumer._read_offset[E1] == 0
+
+
+def test_a_message_that_reaches_the_callback_goes_by_topic() -> None:
     async def main() -> tuple[list[Any], list[str]]:
         lane = InputLane("events", max_buffered=10)
-        consumer = SimpleNamespace(callback=original)
+        consumer = FakeConsumer()
         use_lane(consumer, lane)
         for topic in ("events", "changelog", "events"):
             await consumer.callback(SimpleNamespace(topic=topic))
         batch, _ = await lane.take(10, within=0.0)
-        return batch, routed
+        return batch, consumer.routed
 
     batch, other = run(main())
     assert [m.topic for m in batch] == ["events", "events"]
     assert other == ["changelog"]
+
+
+def test_routing_keeps_fausts_checks_per_record() -> None:
+    async def main() -> tuple[list[Any], FakeConsumer]:
+        lane = InputLane("events", max_buffered=10)
+        consumer = FakeConsumer(
+            # Below the read offset (fetched before a seek back to 7): dropped.
+            {E0: [rec("events", 0, 5), rec("events", 0, 7), rec("events", 0, 8)]},
+            # Not an active partition: skipped.
+            {E1: [rec("events", 1, 0)]},
+        )
+        consumer._read_offset[E0] = 7
+        use_lane(consumer, lane)
+        await consumer._wait_next_records(1.0)
+        consumer.active = {E0}
+        await consumer._wait_next_records(1.0)
+        batch, _ = await lane.take(10, within=0.0)
+        return batch, consumer
+
+    batch, consumer = run(main())
+    assert where(batch) == [("events", 0, 7), ("events", 0, 8)]
+    assert consumer._read_offset[E0] == 8 and consumer._read_offset[E1] is None
+
+
+def test_a_fetch_is_given_back_to_faust_when_the_flow_stopped_during_it() -> None:
+    async def main() -> tuple[int, dict[TP, list[Any]]]:
+        lane = InputLane("events", max_buffered=10)
+        consumer = FakeConsumer({E0: [rec("events", 0, 0)]})
+        fetch = consumer._wait_next_records
+
+        async def fetch_then_stop(timeout: float) -> tuple[dict[TP, list[Any]], Any]:
+            records = await fetch(timeout)
+            consumer.flow_active = False  # a rebalance began while the fetch was out
+            return records
+
+        consumer._wait_next_records = fetch_then_stop  # type: ignore[method-assign]
+        use_lane(consumer, lane)
+        left, _ = await consumer._wait_next_records(1.0)
+        return len(lane), left
+
+    waiting, left = run(main())
+    assert waiting == 0
+    assert list(left) == [E0]  # faust's getmany then seeks back to the committed offsets
+
+
+def test_after_a_generation_change_the_rest_of_the_fetch_is_dropped() -> None:
+    async def main() -> list[Any]:
+        lane = InputLane("events", max_buffered=1)
+        await lane.put("before")
+        consumer = FakeConsumer({E0: [rec("events", 0, 0)], E1: [rec("events", 1, 0)]})
+        use_lane(consumer, lane)
+        routing = asyncio.create_task(consumer._wait_next_records(1.0))
+        await asyncio.sleep(0.02)  # blocked on the full lane with partition 0's records
+        consumer.app.consumer_generation_id += 1  # a rebalance completed meanwhile
+        await lane.take(1, within=0.0)
+        await asyncio.wait_for(routing, 1.0)
+        batch, _ = await lane.take(10, within=0.0)
+        return batch
+
+    # The records it was blocked with go in (as faust completes a started delivery); the
+    # next partition's, fetched before the rebalance, do not.
+    assert where(run(main())) == [("events", 0, 0)]
+
+
+def test_put_many_waits_for_room_and_gives_up_when_the_lane_is_cleared() -> None:
+    async def main() -> tuple[bool, bool, bool, list[int]]:
+        lane = InputLane("in", max_buffered=2)
+        await lane.put_many([1, 2], lambda: False)
+        blocked = asyncio.create_task(lane.put_many([3, 4], lambda: False))
+        await asyncio.sleep(0.02)
+        was_blocked = not blocked.done()
+        first, _ = await lane.take(1, within=0.0)  # room again: the whole fetch goes in
+        delivered = await asyncio.wait_for(blocked, 1.0)
+        stale = asyncio.create_task(lane.put_many([5], lambda: False))
+        await asyncio.sleep(0.02)
+        lane.clear()
+        dropped = not await asyncio.wait_for(stale, 1.0)
+        await lane.put_many([6], lambda: False)
+        rest, _ = await lane.take(10, within=0.0)
+        return was_blocked, delivered, dropped, first + rest
+
+    was_blocked, delivered, dropped, order = run(main())
+    assert was_blocked and delivered and dropped
+    assert order == [1, 6]  # 2, 3, 4 were cleared; 5 was given up
+
+
+def test_put_many_gives_up_when_the_flow_stops_during_the_wait() -> None:
+    async def main() -> tuple[bool, int]:
+        lane = InputLane("in", max_buffered=1)
+        stopped = False
+        await lane.put_many([1], lambda: stopped)
+        blocked = asyncio.create_task(lane.put_many([2], lambda: stopped))
+        await asyncio.sleep(0.02)
+        stopped = True
+        await lane.take(1, within=0.0)
+        return await asyncio.wait_for(blocked, 1.0), len(lane)
+
+    delivered, waiting = run(main())
+    assert not delivered and waiting == 0
 
 
 def test_max_buffered_must_be_positive() -> None:
