@@ -195,8 +195,11 @@ class Subscription(BaseModel):
 
     def plan_at(self, when: datetime) -> str:
         """The plan in force at event time ``when`` (the first plan before the schedule starts)."""
-        current = self.plans[0].plan_id
-        for period in self.plans:
+        plans = self.plans
+        if len(plans) == 1:  # most users: no schedule to search (this runs once per event)
+            return plans[0].plan_id
+        current = plans[0].plan_id
+        for period in plans:
             if period.effective_at <= when:
                 current = period.plan_id
             else:

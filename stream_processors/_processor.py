@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
+import msgspec
 import orjson
 
-from schemas import DeadLetter, PricedEvent, Rollup, Subscription
+from schemas import DeadLetter, Rollup, Subscription
 from schemas._wire import DecodedEvent, decode_usage
 from spendstream.errors import InvalidEventError
 from stream_processors._money import units_to_str
@@ -524,36 +525,80 @@ class UsageProcessor:
         start_us: int,
         now_iso: str,
     ) -> bytes:
-        priced: PricedEvent = {
-            "event_id": event.event_id,
-            "occurred_at": micros_to_iso(t_us),
-            "org_id": event.org_id,
-            "user_id": event.user_id,
-            "api_key_id": event.api_key_id,
-            "gateway": event.gateway,
-            "request_id": event.request_id,
-            "provider": event.provider,
-            "requested_model": event.requested_model,
-            "served_model": event.served_model or event.requested_model,
-            "input_tokens": event.input_tokens,
-            "cached_input_tokens": event.cached_input_tokens,
-            "cache_write_tokens": event.cache_write_tokens,
-            "output_tokens": event.output_tokens,
-            "reasoning_tokens": event.reasoning_tokens,
-            "semantic_cache_hit": event.semantic_cache_hit,
-            "status": event.status,
-            "latency_ms": event.latency_ms,
-            "feature": event.feature,
-            "attributes": dict(event.attributes or {}),
-            "plan_id": plan_id,
-            "cost": units_to_str(quote.cost),
-            "list_value": units_to_str(quote.list_value),
-            "saved_prompt_cache": units_to_str(quote.saved_prompt_cache),
-            "saved_semantic_cache": units_to_str(quote.saved_semantic_cache),
-            "saved_routing": units_to_str(quote.saved_routing),
-            "unknown_model": quote.unknown_model,
-            "late": late,
-            "window_start": micros_to_iso(start_us),
-            "processed_at": now_iso,
-        }
-        return orjson.dumps(priced)
+        return _encode_priced(
+            PricedWire(
+                event.event_id,
+                micros_to_iso(t_us),
+                event.org_id,
+                event.user_id,
+                event.api_key_id,
+                event.gateway,
+                event.request_id,
+                event.provider,
+                event.requested_model,
+                event.served_model or event.requested_model,
+                event.input_tokens,
+                event.cached_input_tokens,
+                event.cache_write_tokens,
+                event.output_tokens,
+                event.reasoning_tokens,
+                event.semantic_cache_hit,
+                event.status,
+                event.latency_ms,
+                event.feature,
+                event.attributes or {},
+                plan_id,
+                units_to_str(quote.cost),
+                units_to_str(quote.list_value),
+                units_to_str(quote.saved_prompt_cache),
+                units_to_str(quote.saved_semantic_cache),
+                units_to_str(quote.saved_routing),
+                quote.unknown_model,
+                late,
+                micros_to_iso(start_us),
+                now_iso,
+            )
+        )
+
+
+class PricedWire(msgspec.Struct):
+    """A :class:`schemas.PricedEvent` as the worker encodes it: the same fields, in the same
+    order (a test checks), so the JSON is the same as the TypedDict's.
+
+    Filled positionally and encoded by msgspec: half the time of building the dict and
+    encoding it with orjson, once per priced event.
+    """
+
+    event_id: str
+    occurred_at: str
+    org_id: str
+    user_id: str
+    api_key_id: str | None
+    gateway: str
+    request_id: str | None
+    provider: str | None
+    requested_model: str
+    served_model: str
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    semantic_cache_hit: bool
+    status: str
+    latency_ms: int | None
+    feature: str | None
+    attributes: dict[str, str]
+    plan_id: str
+    cost: str
+    list_value: str
+    saved_prompt_cache: str
+    saved_semantic_cache: str
+    saved_routing: str
+    unknown_model: bool
+    late: bool
+    window_start: str
+    processed_at: str
+
+
+_encode_priced = msgspec.json.Encoder().encode

@@ -364,3 +364,49 @@ def test_replay_after_a_crash_counts_every_event_once(
     assert sum(r["input_tokens"] for r in final.values()) == sum(
         e["input_tokens"] for e in unique.values()
     )
+
+
+def test_the_priced_wire_struct_has_the_priced_event_fields_in_order() -> None:
+    from typing import get_type_hints
+
+    from schemas import PricedEvent
+    from stream_processors._processor import PricedWire
+
+    assert PricedWire.__struct_fields__ == tuple(PricedEvent.__annotations__)
+    wire_types = get_type_hints(PricedWire)
+    assert {k: wire_types[k] for k in PricedWire.__struct_fields__} == get_type_hints(PricedEvent)
+
+
+_text = st.text(st.characters(codec="utf-8"), max_size=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    texts=st.lists(_text, min_size=13, max_size=13),
+    optional=st.lists(st.none() | _text, min_size=4, max_size=4),
+    numbers=st.lists(st.integers(0, 2**63 - 1), min_size=5, max_size=5),
+    latency=st.none() | st.integers(0, 2**31),
+    flags=st.lists(st.booleans(), min_size=3, max_size=3),
+    attributes=st.dictionaries(_text, _text, max_size=3),
+)
+def test_the_priced_wire_json_reads_back_as_the_priced_event_dict(
+    texts: list[str],
+    optional: list[str | None],
+    numbers: list[int],
+    latency: int | None,
+    flags: list[bool],
+    attributes: dict[str, str],
+) -> None:
+    from schemas import PricedEvent
+    from stream_processors._processor import PricedWire, _encode_priced
+
+    t, o = texts, optional
+    values: list[Any] = [
+        t[0], t[1], t[2], t[3], o[0], t[4], o[1], o[2], t[5], t[6], *numbers, flags[0], t[7],
+        latency, o[3], attributes, t[8], t[9], t[10], t[11], t[12], "0", flags[1], flags[2],
+        "2026-11-27T00:00:00Z", "2026-11-27T00:00:01Z",
+    ]  # fmt: skip
+    expected = dict(zip(PricedEvent.__annotations__, values, strict=True))
+    encoded = _encode_priced(PricedWire(*values))
+    assert orjson.loads(encoded) == expected
+    assert encoded == orjson.dumps(expected)
