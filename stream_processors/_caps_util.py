@@ -33,15 +33,34 @@ def epoch_s(when: datetime) -> int:
     return (when - EPOCH) // SECOND
 
 
+_RFC3339: dict[int, str] = {}
+_RFC3339_MAX = 65_536
+
+
 def rfc3339(seconds: int) -> str:
     """RFC 3339 UTC, e.g. ``2025-01-31T09:00:00Z``."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    # Cached: window bounds and "as of" times repeat across the users of a batch, and each
+    # user's enforcement record formats several of them.
+    text = _RFC3339.get(seconds)
+    if text is None:
+        if len(_RFC3339) >= _RFC3339_MAX:
+            _RFC3339.clear()
+        text = _RFC3339[seconds] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    return text
+
+
+_last_dt: list[tuple[datetime, str]] = []
 
 
 def rfc3339_dt(when: datetime) -> str:
     """RFC 3339 UTC of an aware datetime, microseconds kept when present."""
-    text = when.astimezone(UTC).isoformat()
-    return text.removesuffix("+00:00") + "Z"
+    # The batch's detection time is formatted for every user of the batch: remember the last.
+    last = _last_dt[0] if _last_dt else None
+    if last is not None and last[0] is when:
+        return last[1]
+    text = when.astimezone(UTC).isoformat().removesuffix("+00:00") + "Z"
+    _last_dt[:] = [(when, text)]
+    return text
 
 
 def to_units(value: Decimal) -> int:
