@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import ssl
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -535,6 +536,21 @@ def build_app(
                     async with commit_lock:
                         await make_state_durable(outputs[0])
 
+    # Offsets whose batches' state is durable, not committed yet: committed together at most
+    # every processor.commit_interval_s (by the batch loop, or by the idle timer).
+    committable: dict[Any, int] = {}
+    last_commit = [0.0]
+
+    async def commit_due(ready: dict[Any, int], *, now: bool = False) -> None:
+        for tp, offset in ready.items():
+            if offset > committable.get(tp, -1):
+                committable[tp] = offset
+        if committable and (now or time.monotonic() - last_commit[0] >= p.commit_interval_s):
+            offsets = dict(committable)
+            committable.clear()
+            last_commit[0] = time.monotonic()
+            await commit_offsets(offsets)
+
     async def commit_offsets(offsets: dict[Any, int]) -> None:
         if not offsets:
             return
@@ -547,14 +563,15 @@ def build_app(
 
     @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
     async def _commit_idle() -> None:
-        # The last batch before a pause: make its state durable, then commit its offsets.
-        if not outputs or not pending_offsets:
+        # The last batch before a pause: make its state durable, then commit its offsets
+        # (with any the batch loop has not committed yet).
+        if not outputs or not (pending_offsets or committable):
             return
         async with commit_lock:
             await make_state_durable(outputs[0])
             ready = dict(pending_offsets)
             pending_offsets.clear()
-        await commit_offsets(ready)
+        await commit_due(ready, now=True)
 
     @app.timer(interval=2.0)  # type: ignore[untyped-decorator]
     async def _seek_stalled_inputs() -> None:
@@ -645,7 +662,7 @@ def build_app(
                     continue
                 ready = await _process(messages, sink, output)
             # Outside the lock: a commit can wait on a rebalance, which waits on the lock.
-            await commit_offsets(ready)
+            await commit_due(ready)
 
     async def _process(
         messages: list[Any], sink: OutputProducer | _FaustSends, output: OutputProducer | None
@@ -727,7 +744,10 @@ def build_app(
 
     @app.on_rebalance_complete.connect
     async def _on_rebalance(sender: Any, /, *args: Any, **kwargs: Any) -> None:
-        pending_offsets.clear()  # a revoked partition's offsets are no longer ours to commit
+        # A revoked partition's offsets are no longer ours to commit (its new owner replays
+        # from the last commit; the states count each event once).
+        pending_offsets.clear()
+        committable.clear()
         processor.reset_caches()
         caps.reset_caches()
         if view is not None:
