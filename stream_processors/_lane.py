@@ -173,7 +173,6 @@ def _routing_fetch(
     """
     fetch = consumer._wait_next_records
     topic = lane.topic
-    read_offset = consumer._read_offset
 
     def stopped() -> bool:
         return not consumer.flow_active
@@ -188,6 +187,7 @@ def _routing_fetch(
         app = consumer.app
         generation = app.consumer_generation_id
         buffered = consumer._buffered_partitions
+        read_offset = consumer._read_offset
         for tp in mine:
             batch = records.pop(tp)
             if not batch or (active is not None and tp not in active and tp not in buffered):

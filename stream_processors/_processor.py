@@ -21,12 +21,12 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 import orjson
 
-from schemas import DeadLetter, Rollup, Subscription
+from schemas import DeadLetter, Subscription
 from schemas._wire import DecodedEvent, decode_usage
 from spendstream.errors import InvalidEventError
 from stream_processors._money import units_to_str
@@ -41,6 +41,7 @@ _MARKER_RETENTION_US = _HOUR_US
 """How long an evicted window's marker outlives its close: longer than any offset stays
 uncommitted, so every replay of its events meets it."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_Stored = tuple[int, bool, str, list[Any] | None]
 NO_PLAN = ""
 """plan_id of events whose user has no known subscription (counted as ``no_subscription``)."""
 
@@ -189,11 +190,10 @@ class _WindowAgg:
         self.cost += quote.cost
         self.list_value += quote.list_value
 
-    def merge_state(self, raw: bytes | None) -> int:
-        """Fold the stored state into this aggregate; return the stored version."""
-        if raw is None:
+    def merge_state(self, st: list[Any] | None) -> int:
+        """Fold the stored (decoded) state into this aggregate; return the stored version."""
+        if st is None:
             return 0
-        st = orjson.loads(raw)
         # [partition, org, plan, requests, in, cached, written, out, reasoning, semantic,
         #  cost, list_value, version, last_offset]; money as strings: it exceeds 64 bits.
         self.requests += st[3]
@@ -236,27 +236,57 @@ class _WindowAgg:
         segment: int,
         version: int,
         now_iso: str,
-    ) -> Rollup:
-        return {
-            "user_id": user_id,
-            "org_id": self.org_id,
-            "plan_id": self.plan_id,
-            "served_model": model,
-            "window_start": micros_to_iso(start_us),
-            "window_end": micros_to_iso(start_us + window_us),
-            "segment": segment,
-            "requests": self.requests,
-            "input_tokens": self.inp,
-            "cached_input_tokens": self.cached,
-            "cache_write_tokens": self.written,
-            "output_tokens": self.out,
-            "reasoning_tokens": self.reasoning,
-            "semantic_cache_hits": self.semantic,
-            "cost": units_to_str(self.cost),
-            "list_value": units_to_str(self.list_value),
-            "version": version,
-            "updated_at": now_iso,
-        }
+    ) -> bytes:
+        """The wire JSON of this aggregate as a :class:`schemas.Rollup`."""
+        return _encode_rollup(
+            RollupWire(
+                user_id,
+                self.org_id,
+                self.plan_id,
+                model,
+                micros_to_iso(start_us),
+                micros_to_iso(start_us + window_us),
+                segment,
+                self.requests,
+                self.inp,
+                self.cached,
+                self.written,
+                self.out,
+                self.reasoning,
+                self.semantic,
+                units_to_str(self.cost),
+                units_to_str(self.list_value),
+                version,
+                now_iso,
+            )
+        )
+
+
+class RollupWire(msgspec.Struct):
+    """A :class:`schemas.Rollup` as the worker encodes it: the same fields in the same order
+    (a test checks), filled positionally and encoded by msgspec, as :class:`PricedWire`."""
+
+    user_id: str
+    org_id: str
+    plan_id: str
+    served_model: str
+    window_start: str
+    window_end: str
+    segment: int
+    requests: int
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    semantic_cache_hits: int
+    cost: str
+    list_value: str
+    version: int
+    updated_at: str
+
+
+_encode_rollup = msgspec.json.Encoder().encode
 
 
 class UsageProcessor:
@@ -319,7 +349,9 @@ class UsageProcessor:
         aggs: dict[tuple[str, str, int], _WindowAgg] = {}
         agg_partition: dict[tuple[str, str, int], int] = {}
         batch_ids: set[str] = set()
-        applied_up_to: dict[tuple[str, str, int], tuple[int, bool]] = {}
+        # (user, model, window start) -> what its stored state says: the last offset applied,
+        # evicted or not, its table key, the decoded state (read once per window and batch).
+        applied_up_to: dict[tuple[str, str, int], _Stored] = {}
         moved: dict[int, int] = {}
         window_us, grace_us = self.window_us, self.grace_us
         open_windows, seen_by_hour = self._index()
@@ -397,12 +429,12 @@ class UsageProcessor:
                 roll = solo.rollup(
                     event.user_id, model, start_us, window_us, late_segment(event_id), 1, now_iso
                 )
-                result.rollups.append((event.user_id, orjson.dumps(roll)))
+                result.rollups.append((event.user_id, roll))
             else:
                 key = (event.user_id, model, start_us)
                 applied = applied_up_to.get(key)
                 if applied is None:
-                    applied = applied_up_to[key] = self._window_offset(key)
+                    applied = applied_up_to[key] = self._stored_window(key)
                 if rec.offset <= applied[0]:
                     counters["replayed_in_window"] += 1
                 elif applied[1]:
@@ -415,7 +447,7 @@ class UsageProcessor:
                     roll = solo.rollup(
                         event.user_id, model, start_us, window_us, segment, 1, now_iso
                     )
-                    result.rollups.append((event.user_id, orjson.dumps(roll)))
+                    result.rollups.append((event.user_id, roll))
                 else:
                     agg = aggs.get(key)
                     if agg is None:
@@ -431,8 +463,8 @@ class UsageProcessor:
 
         for key, agg in aggs.items():
             user_id, model, start_us = key
-            skey = orjson.dumps(key).decode()
-            agg.merge_state(self.windows.get(skey))
+            _, _, skey, stored = applied_up_to[key]
+            agg.merge_state(stored)
             # The version is the last source offset applied (+1), not a counter: a replay after
             # a crash may cut batches differently, and a counter would let the lost run's
             # higher versions outrank the replay's complete ones. Same offset, same content.
@@ -441,7 +473,7 @@ class UsageProcessor:
             self.windows.put(partition, skey, agg.encode_state(partition, version))
             open_windows.setdefault(partition, {}).setdefault(start_us, set()).add(skey)
             roll = agg.rollup(user_id, model, start_us, window_us, 0, version, now_iso)
-            result.rollups.append((user_id, orjson.dumps(roll)))
+            result.rollups.append((user_id, roll))
 
         for partition, mark in moved.items():
             self._marks[partition] = mark
@@ -501,15 +533,17 @@ class UsageProcessor:
                 evicted_ids += 1
         return evicted_windows, evicted_ids
 
-    def _window_offset(self, key: tuple[str, str, int]) -> tuple[int, bool]:
-        """The last source offset the stored window applied (-1: none), and if it was evicted."""
-        raw = self.windows.get(orjson.dumps(key).decode())
+    def _stored_window(self, key: tuple[str, str, int]) -> _Stored:
+        """The last source offset the stored window applied (-1: none), if it was evicted, its
+        table key and its decoded state (``None``: none stored)."""
+        skey = orjson.dumps(key).decode()
+        raw = self.windows.get(skey)
         if raw is None:
-            return -1, False
+            return -1, False, skey, None
         st = orjson.loads(raw)
         if len(st) == _EVICTED_LEN:
-            return int(st[1]), True
-        return int(st[13]), False
+            return int(st[1]), True, skey, st
+        return int(st[13]), False, skey, st
 
     def _plan_of(self, event: DecodedEvent) -> str:
         sub = self._subscriptions(event.user_id)

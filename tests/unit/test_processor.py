@@ -410,3 +410,14 @@ def test_the_priced_wire_json_reads_back_as_the_priced_event_dict(
     encoded = _encode_priced(PricedWire(*values))
     assert orjson.loads(encoded) == expected
     assert encoded == orjson.dumps(expected)
+
+
+def test_the_rollup_wire_struct_has_the_rollup_fields_in_order() -> None:
+    from typing import get_type_hints
+
+    from schemas import Rollup
+    from stream_processors._processor import RollupWire
+
+    assert RollupWire.__struct_fields__ == tuple(Rollup.__annotations__)
+    wire_types = get_type_hints(RollupWire)
+    assert {k: wire_types[k] for k in RollupWire.__struct_fields__} == get_type_hints(Rollup)
