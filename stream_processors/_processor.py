@@ -21,12 +21,12 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, get_type_hints
 
 import msgspec
 import orjson
 
-from schemas import DeadLetter, Subscription
+from schemas import DeadLetter, PricedEvent, Rollup, Subscription
 from schemas._wire import DecodedEvent, decode_usage
 from spendstream.errors import InvalidEventError
 from stream_processors._money import units_to_str
@@ -207,19 +207,26 @@ class _WindowAgg:
         self.list_value += int(st[11])
         return int(st[12])
 
+    def counts(self) -> tuple[int, int, int, int, int, int, int]:
+        """Requests, then each token class, then semantic cache hits: the order of both the
+        stored state and the rollup."""
+        return (
+            self.requests,
+            self.inp,
+            self.cached,
+            self.written,
+            self.out,
+            self.reasoning,
+            self.semantic,
+        )
+
     def encode_state(self, partition: int, version: int) -> bytes:
         return orjson.dumps(
             [
                 partition,
                 self.org_id,
                 self.plan_id,
-                self.requests,
-                self.inp,
-                self.cached,
-                self.written,
-                self.out,
-                self.reasoning,
-                self.semantic,
+                *self.counts(),
                 str(self.cost),
                 str(self.list_value),
                 version,
@@ -238,7 +245,7 @@ class _WindowAgg:
         now_iso: str,
     ) -> bytes:
         """The wire JSON of this aggregate as a :class:`schemas.Rollup`."""
-        return _encode_rollup(
+        return _encode_wire(
             RollupWire(
                 user_id,
                 self.org_id,
@@ -247,13 +254,7 @@ class _WindowAgg:
                 micros_to_iso(start_us),
                 micros_to_iso(start_us + window_us),
                 segment,
-                self.requests,
-                self.inp,
-                self.cached,
-                self.written,
-                self.out,
-                self.reasoning,
-                self.semantic,
+                *self.counts(),
                 units_to_str(self.cost),
                 units_to_str(self.list_value),
                 version,
@@ -262,31 +263,20 @@ class _WindowAgg:
         )
 
 
-class RollupWire(msgspec.Struct):
-    """A :class:`schemas.Rollup` as the worker encodes it: the same fields in the same order
-    (a test checks), filled positionally and encoded by msgspec, as :class:`PricedWire`."""
+def _wire_struct(name: str, record: Any) -> Any:
+    """A msgspec Struct with the fields of the TypedDict ``record``, in its order.
 
-    user_id: str
-    org_id: str
-    plan_id: str
-    served_model: str
-    window_start: str
-    window_end: str
-    segment: int
-    requests: int
-    input_tokens: int
-    cached_input_tokens: int
-    cache_write_tokens: int
-    output_tokens: int
-    reasoning_tokens: int
-    semantic_cache_hits: int
-    cost: str
-    list_value: str
-    version: int
-    updated_at: str
+    Filled positionally and encoded by msgspec, it writes the same JSON as the TypedDict would
+    with orjson, in half the time of building the dict (once per output record).
+    """
+    return msgspec.defstruct(name, list(get_type_hints(record).items()))
 
 
-_encode_rollup = msgspec.json.Encoder().encode
+PricedWire = _wire_struct("PricedWire", PricedEvent)
+"""A :class:`schemas.PricedEvent` as the worker encodes it."""
+RollupWire = _wire_struct("RollupWire", Rollup)
+"""A :class:`schemas.Rollup` as the worker encodes it."""
+_encode_wire = msgspec.json.Encoder().encode
 
 
 class UsageProcessor:
@@ -559,7 +549,7 @@ class UsageProcessor:
         start_us: int,
         now_iso: str,
     ) -> bytes:
-        return _encode_priced(
+        return _encode_wire(
             PricedWire(
                 event.event_id,
                 micros_to_iso(t_us),
@@ -593,46 +583,3 @@ class UsageProcessor:
                 now_iso,
             )
         )
-
-
-class PricedWire(msgspec.Struct):
-    """A :class:`schemas.PricedEvent` as the worker encodes it: the same fields, in the same
-    order (a test checks), so the JSON is the same as the TypedDict's.
-
-    Filled positionally and encoded by msgspec: half the time of building the dict and
-    encoding it with orjson, once per priced event.
-    """
-
-    event_id: str
-    occurred_at: str
-    org_id: str
-    user_id: str
-    api_key_id: str | None
-    gateway: str
-    request_id: str | None
-    provider: str | None
-    requested_model: str
-    served_model: str
-    input_tokens: int
-    cached_input_tokens: int
-    cache_write_tokens: int
-    output_tokens: int
-    reasoning_tokens: int
-    semantic_cache_hit: bool
-    status: str
-    latency_ms: int | None
-    feature: str | None
-    attributes: dict[str, str]
-    plan_id: str
-    cost: str
-    list_value: str
-    saved_prompt_cache: str
-    saved_semantic_cache: str
-    saved_routing: str
-    unknown_model: bool
-    late: bool
-    window_start: str
-    processed_at: str
-
-
-_encode_priced = msgspec.json.Encoder().encode

@@ -398,7 +398,7 @@ def test_the_priced_wire_json_reads_back_as_the_priced_event_dict(
     attributes: dict[str, str],
 ) -> None:
     from schemas import PricedEvent
-    from stream_processors._processor import PricedWire, _encode_priced
+    from stream_processors._processor import PricedWire, _encode_wire
 
     t, o = texts, optional
     values: list[Any] = [
@@ -407,7 +407,7 @@ def test_the_priced_wire_json_reads_back_as_the_priced_event_dict(
         "2026-11-27T00:00:00Z", "2026-11-27T00:00:01Z",
     ]  # fmt: skip
     expected = dict(zip(PricedEvent.__annotations__, values, strict=True))
-    encoded = _encode_priced(PricedWire(*values))
+    encoded = _encode_wire(PricedWire(*values))
     assert orjson.loads(encoded) == expected
     assert encoded == orjson.dumps(expected)
 
