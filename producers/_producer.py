@@ -51,7 +51,7 @@ def encode_for_send(obj: UsageEvent | dict[str, Any]) -> tuple[str, bytes]:
         if fast is not None:
             return fast
     event = validate_event(obj)
-    return event.user_id, _serialize(event, exclude_none=True)
+    return event.user_id, fast_encode(event)
 
 
 def validate_event(obj: UsageEvent | dict[str, Any]) -> UsageEvent:
