@@ -5,8 +5,14 @@ Importable without Kafka or ClickHouse: producers in any process can validate ag
 
 from schemas import topics
 from schemas._events import (
+    EARLIEST_TIME,
+    LATEST_TIME,
     MAX_ATTRIBUTES,
     MAX_EVENT_BYTES,
+    MAX_LATENCY_MS,
+    MAX_PRICE_PER_TOKEN,
+    MAX_TOKENS,
+    BoundedTime,
     UsageEvent,
     decode_event,
     encode_event,
@@ -32,10 +38,16 @@ from schemas.adapters import (
 )
 
 __all__ = [
+    "EARLIEST_TIME",
+    "LATEST_TIME",
     "MAX_ATTRIBUTES",
     "MAX_CREDIT_GRANTS",
     "MAX_EVENT_BYTES",
+    "MAX_LATENCY_MS",
+    "MAX_PRICE_PER_TOKEN",
+    "MAX_TOKENS",
     "MONEY_SCALE",
+    "BoundedTime",
     "CreditGrant",
     "DeadLetter",
     "EventContext",

@@ -7,16 +7,19 @@ optional fields; they never rename or repurpose one.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -28,14 +31,66 @@ MAX_EVENT_BYTES = 16 * 1024
 MAX_ATTRIBUTES = 32
 MAX_ATTRIBUTE_KEY_CHARS = 64
 MAX_ATTRIBUTE_VALUE_CHARS = 256
-MAX_TOKENS = 10**12
-"""Upper bound on any token count: far above any real call, far below UInt64 overflow in sums."""
+MAX_TOKENS = 10**8
+"""Upper bound on any token count of one call: ten times the largest context window in the
+vendored price map (10,485,760 tokens). With per-token prices bounded by
+:data:`MAX_PRICE_PER_TOKEN`, one event costs at most 2,000,000 USD, so a user's billing month
+stays below what ``Decimal(38, 24)`` holds (10**14 USD) for 5 * 10**7 calls at that maximum
+(docs/DESIGN.md, "Accepted ranges")."""
+MAX_LATENCY_MS = 7 * 86_400_000
+"""Upper bound on ``latency_ms`` (a week; the stored column is ``UInt32``)."""
+MAX_PRICE_PER_TOKEN = Decimal("0.01")
+"""Upper bound on any per-token price the catalog takes (the vendored map's highest USD
+price is 0.0006: o1-pro's output)."""
+EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+"""The earliest ``occurred_at`` (and plan, anchor or grant time) the contract accepts."""
+LATEST_TIME = datetime(2100, 1, 1, tzinfo=UTC)
+"""The first instant *after* the accepted range of times."""
+TIME_RANGE_TEXT = "from 2000-01-01T00:00:00Z up to (not including) 2100-01-01T00:00:00Z"
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
+LatencyMs = Annotated[int, Field(ge=0, le=MAX_LATENCY_MS, strict=True)]
 AttrKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ATTRIBUTE_KEY_CHARS)]
 AttrValue = Annotated[str, StringConstraints(max_length=MAX_ATTRIBUTE_VALUE_CHARS)]
+
+
+def time_in_range(when: datetime) -> bool:
+    """Whether an aware datetime lies in the accepted range of times.
+
+    The year is looked at first: converting ``0001-01-01T00:00:00+01:00`` to UTC, or comparing
+    it with a UTC time, raises ``OverflowError`` (year 0), which is not a validation error.
+    """
+    if not EARLIEST_TIME.year - 1 <= when.year <= LATEST_TIME.year:
+        return False
+    return EARLIEST_TIME <= when < LATEST_TIME
+
+
+def require_time_in_range(value: datetime) -> datetime:
+    """``value`` if it is in the accepted range; ``ValueError`` (naming the range) if not."""
+    if not time_in_range(value):
+        raise ValueError(f"time must be {TIME_RANGE_TEXT}, got {value.isoformat()}")
+    return value
+
+
+BoundedTime = Annotated[
+    AwareDatetime,
+    AfterValidator(require_time_in_range),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "date-time",
+            "formatMinimum": "2000-01-01T00:00:00Z",
+            "formatExclusiveMaximum": "2100-01-01T00:00:00Z",
+        }
+    ),
+]
+"""An RFC 3339 time with an offset, in the accepted range (its offset kept)."""
+
+
+def _to_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
 
 
 def token_classes_problem(
@@ -61,8 +116,9 @@ class UsageEvent(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=False)
 
     event_id: Id = Field(description="Unique per call: the idempotency key.")
-    occurred_at: AwareDatetime = Field(
-        description="Event time, RFC 3339 with an offset; stored as UTC."
+    occurred_at: Annotated[BoundedTime, AfterValidator(_to_utc)] = Field(
+        description="Event time, RFC 3339 with an offset, from 2000-01-01T00:00:00Z up to "
+        "(not including) 2100-01-01T00:00:00Z; stored as UTC."
     )
     org_id: Id
     user_id: Id
@@ -81,7 +137,7 @@ class UsageEvent(BaseModel):
     reasoning_tokens: Tokens = 0
     semantic_cache_hit: Annotated[bool, Field(strict=True)] = False
     status: Literal["ok", "error"] = "ok"
-    latency_ms: Tokens | None = None
+    latency_ms: LatencyMs | None = None
     feature: Name | None = None
     attributes: dict[AttrKey, AttrValue] | None = Field(
         default=None, max_length=MAX_ATTRIBUTES, description="Bounded string -> string map."
@@ -98,11 +154,6 @@ class UsageEvent(BaseModel):
         if isinstance(value, str) and value[4:5] == "-" and value[10:11] in ("T", "t", " "):
             return value
         raise ValueError("occurred_at must be an RFC 3339 timestamp string with an offset")
-
-    @field_validator("occurred_at", mode="after")
-    @classmethod
-    def _to_utc(cls, value: datetime) -> datetime:
-        return value.astimezone(UTC)
 
     @model_validator(mode="after")
     def _token_classes_fit(self) -> UsageEvent:

@@ -12,7 +12,6 @@ from typing import Annotated, TypedDict
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -21,6 +20,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from schemas._events import BoundedTime
 
 MONEY_SCALE = 24
 """Decimal places kept for money everywhere (ClickHouse ``Decimal(38, 24)``).
@@ -119,7 +120,7 @@ class PlanPeriod(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     plan_id: PlanId
-    effective_at: AwareDatetime
+    effective_at: BoundedTime
 
 
 MAX_CREDIT_GRANTS = 10_000
@@ -140,7 +141,7 @@ class CreditGrant(BaseModel):
         decimal_places=MONEY_SCALE,
         description="USD added to the wallet; a decimal string on the wire.",
     )
-    granted_at: AwareDatetime = Field(description="When it was bought (for accounting).")
+    granted_at: BoundedTime = Field(description="When it was bought (for accounting).")
 
     @field_serializer("amount_usd")
     def _money_as_string(self, value: Decimal) -> str:
@@ -159,7 +160,9 @@ class Subscription(BaseModel):
     user_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     org_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     timezone: str = Field(default="UTC", description="IANA zone of the billing anchor.")
-    billing_anchor: AwareDatetime = Field(description="Subscription start: anchors billing months.")
+    billing_anchor: BoundedTime = Field(
+        description="Subscription start: anchors billing months (from 2000 up to 2100)."
+    )
     plans: list[PlanPeriod] = Field(min_length=1, max_length=100)
     credits: list[CreditGrant] = Field(
         default_factory=list,

@@ -34,16 +34,31 @@ from schemas._events import (
     MAX_ATTRIBUTE_VALUE_CHARS,
     MAX_ATTRIBUTES,
     MAX_EVENT_BYTES,
+    MAX_LATENCY_MS,
     MAX_TOKENS,
     UsageEvent,
     decode_event,
     event_from_obj,
+    time_in_range,
     token_classes_problem,
 )
 
 _Id = Annotated[str, Meta(min_length=1, max_length=256)]
 _Name = Annotated[str, Meta(min_length=1, max_length=128)]
 _Tokens = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
+_LatencyMs = Annotated[int, Meta(ge=0, le=MAX_LATENCY_MS)]
+# msgspec has no range check for times: the JSON Schema says it, and the code paths below
+# hand a time out of range to the model (whose error names the range).
+_Time = Annotated[
+    datetime,
+    Meta(
+        tz=True,
+        extra_json_schema={
+            "formatMinimum": "2000-01-01T00:00:00Z",
+            "formatExclusiveMaximum": "2100-01-01T00:00:00Z",
+        },
+    ),
+]
 _AttrKey = Annotated[str, Meta(min_length=1, max_length=MAX_ATTRIBUTE_KEY_CHARS)]
 _AttrValue = Annotated[str, Meta(max_length=MAX_ATTRIBUTE_VALUE_CHARS)]
 _Attributes = Annotated[dict[_AttrKey, _AttrValue], Meta(max_length=MAX_ATTRIBUTES)]
@@ -57,7 +72,7 @@ class WireEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     """
 
     event_id: _Id
-    occurred_at: Annotated[datetime, Meta(tz=True)]
+    occurred_at: _Time
     org_id: _Id
     user_id: _Id
     api_key_id: _Id | None = None
@@ -73,7 +88,7 @@ class WireEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     reasoning_tokens: _Tokens = 0
     semantic_cache_hit: bool = False
     status: Literal["ok", "error"] = "ok"
-    latency_ms: _Tokens | None = None
+    latency_ms: _LatencyMs | None = None
     feature: _Name | None = None
     attributes: _Attributes | None = None
     schema_version: Annotated[int, Meta(ge=1, le=1)] = 1
@@ -100,6 +115,8 @@ class DecodedEvent(WireEvent, kw_only=True, omit_defaults=True):
                 )
             )
         when = self.occurred_at
+        if not time_in_range(when):
+            raise ValueError("occurred_at out of range")  # the model words the refusal
         if when.tzinfo is not UTC:
             self.occurred_at = when.astimezone(UTC)
 
@@ -133,6 +150,7 @@ def encode_dict(obj: dict[str, Any]) -> tuple[str, bytes] | None:
         if (
             ev.cached_input_tokens + ev.cache_write_tokens > ev.input_tokens
             or ev.reasoning_tokens > ev.output_tokens
+            or not time_in_range(ev.occurred_at)
         ):
             return None
         when = obj["occurred_at"]

@@ -174,8 +174,10 @@ def from_cloudevent(
 
     ``id`` -> ``event_id``, ``subject`` -> ``user_id``, ``time`` -> ``occurred_at``; ``data``
     carries the token fields and any other event fields (``org_id``, ``requested_model``, ...).
-    ``gateway`` defaults to the CloudEvent ``source``. Keyword arguments fill fields that
-    ``data`` lacks; ``data`` wins when it has them.
+    ``gateway`` defaults to the CloudEvent ``source``. ``gateway`` and ``requested_model``
+    fill fields that ``data`` lacks. ``org_id``, when given, is the tenant the caller
+    authenticated: ``data`` cannot move the event to another org (a different
+    ``data.org_id`` is refused with :class:`InvalidEventError`).
     """
     data = cloudevent.get("data")
     if data is None:
@@ -192,6 +194,11 @@ def from_cloudevent(
     }
     fields = {k: v for k, v in fields.items() if v is not None}
     fields.update(data)
+    if org_id is not None and fields["org_id"] != org_id:
+        raise InvalidEventError(
+            f"cloudevent.data.org_id {fields['org_id']!r} differs from the caller's org "
+            f"{org_id!r}: an event cannot name another tenant"
+        )
     fields["event_id"] = cloudevent["id"]
     fields["user_id"] = cloudevent["subject"]
     fields["occurred_at"] = cloudevent["time"]

@@ -28,7 +28,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas import topics
+from schemas import MAX_PRICE_PER_TOKEN, topics
 from spendstream.errors import ConfigError
 
 DEFAULT_LOCAL_KAFKA_PORT = 19092
@@ -199,8 +199,12 @@ class ProcessorSettings(BaseModel):
         default=None, description="LiteLLM-format price map; defaults to the vendored copy."
     )
     price_overrides: Path | None = None
-    fallback_input_cost_per_token: Decimal = Field(default=Decimal("0.00001"), ge=0)
-    fallback_output_cost_per_token: Decimal = Field(default=Decimal("0.00003"), ge=0)
+    fallback_input_cost_per_token: Decimal = Field(
+        default=Decimal("0.00001"), ge=0, le=MAX_PRICE_PER_TOKEN
+    )
+    fallback_output_cost_per_token: Decimal = Field(
+        default=Decimal("0.00003"), ge=0, le=MAX_PRICE_PER_TOKEN
+    )
     web_port: int = Field(default=6066, ge=1024, le=65535)
     session_timeout_s: float = Field(
         default=30.0,

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from schemas import UsageEvent
+from schemas import MAX_PRICE_PER_TOKEN, UsageEvent
 from schemas._wire import DecodedEvent
 from spendstream.errors import ConfigError
 from stream_processors._money import to_units
@@ -42,11 +42,11 @@ class ModelPrice:
         if inp is None or out is None:
             return None
         try:
-            inp_u, out_u = to_units(_dec(inp)), to_units(_dec(out))
+            inp_u, out_u = price_units(inp), price_units(out)
 
             def opt(field: str, default: int) -> int:
                 raw = entry.get(field)
-                return default if raw is None else to_units(_dec(raw))
+                return default if raw is None else price_units(raw)
 
             return cls(
                 input=inp_u,
@@ -57,6 +57,19 @@ class ModelPrice:
             )
         except (ConfigError, ArithmeticError, ValueError, TypeError) as exc:
             raise ConfigError(f"price entry {name!r}: {exc}") from exc
+
+
+_MAX_PRICE_UNITS = to_units(MAX_PRICE_PER_TOKEN)
+
+
+def price_units(value: Any) -> int:
+    """A per-token price in units of 10**-24 USD; :class:`ConfigError` unless it is an exact
+    number from 0 to :data:`~schemas.MAX_PRICE_PER_TOKEN` (the bound that keeps every sum
+    storable, see docs/DESIGN.md)."""
+    units = to_units(_dec(value))
+    if not 0 <= units <= _MAX_PRICE_UNITS:
+        raise ConfigError(f"price per token {value} is outside 0 to {MAX_PRICE_PER_TOKEN} USD")
+    return units
 
 
 def _dec(value: Any) -> Decimal:
@@ -111,7 +124,7 @@ class PriceCatalog:
         prices = dict(_load_file(catalog or VENDORED_CATALOG))
         if overrides is not None:
             prices.update(_load_file(overrides))
-        fb_in, fb_out = to_units(fallback_input), to_units(fallback_output)
+        fb_in, fb_out = price_units(fallback_input), price_units(fallback_output)
         fallback = ModelPrice(fb_in, fb_out, fb_in, fb_in, fb_out)
         return cls(prices, fallback)
 

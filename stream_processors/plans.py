@@ -54,7 +54,7 @@ from pydantic import (
     model_validator,
 )
 
-from schemas import MONEY_SCALE
+from schemas import MAX_PRICE_PER_TOKEN, MONEY_SCALE
 from spendstream.errors import ConfigError
 
 __all__ = [
@@ -81,6 +81,18 @@ SAMPLE_PLANS = Path(__file__).with_name("sample_plans.yaml")
 DEFAULT_THRESHOLDS: tuple[int, ...] = (50, 80, 100)
 """Alert thresholds, in percent of the allowance, when a window does not list its own."""
 
+MAX_PLAN_AMOUNT = Decimal(10) ** 12
+"""Largest amount a plan sets (price, allowance in any unit, ceiling): stored as ``Decimal(38,
+24)``, which holds 10**14, so any window's usage and overage stay representable."""
+MAX_OVERAGE_UNIT_PRICE: dict[str, Decimal] = {
+    "usd": Decimal(100),
+    "tokens": MAX_PRICE_PER_TOKEN,
+    "requests": Decimal(1000),
+}
+"""Largest overage ``unit_price`` per window unit: a 100x markup on cost, a per-token price
+as high as the catalog's bound, 1,000 USD per request. With the contract's bounds, one
+event's overage then stays far below what an overage record stores (docs/DESIGN.md)."""
+
 Unit = Literal["usd", "tokens", "requests"]
 """What a window meters: inference cost in USD, tokens (input + output), or requests."""
 WindowKind = Literal["billing_month", "calendar_day", "week", "rolling_hours"]
@@ -103,6 +115,8 @@ def _money(value: Any) -> Decimal:
         raise ValueError(f"money must be finite, got {value!r}")
     if dec < 0:
         raise ValueError(f"money must not be negative, got {value!r}")
+    if dec > MAX_PLAN_AMOUNT:
+        raise ValueError(f"{value!r} is above the largest amount a plan may set (10^12)")
     exponent = dec.normalize().as_tuple().exponent
     if isinstance(exponent, int) and exponent < -MONEY_SCALE:
         raise ValueError(f"{value!r} has more than {MONEY_SCALE} decimal places")
@@ -193,6 +207,13 @@ class _WindowBase(_Strict):
             raise ValueError("allowance must be greater than 0")
         if self.unit != "usd" and self.allowance != self.allowance.to_integral_value():
             raise ValueError(f"allowance in {self.unit} must be a whole number")
+        if isinstance(self.at_cap, OverageAtCap):
+            bound = MAX_OVERAGE_UNIT_PRICE[self.unit]
+            if self.at_cap.unit_price > bound:
+                raise ValueError(
+                    f"overage unit_price {self.at_cap.unit_price} is above the largest for "
+                    f"a window in {self.unit} ({bound} USD per unit)"
+                )
         return self
 
 

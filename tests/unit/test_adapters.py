@@ -216,6 +216,15 @@ def test_cloudevent_keyword_defaults() -> None:
     assert (event.org_id, event.requested_model, event.gateway) == ("org-x", "gpt-4o-mini", "gw")
 
 
+def test_cloudevent_data_cannot_name_another_tenant() -> None:
+    # The caller's org is the tenant it authenticated; data written by its client may not
+    # move the event (and its cost) to another org.
+    with pytest.raises(InvalidEventError, match="another tenant"):
+        from_cloudevent(OPENMETER_CLOUDEVENT, org_id="org-x")
+    same = from_cloudevent(OPENMETER_CLOUDEVENT, org_id="org-9")
+    assert same.org_id == "org-9"
+
+
 @pytest.mark.parametrize(
     ("build", "reason"),
     [
@@ -240,6 +249,24 @@ def test_cloudevent_keyword_defaults() -> None:
             ),
             "occurred_at",
         ),
+        (
+            lambda: from_anthropic_usage(
+                {"input_tokens": 10**8, "cache_read_input_tokens": 1}, CTX
+            ),
+            "input_tokens",
+        ),
+        (
+            lambda: from_openai_chat_usage(
+                {}, EventContext(**{**_ctx_fields(), "occurred_at": "1999-12-31T23:59:59Z"})
+            ),
+            "occurred_at",
+        ),
+        (
+            lambda: from_openai_chat_usage(
+                {}, EventContext(**{**_ctx_fields(), "latency_ms": 7 * 86_400_000 + 1})
+            ),
+            "latency_ms",
+        ),
         (lambda: from_cloudevent({"id": "1", "source": "s", "data": {}}), "subject, time"),
         (lambda: from_cloudevent({**OPENMETER_CLOUDEVENT, "data": [1]}), "data"),
     ],
@@ -250,6 +277,9 @@ def test_cloudevent_keyword_defaults() -> None:
         "bool count",
         "reasoning > output",
         "naive time",
+        "anthropic sum over the bound",
+        "time before 2000",
+        "latency over a week",
         "cloudevent missing",
         "cloudevent data",
     ],

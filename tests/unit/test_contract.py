@@ -18,6 +18,8 @@ from producers._producer import encode_for_send, fast_encode
 from schemas import (
     MAX_ATTRIBUTES,
     MAX_EVENT_BYTES,
+    MAX_LATENCY_MS,
+    MAX_TOKENS,
     UsageEvent,
     decode_event,
     encode_event,
@@ -74,6 +76,12 @@ GOOD: list[tuple[str, dict[str, Any]]] = [
     ("attributes at the bound", _with(attributes={f"k{i}": "v" for i in range(MAX_ATTRIBUTES)})),
     ("zero tokens", _with(input_tokens=0, cached_input_tokens=0, cache_write_tokens=0,
                           output_tokens=0, reasoning_tokens=0)),
+    ("earliest time", _with(occurred_at="2000-01-01T00:00:00Z")),
+    ("earliest time in another offset", _with(occurred_at="1999-12-31T23:00:00-01:00")),
+    ("last instant", _with(occurred_at="2099-12-31T23:59:59.999999Z")),
+    ("last instant in another offset", _with(occurred_at="2100-01-01T00:59:59+01:00")),
+    ("tokens at the bound", _with(input_tokens=MAX_TOKENS, output_tokens=MAX_TOKENS)),
+    ("latency at the bound", _with(latency_ms=MAX_LATENCY_MS)),
 ]  # fmt: skip
 
 BAD: list[tuple[str, dict[str, Any] | Any, str]] = [
@@ -90,6 +98,16 @@ BAD: list[tuple[str, dict[str, Any] | Any, str]] = [
     ("unix number as a string", _with(occurred_at="1748851200"), "occurred_at"),
     ("small number as a string", _with(occurred_at="1"), "occurred_at"),
     ("garbage timestamp", _with(occurred_at="yesterday"), "occurred_at"),
+    ("year 1 with an offset", _with(occurred_at="0001-01-01T00:00:00+01:00"), "2000-01-01"),
+    ("late on 9999-12-31", _with(occurred_at="9999-12-31T23:30:00-01:00"), "2000-01-01"),
+    ("just before 2000", _with(occurred_at="1999-12-31T23:59:59.999999Z"), "2000-01-01"),
+    ("before 2000 in another offset", _with(occurred_at="2000-01-01T00:30:00+01:00"),
+     "2000-01-01"),
+    ("2100", _with(occurred_at="2100-01-01T00:00:00Z"), "2100-01-01"),
+    ("2100 in another offset", _with(occurred_at="2099-12-31T23:00:00-01:00"), "2100-01-01"),
+    ("tokens over the bound", _with(output_tokens=MAX_TOKENS + 1, reasoning_tokens=0),
+     "output_tokens"),
+    ("latency over the bound", _with(latency_ms=MAX_LATENCY_MS + 1), "latency_ms"),
     ("negative input", _with(input_tokens=-1), "input_tokens"),
     ("negative output", _with(output_tokens=-5), "output_tokens"),
     ("negative cached", _with(cached_input_tokens=-1), "cached_input_tokens"),
@@ -176,7 +194,7 @@ def test_committed_json_schema_matches_export() -> None:
 
 
 _ids = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40)
-_tokens = st.integers(min_value=0, max_value=10**9)
+_tokens = st.integers(min_value=0, max_value=MAX_TOKENS)
 
 
 _DEFAULTED = ("cached_input_tokens", "cache_write_tokens", "reasoning_tokens", "status")
@@ -191,9 +209,17 @@ def event_dicts(draw: st.DrawFn) -> dict[str, Any]:
     write = draw(st.integers(0, inp - cached))
     out = draw(_tokens)
     offset = draw(st.integers(-14 * 60, 14 * 60))
-    when = draw(
-        st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1))
-    ).replace(tzinfo=timezone(timedelta(minutes=offset)))
+    # Any instant of the accepted range (its edges included), written in any offset.
+    when = (
+        draw(
+            st.datetimes(
+                min_value=datetime(2000, 1, 1),
+                max_value=datetime(2099, 12, 31, 23, 59, 59, 999_999),
+            )
+        )
+        .replace(tzinfo=UTC)
+        .astimezone(timezone(timedelta(minutes=offset)))
+    )
     obj: dict[str, Any] = {
         "event_id": draw(_ids),
         "occurred_at": when.isoformat(),
@@ -209,7 +235,7 @@ def event_dicts(draw: st.DrawFn) -> dict[str, Any]:
         "reasoning_tokens": draw(st.integers(0, out)),
         "semantic_cache_hit": draw(st.booleans()),
         "status": draw(st.sampled_from(["ok", "error"])),
-        "latency_ms": draw(st.none() | _tokens),
+        "latency_ms": draw(st.none() | st.integers(0, MAX_LATENCY_MS)),
         "attributes": draw(
             st.none() | st.dictionaries(_ids, st.text(max_size=20), max_size=MAX_ATTRIBUTES)
         ),

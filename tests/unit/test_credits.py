@@ -170,6 +170,23 @@ def test_bad_amounts_are_refused(amount: str) -> None:
         grant("c", amount)
 
 
+@pytest.mark.parametrize("field", ["billing_anchor", "plans.effective_at", "credits.granted_at"])
+@pytest.mark.parametrize(
+    "when", ["0001-01-01T00:00:00+01:00", "1999-12-31T23:59:59Z", "2100-01-01T00:00:00Z"]
+)
+def test_subscription_times_out_of_range_are_refused(field: str, when: str) -> None:
+    # A year-1 anchor once passed `subscriptions load` and crashed the caps stage.
+    record = subscription(grant("c1", "1")).model_dump(mode="json")
+    if field == "billing_anchor":
+        record["billing_anchor"] = when
+    elif field == "plans.effective_at":
+        record["plans"][0]["effective_at"] = when
+    else:
+        record["credits"][0]["granted_at"] = when
+    with pytest.raises(ValidationError, match="time must be from 2000-01-01"):
+        Subscription.model_validate(record)
+
+
 def test_with_credit_keeps_the_record_when_the_id_is_known() -> None:
     sub = subscription(grant("c1", "1"))
     assert sub.with_credit(grant("c1", "1")) is sub

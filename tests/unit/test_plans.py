@@ -95,6 +95,38 @@ def test_unknown_plan_is_a_config_error() -> None:
 
 BAD_PLANS: list[tuple[str, dict[str, Any], list[str]]] = [
     (
+        "allowance of 1e40",
+        {"plans": [_plan(windows=[_window(allowance="1e40")])]},
+        ["above the largest amount a plan may set"],
+    ),
+    (
+        "monthly price above the bound",
+        {"plans": [_plan(monthly_price="1000000000000.01")]},
+        ["above the largest amount a plan may set"],
+    ),
+    (
+        "overage per token above the per-token price bound",
+        {
+            "plans": [
+                _plan(
+                    windows=[
+                        _window(
+                            unit="tokens",
+                            allowance="1000",
+                            at_cap={"action": "overage", "unit_price": "0.02"},
+                        )
+                    ]
+                )
+            ]
+        },
+        ["overage unit_price 0.02 is above the largest for a window in tokens"],
+    ),
+    (
+        "overage markup above 100x",
+        {"plans": [_plan(windows=[_window(at_cap={"action": "overage", "unit_price": "101"})])]},
+        ["overage unit_price 101 is above the largest for a window in usd"],
+    ),
+    (
         "unknown action",
         {"plans": [_plan(windows=[_window(at_cap={"action": "throttle"})])]},
         ["plans[0](p).windows[0](monthly).at_cap: Input tag 'throttle'"],

@@ -155,13 +155,28 @@ def test_overrides_replace_map_entries(tmp_path: Path) -> None:
         ("[1, 2]", "JSON object"),
         ("{not json", "not valid JSON"),
         ('{"m": {"input_cost_per_token": "x", "output_cost_per_token": 1}}', "price entry 'm'"),
+        (
+            '{"m": {"input_cost_per_token": 0.02, "output_cost_per_token": 0.001}}',
+            "outside 0 to 0.01 USD",
+        ),
+        (
+            '{"m": {"input_cost_per_token": -1e-6, "output_cost_per_token": 0.001}}',
+            "outside 0 to 0.01 USD",
+        ),
     ],
+    ids=["not an object", "not json", "not a number", "above the bound", "negative"],
 )
 def test_bad_price_files(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "p.json"
     path.write_text(content)
     with pytest.raises(ConfigError, match=message):
         PriceCatalog.load(overrides=path)
+
+
+def test_vendored_map_is_within_the_price_bound() -> None:
+    # Every price the catalog reads from the vendored map passed price_units' bound: the map
+    # loads whole (a price above it would refuse the whole catalog at start-up).
+    assert len(PriceCatalog.load()) > 3000
 
 
 def test_missing_price_file(tmp_path: Path) -> None:
