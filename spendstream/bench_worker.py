@@ -83,6 +83,7 @@ def run_pure(
         window_s=p.window_s,
         grace_s=p.grace_s,
         dedupe_horizon_s=p.dedupe_horizon_s,
+        future_skew_s=p.future_skew_s,
     )
     engine = CapEngine(load_plans(settings.plans_file or SAMPLE_PLANS), grace_s=p.grace_s)
     caps = CapStage(engine, lookup, caps_state)

@@ -187,6 +187,14 @@ class ProcessorSettings(BaseModel):
     dedupe_horizon_s: int = Field(default=24 * 3600, ge=60)
     window_s: int = Field(default=60, ge=1, le=24 * 3600)
     grace_s: int = Field(default=300, ge=0)
+    future_skew_s: int = Field(
+        default=120,
+        ge=0,
+        le=3600,
+        description="How far (s) an event's occurred_at may lie after the time its record "
+        "reached Kafka; later ones go to the dead-letter topic and never move a watermark. "
+        "Up to grace_s, such an event cannot make current events late.",
+    )
     # Under a backlog the batch is what waits, up to this: 5,000 kept one worker up with 10k
     # events/s where 2,000 fell behind (per-user state is written once per batch); at low rates
     # batches stay small whatever this is (see BENCHMARKS.md).

@@ -35,7 +35,7 @@ from stream_processors._fastpath import use_fast_handover
 from stream_processors._gate import BrokerProbe, InputGate
 from stream_processors._lane import InputLane, use_lane
 from stream_processors._pricing import PriceCatalog
-from stream_processors._processor import SourceRecord, UsageProcessor
+from stream_processors._processor import InRecord, SourceRecord, UsageProcessor
 from stream_processors.caps import CapEngine
 from stream_processors.plans import SAMPLE_PLANS, PlanCatalog, load_plans
 
@@ -319,6 +319,19 @@ def _rewinding_seek(
     return perform_seek
 
 
+def _from_faust(message: Any) -> InRecord:
+    """A faust Message (``agent.test_context()``) as a record: its timestamp is in seconds."""
+    ts = message.timestamp
+    return InRecord(
+        message.topic,
+        message.partition,
+        message.offset,
+        message.key,
+        message.value,
+        None if ts is None else round(ts * 1000),
+    )
+
+
 @dataclass
 class WorkerStats:
     """Counters of a worker since start (exposed as metrics and in logs)."""
@@ -470,6 +483,7 @@ def build_app(
         window_s=p.window_s,
         grace_s=p.grace_s,
         dedupe_horizon_s=p.dedupe_horizon_s,
+        future_skew_s=p.future_skew_s,
     )
     plans = plans or load_plans(settings.plans_file or SAMPLE_PLANS)
     caps = CapStage(
@@ -650,7 +664,8 @@ def build_app(
     ) -> None:
         if lane is None:
             async for taken in stream.take_events(p.batch_size, within=p.batch_within_s):
-                await commit_offsets(await _process([e.message for e in taken], sink, output))
+                batch = [_from_faust(e.message) for e in taken]
+                await commit_offsets(await _process(batch, sink, output))
             return
         while True:
             messages, generation = await lane.take(p.batch_size, p.batch_within_s)

@@ -11,6 +11,14 @@ evicted. An event for a closed window is still priced and landed raw, flagged ``
 correction is emitted as a separate rollup segment, so it still counts exactly once. Events older
 than the dedupe horizon cannot be checked for duplicates any more and go to the dead-letter topic
 with that reason instead of risking a double count.
+
+What the watermark follows. Only events that pass the event-time check move it: an event dated
+more than ``future_skew_s`` after the time its record reached Kafka goes to the dead-letter
+topic (stage ``event_time``) instead. That time is the record's broker timestamp, and never
+later than the worker's clock (a producer sets CreateTime timestamps and could date them ahead
+too). So one record can move a partition's watermark at most ``future_skew_s`` past real time,
+and a watermark stored further ahead (written before this check existed) is read as that
+bound. See docs/DESIGN.md, "Event time and lateness".
 """
 
 from __future__ import annotations
@@ -63,6 +71,9 @@ class SourceRecord(Protocol):
     def key(self) -> bytes | None: ...
     @property
     def value(self) -> bytes | None: ...
+    @property
+    def timestamp(self) -> int | None:
+        """The record's Kafka timestamp in epoch milliseconds (``None``: unknown)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +85,7 @@ class InRecord:
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp: int | None = None
 
 
 @dataclass(slots=True)
@@ -298,6 +310,7 @@ class UsageProcessor:
         window_s: int = 60,
         grace_s: int = 300,
         dedupe_horizon_s: int = 86_400,
+        future_skew_s: int = 120,
     ) -> None:
         self.catalog = catalog
         self._subscriptions = subscriptions
@@ -307,6 +320,7 @@ class UsageProcessor:
         self.window_us = window_s * _US
         self.grace_us = grace_s * _US
         self.horizon_us = dedupe_horizon_s * _US
+        self.skew_us = future_skew_s * _US
         self._marks: dict[int, int] = {}
         self._open: dict[int, dict[int, set[str]]] | None = None
         self._closed: dict[int, dict[int, set[str]]] | None = None
@@ -333,7 +347,11 @@ class UsageProcessor:
     def process(self, batch: Sequence[SourceRecord], now: datetime | None = None) -> BatchResult:
         """Process one batch in order; return what to publish. Never raises on bad input."""
         now = now or datetime.now(UTC)
-        now_iso = micros_to_iso(to_micros(now))
+        now_us = to_micros(now)
+        now_iso = micros_to_iso(now_us)
+        skew_us = self.skew_us
+        # No watermark is read as further ahead than any accepted event can be.
+        ceiling = now_us + skew_us
         result = BatchResult()
         counters = result.counters
         aggs: dict[tuple[str, str, int], _WindowAgg] = {}
@@ -362,9 +380,23 @@ class UsageProcessor:
                 counters["duplicates"] += 1
                 continue
             t_us = to_micros(event.occurred_at)
+            arrived_ms = rec.timestamp
+            arrived_us = now_us if arrived_ms is None else min(arrived_ms * 1000, now_us)
+            if t_us > arrived_us + skew_us:
+                counters["dead_letters"] += 1
+                counters["future_event"] += 1
+                reason = (
+                    f"occurred_at is {(t_us - arrived_us) // _US} s after the record reached "
+                    f"Kafka (at most {skew_us // _US} s are accepted): a clock ahead, or a "
+                    "wrong date"
+                )
+                result.dead.append(
+                    (rec.key, dead_letter(rec, reason, "event_time", now), rec.partition)
+                )
+                continue
             mark = moved.get(rec.partition)
             if mark is None:
-                mark = self.watermark(rec.partition)
+                mark = min(self.watermark(rec.partition), ceiling)
             if t_us < mark - self.horizon_us:
                 counters["dead_letters"] += 1
                 counters["beyond_dedupe_horizon"] += 1

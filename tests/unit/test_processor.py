@@ -41,6 +41,7 @@ def make(**kw: Any) -> UsageProcessor:
         window_s=kw.pop("window_s", 60),
         grace_s=kw.pop("grace_s", 120),
         dedupe_horizon_s=kw.pop("dedupe_horizon_s", 3600),
+        future_skew_s=kw.pop("future_skew_s", 120),
     )
 
 
@@ -61,9 +62,12 @@ def ev(i: int | str, at: datetime, user: str = "u1", **kw: Any) -> dict[str, Any
 _offset = iter(range(10**9))
 
 
-def rec(obj: dict[str, Any] | bytes, partition: int = 0) -> InRecord:
+def rec(
+    obj: dict[str, Any] | bytes, partition: int = 0, arrived: datetime | None = None
+) -> InRecord:
     value = obj if isinstance(obj, bytes) else orjson.dumps(obj)
-    return InRecord("usage.events", partition, next(_offset), b"k", value)
+    ts = None if arrived is None else int(arrived.timestamp() * 1000)
+    return InRecord("usage.events", partition, next(_offset), b"k", value, ts)
 
 
 def rollups(result_rollups: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
@@ -164,6 +168,64 @@ def test_older_than_dedupe_horizon_goes_to_dlq() -> None:
     r = p.process([rec(ev(2, T0 - timedelta(hours=2)))])
     assert not r.priced and r.counters["beyond_dedupe_horizon"] == 1
     assert "dedupe horizon" in orjson.loads(r.dead[0][1])["reason"]
+
+
+# (event time - arrival, arrival - worker clock, accepted): arrival is the record's Kafka
+# timestamp, read as never later than the worker's clock.
+FUTURE_CASES = [
+    (timedelta(0), timedelta(0), True),
+    (timedelta(seconds=120), timedelta(0), True),
+    (timedelta(seconds=121), timedelta(0), False),
+    (timedelta(days=40), timedelta(0), False),
+    # replayed a day later: judged against when it reached Kafka, not against now
+    (timedelta(seconds=60), -timedelta(days=1), True),
+    (timedelta(seconds=180), -timedelta(days=1), False),
+    # a producer's CreateTime dated ahead is no licence: the worker's clock bounds it
+    (timedelta(seconds=60), timedelta(hours=1), False),
+    (timedelta(seconds=-3540), timedelta(hours=1), True),
+]
+
+
+@pytest.mark.parametrize(("ahead", "arrival_offset", "accepted"), FUTURE_CASES)
+def test_events_dated_after_they_reached_kafka(
+    ahead: timedelta, arrival_offset: timedelta, accepted: bool
+) -> None:
+    now = T0 + timedelta(hours=5)
+    arrived = now + arrival_offset
+    p = make()
+    r = p.process([rec(ev(1, arrived + ahead), arrived=arrived)], now=now)
+    assert (len(r.priced), len(r.dead)) == ((1, 0) if accepted else (0, 1))
+    if not accepted:
+        letter = orjson.loads(r.dead[0][1])
+        assert letter["stage"] == "event_time"
+        assert "after the record reached Kafka" in letter["reason"]
+        assert r.counters["future_event"] == 1
+        assert p.marks.get("wm:0") is None  # the watermark did not move
+
+
+def test_a_future_dated_event_does_not_poison_its_partition() -> None:
+    # Before the event-time check, one valid event dated 40 days ahead moved its partition's
+    # watermark, and every later event there went to the dead-letter topic as "older than
+    # the dedupe horizon".
+    p = make(dedupe_horizon_s=3600)
+    now = T0 + timedelta(minutes=1)
+    first = p.process([rec(ev(0, T0 + timedelta(days=40)), arrived=now)], now=now)
+    assert first.counters["future_event"] == 1
+    normal = [rec(ev(i, T0 + timedelta(seconds=i)), arrived=now) for i in range(1, 51)]
+    r = p.process(normal, now=now)
+    assert len(r.priced) == 50 and not r.dead and r.counters["late"] == 0
+
+
+def test_a_watermark_stored_far_ahead_is_read_as_the_clock_plus_skew() -> None:
+    # State written before the check may hold a watermark 40 days ahead: it no longer sends
+    # current events to the dead-letter topic. (Events of windows that closed before the
+    # clock plus skew are flagged late, and still count, as their own rollup segments.)
+    p = make(dedupe_horizon_s=3600, grace_s=300)
+    p.marks.put(0, "wm:0", b"%d" % int((T0 + timedelta(days=40)).timestamp() * 1_000_000))
+    now = T0 + timedelta(minutes=1)
+    events = [rec(ev(i, T0 + timedelta(seconds=i)), arrived=now) for i in range(10)]
+    r = p.process(events, now=now)
+    assert len(r.priced) == 10 and not r.dead and r.counters["late"] == 0
 
 
 def test_seen_ids_expire_after_the_horizon() -> None:
