@@ -7,18 +7,29 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
+from spendstream.commands._safe import printable
 from spendstream.errors import ConfigError, SpendstreamError
 from spendstream.settings import Settings, load_settings
 
 # Piped output (CI logs, files) gets a width that fits the report tables instead of 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True)
+# No emoji codes: a stored id such as ":warning:" prints as written.
+console = Console(width=None if sys.stdout.isatty() else 140, emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print one clear message to stderr and exit with ``code`` (no traceback)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print one clear message to stderr and exit with ``code`` (no traceback).
+
+    The message is printed literally: it often quotes stored data or user input, so brackets
+    are not read as markup and control characters are shown escaped (line breaks kept).
+    """
+    err_console.print(
+        Text.assemble(("error:", "bold red"), " ", printable(message, keep="\n")),
+        highlight=False,
+        soft_wrap=True,
+    )
     raise typer.Exit(code)
 
 
