@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from decimal import Decimal
@@ -14,6 +15,7 @@ from typing import Any
 import typer
 
 from spendstream.commands._common import console, fail, fail_on, settings_or_exit
+from spendstream.commands._safe import csv_cell, printable, safe_text
 from spendstream.errors import SpendstreamError
 
 
@@ -75,6 +77,51 @@ def _json_value(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | Decimal) and not isinstance(value, bool)
+
+
+def _print_result(
+    names: list[str], rows: list[tuple[Any, ...]], fmt: str, *, terminal: bool
+) -> None:
+    """Print a query result as ``fmt`` (table, json or csv).
+
+    JSON is exact (``json.dumps`` escapes control characters). CSV cells are guarded against
+    spreadsheet formulas and, on a terminal, have control characters escaped. The table is
+    built from literal text: stored values cannot inject markup or escape sequences.
+    """
+    if fmt == "json":
+        typer.echo(
+            json.dumps(
+                [{n: _json_value(v) for n, v in zip(names, row, strict=True)} for row in rows],
+                indent=2,
+            )
+        )
+    elif fmt == "csv":
+
+        def cell(text: str, number: bool = False) -> str:
+            text = csv_cell(text, number=number)
+            return printable(text) if terminal else text
+
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow([cell(n) for n in names])
+        writer.writerows([cell(_text(v), _is_number(v)) for v in row] for row in rows)
+        # color=True: click would otherwise strip what looks like an ANSI sequence from the
+        # data when it goes to a file; on a terminal the cells are already escaped.
+        typer.echo(out.getvalue(), nl=False, color=True)
+    else:
+        from rich.table import Table
+
+        table = Table(show_lines=False)
+        for name in names:
+            table.add_column(safe_text(name))
+        for row in rows:
+            table.add_row(*(safe_text(_text(v)) for v in row))
+        console.print(table)
+        console.print(f"{len(rows)} row{'s' if len(rows) != 1 else ''}", style="dim")
 
 
 def register(app: typer.Typer) -> None:
@@ -140,27 +187,7 @@ def register(app: typer.Typer) -> None:
                 store.close()
         except SpendstreamError as exc:
             fail_on(exc)
-        if fmt == "json":
-            typer.echo(
-                json.dumps(
-                    [{n: _json_value(v) for n, v in zip(names, row, strict=True)} for row in rows],
-                    indent=2,
-                )
-            )
-        elif fmt == "csv":
-            out = io.StringIO()
-            writer = csv.writer(out)
-            writer.writerow(names)
-            writer.writerows([_text(v) for v in row] for row in rows)
-            typer.echo(out.getvalue(), nl=False)
-        else:
-            from rich.table import Table
-
-            table = Table(*names, show_lines=False)
-            for row in rows:
-                table.add_row(*(_text(v) for v in row))
-            console.print(table)
-            console.print(f"{len(rows)} row{'s' if len(rows) != 1 else ''}", style="dim")
+        _print_result(names, rows, fmt, terminal=sys.stdout.isatty())
 
     @app.command("sink")
     def sink(
