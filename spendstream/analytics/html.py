@@ -16,6 +16,7 @@ from typing import Any
 import plotly.graph_objects as go  # type: ignore[import-untyped]  # ships no stubs
 
 from spendstream.analytics.report import PnlReport, pct, tier_pnl_cells, usd
+from spendstream.commands._safe import printable
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -108,11 +109,14 @@ def _ordered_costs(report: PnlReport) -> list[tuple[str, list[Decimal]]]:
     return [(t, report.user_costs[t]) for t in order + rest if t in report.user_costs]
 
 
+def _text(value: str) -> str:
+    """Stored text for the page: control and bidi characters shown escaped, then HTML-escaped."""
+    return html.escape(printable(value))
+
+
 def _html_table(headers: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
-    )
+    head = "".join(f"<th>{_text(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_text(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -162,7 +166,7 @@ def render_html(report: PnlReport) -> str:
             for u in report.heavy_users
         ],
     )
-    title = html.escape(f"spendstream tier P&L {when}{who}")
+    title = _text(f"spendstream tier P&L {when}{who}")
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{title}</title><style>{_CSS}</style></head><body>"

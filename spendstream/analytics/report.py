@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sinks import Store
+from spendstream.commands._safe import safe_text
 from spendstream.errors import ConfigError
 
 TIER_ORDER = ("free", "pro", "team", "enterprise")
@@ -158,11 +159,12 @@ def pct(value: Any) -> str:
 
 
 def _table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
-    table = Table(title=title, title_justify="left")
+    # Tiers, user ids and org ids are stored data: literal text, control characters escaped.
+    table = Table(title=safe_text(title, "table.title"), title_justify="left")
     for i, name in enumerate(headers):
         table.add_column(name, justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(safe_text(str(cell)) for cell in row))
     return table
 
 
@@ -171,7 +173,7 @@ def render(report: PnlReport, console: Console) -> None:
     who = f" - org {report.org}" if report.org else ""
     when = report.month.strftime("%Y-%m")
     if not report.tiers:
-        console.print(f"no usage or subscriptions in {when}{who}")
+        console.print(safe_text(f"no usage or subscriptions in {when}{who}"))
         return
     t = report.tiers
     console.print(

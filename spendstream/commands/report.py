@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from spendstream.commands._common import console, err_console, fail, fail_on, settings_or_exit
+from spendstream.commands._safe import safe_text
 from spendstream.errors import SpendstreamError
 
 if TYPE_CHECKING:  # the store stack is imported by the commands, not at CLI start-up
@@ -85,7 +86,7 @@ def register(app: typer.Typer) -> None:
             from spendstream.analytics.html import write_html
 
             write_html(result, html)
-            (err_console if fmt == "json" else console).print(f"wrote {html}")
+            (err_console if fmt == "json" else console).print(safe_text(f"wrote {html}"))
 
     @app.command("whatif")
     def whatif(
@@ -124,8 +125,11 @@ def register(app: typer.Typer) -> None:
             missing = sorted(set(current.ids()) - set(alternative.ids()))
             if missing:
                 err_console.print(
-                    f"[yellow]warning:[/] {plans} has no plan {', '.join(missing)}: those tiers "
-                    "replay with price 0 and no caps"
+                    "[yellow]warning:[/]",
+                    safe_text(
+                        f"{plans} has no plan {', '.join(missing)}: those tiers replay with "
+                        "price 0 and no caps"
+                    ),
                 )
             store = _open(readonly=True)
             try:
@@ -179,7 +183,10 @@ def register(app: typer.Typer) -> None:
         except SpendstreamError as exc:
             fail_on(exc)
         console.print(
-            f"loaded {len(catalog)} plans from {path} as scenario {scenario!r} (version {version})"
+            safe_text(
+                f"loaded {len(catalog)} plans from {path} as scenario {scenario!r} "
+                f"(version {version})"
+            )
         )
 
     @an_app.command("grafana")
@@ -196,4 +203,4 @@ def register(app: typer.Typer) -> None:
 
         db = database or settings_or_exit().clickhouse.database
         for path in write_dashboards(out, database=db):
-            console.print(f"wrote {path}")
+            console.print(safe_text(f"wrote {path}"))
