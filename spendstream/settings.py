@@ -224,6 +224,13 @@ class ProcessorSettings(BaseModel):
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="Prometheus /metrics and /health; 0 = off."
     )
+    stall_after_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=86_400,
+        description="/health reports the worker stalled (not ok) when its input has lag and "
+        "no batch finished for this long; table recovery after a start counts too.",
+    )
     # 25 ms measured better than 100 ms at 10k events/s (alert p99 0.73/1.31 s against
     # 1.22/1.49 s, alternating runs) and the same at 2k/s; an idle worker then sends up to 40
     # fetch requests a second.

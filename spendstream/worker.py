@@ -80,6 +80,15 @@ def run_worker(settings: Settings, *, loglevel: str | None = None) -> None:
             view.close()
 
 
+def worker_stalled(lag: int | None, idle_s: float, stall_after_s: float) -> bool:
+    """Whether a worker with input ``lag`` that finished no batch for ``idle_s`` is stalled.
+
+    An idle worker without lag is waiting, not stalled; an unknown lag (the broker did not
+    answer) is reported by the lag probe instead.
+    """
+    return bool(lag) and idle_s > stall_after_s
+
+
 def _serve_worker_metrics(
     settings: Settings, stats: Any, last_batch: list[float]
 ) -> list[Callable[[], None]]:
@@ -98,15 +107,25 @@ def _serve_worker_metrics(
         settings.kafka.confluent_config(), settings.processor.app_id, [settings.topics.events]
     )
 
+    stall_after_s = settings.processor.stall_after_s
+
     def health() -> dict[str, Any]:
+        idle_s = time.monotonic() - last_batch[0]
         details: dict[str, Any] = {
             "batches": stats.batches,
-            "seconds_since_batch": round(time.monotonic() - last_batch[0], 3),
+            "seconds_since_batch": round(idle_s, 3),
             "lag": probe.total,
+            "poison_records": stats.counters.get("poison", 0),
         }
         if probe.error is not None:
             details["kafka_error"] = probe.error
-        return {"ok": probe.ok(), "details": details}
+        stalled = worker_stalled(probe.total, idle_s, stall_after_s)
+        if stalled:
+            details["stalled"] = (
+                f"input lag {probe.total} and no batch for {idle_s:.0f} s "
+                f"(processor.stall_after_s = {stall_after_s:g})"
+            )
+        return {"ok": probe.ok() and not stalled, "details": details}
 
     server = metrics.serve(port, health)
     return [server.close, probe.close]

@@ -34,6 +34,7 @@ from stream_processors._enforce import CapOutputs, CapStage
 from stream_processors._fastpath import use_fast_handover
 from stream_processors._gate import BrokerProbe, InputGate
 from stream_processors._lane import InputLane, use_lane
+from stream_processors._pipeline import BatchPipeline
 from stream_processors._pricing import PriceCatalog
 from stream_processors._processor import InRecord, SourceRecord, UsageProcessor
 from stream_processors.caps import CapEngine
@@ -155,6 +156,28 @@ class TableState:
         self._store: dict[str, bytes] = table.data.data  # the memory store's dict: fast reads
         self._pending: list[tuple[int, str, bytes | None]] = []
         self._held: list[tuple[int, str, bytes | None]] = []
+        # (key, value before, its partition before) of each change since the savepoint.
+        self._undo: list[tuple[str, bytes | None, int | None]] = []
+        self._pending_at_savepoint = 0
+
+    def savepoint(self) -> None:
+        """Start recording changes for :meth:`rollback` (see stream_processors._isolation)."""
+        self._undo.clear()
+        self._pending_at_savepoint = len(self._pending)
+
+    def rollback(self) -> None:
+        """Undo the changes since the last :meth:`savepoint`, their changelog writes too."""
+        store = self._table.data
+        for key, old, partition in reversed(self._undo):
+            if old is None:
+                store.data.pop(key, None)
+                store._key_partition.pop(key, None)
+            else:
+                store.data[key] = old
+                if partition is not None:
+                    store._key_partition[key] = partition
+        self._undo.clear()
+        del self._pending[self._pending_at_savepoint :]
 
     def hold(self) -> None:
         """Keep the pending changes for the next ``flush_changelog(previous=True)``."""
@@ -186,6 +209,7 @@ class TableState:
     def put(self, partition: int, key: str, value: bytes) -> None:
         """Set and send the change to ``partition`` of the changelog."""
         store = self._table.data
+        self._undo.append((key, self._store.get(key), store._key_partition.get(key)))
         store[key] = value
         # The memory store uses this to drop keys of partitions assigned elsewhere.
         store._key_partition[key] = partition
@@ -194,8 +218,7 @@ class TableState:
     def delete(self, partition: int, key: str) -> None:
         """Remove and send a tombstone to ``partition`` of the changelog."""
         store = self._table.data
-        store.data.pop(key, None)
-        store._key_partition.pop(key, None)
+        self._undo.append((key, store.data.pop(key, None), store._key_partition.pop(key, None)))
         self._pending.append((partition, key, None))
 
     def items(self) -> Iterator[tuple[str, bytes]]:
@@ -493,6 +516,7 @@ def build_app(
         events_topic=t.events,
     )
     stats = WorkerStats()
+    pipeline = BatchPipeline(processor, caps, (seen_s, windows_s, marks_s, caps_s))
 
     # A worker takes its input from the lane, and commits its offsets itself: faust neither
     # tracks nor commits them (acks=False). In-process tests feed the agent's stream instead.
@@ -653,6 +677,14 @@ def build_app(
             app.producer.flush = flush_both  # type: ignore[method-assign]
         try:
             await _process_batches(stream, sink, output)
+        except Exception:
+            # Not a record's error (those become dead letters in the pipeline): the worker
+            # cannot go on. faust would restart the agent inside a process that then
+            # processed nothing more while it looked alive; exit, so a supervisor restarts
+            # the process and it replays from the last committed offsets.
+            log.critical("the worker cannot go on; exiting with status 70", exc_info=True)
+            logging.shutdown()
+            os._exit(70)
         finally:
             if output is not None:
                 output.close()
@@ -707,12 +739,13 @@ def build_app(
         # writes the cap state's pending changes, must not write this batch's ahead of
         # its outputs.
         async with commit_lock:
-            result = processor.process(records)
+            # Pricing, then caps, in the same batch (the processor already deduplicated, so
+            # each event counts once toward the user's windows); a record whose processing
+            # raises becomes a dead letter and the rest of the batch goes on.
+            batch = pipeline.run(records)
+            result, capped = batch.result, batch.capped
             result.counters.update(+gated)
-            partition_of = {r.event.user_id: r.partition for r in result.accepted}
-            # Caps after pricing, in the same batch: the processor already deduplicated, so
-            # each event counts once toward the user's windows.
-            capped = caps.process(result.accepted, datetime.now(UTC))
+            partition_of = batch.partition_of
             for topic_name, out in ((t.priced, result.priced), (t.rollups, result.rollups)):
                 for key, value in out:
                     sink.produce(topic_name, key.encode(), value, partition_of[key])

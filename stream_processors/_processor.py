@@ -325,6 +325,7 @@ class UsageProcessor:
         self._open: dict[int, dict[int, set[str]]] | None = None
         self._closed: dict[int, dict[int, set[str]]] | None = None
         self._seen_by_hour: dict[int, dict[int, list[str]]] | None = None
+        self._evicting = False
 
     # -- watermarks -------------------------------------------------------------------------
     def watermark(self, partition: int) -> int:
@@ -342,6 +343,20 @@ class UsageProcessor:
         self._open = None
         self._closed = None
         self._seen_by_hour = None
+        self._evicting = False
+
+    def rolled_back(self) -> None:
+        """The tables were rolled back to before a :meth:`process` call that raised.
+
+        Up to eviction, a batch only *adds* to the in-memory indexes: an id or window that is
+        listed but absent from the table again costs at most a no-op tombstone or a marker
+        later, so the indexes stay (rebuilding them reads the whole state). A failure during
+        eviction, which moves entries between them, rebuilds them.
+        """
+        if self._evicting:
+            self.reset_caches()
+        else:
+            self._marks.clear()
 
     # -- the batch --------------------------------------------------------------------------
     def process(self, batch: Sequence[SourceRecord], now: datetime | None = None) -> BatchResult:
@@ -497,12 +512,14 @@ class UsageProcessor:
             roll = agg.rollup(user_id, model, start_us, window_us, 0, version, now_iso)
             result.rollups.append((user_id, roll))
 
+        self._evicting = True
         for partition, mark in moved.items():
             self._marks[partition] = mark
             self.marks.put(partition, f"wm:{partition}", b"%d" % mark)
             evicted_windows, evicted_ids = self._evict(partition, mark)
             counters["evicted_windows"] += evicted_windows
             counters["evicted_ids"] += evicted_ids
+        self._evicting = False
         return result
 
     # -- eviction -----------------------------------------------------------------------------

@@ -30,12 +30,24 @@ class PartitionedState(Protocol):
         """Number of keys held by this process."""
 
 
+class Revertible(Protocol):
+    """State whose changes since a savepoint can be undone (see :mod:`._isolation`)."""
+
+    def savepoint(self) -> None:
+        """Start recording: :meth:`rollback` undoes every change made after this call."""
+
+    def rollback(self) -> None:
+        """Undo the changes since the last :meth:`savepoint`, queued changelog writes too."""
+
+
 class DictState:
     """In-memory :class:`PartitionedState` that records writes per partition (for tests)."""
 
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
         self.writes: list[tuple[int, str, bytes | None]] = []
+        self._undo: list[tuple[str, bytes | None]] = []
+        self._writes_at_savepoint = 0
 
     def get(self, key: str) -> bytes | None:
         """The value, or ``None``."""
@@ -43,13 +55,29 @@ class DictState:
 
     def put(self, partition: int, key: str, value: bytes) -> None:
         """Set and record the write."""
+        self._undo.append((key, self.data.get(key)))
         self.data[key] = value
         self.writes.append((partition, key, value))
 
     def delete(self, partition: int, key: str) -> None:
         """Remove and record the tombstone."""
-        self.data.pop(key, None)
+        self._undo.append((key, self.data.pop(key, None)))
         self.writes.append((partition, key, None))
+
+    def savepoint(self) -> None:
+        """Start recording changes for :meth:`rollback`."""
+        self._undo.clear()
+        self._writes_at_savepoint = len(self.writes)
+
+    def rollback(self) -> None:
+        """Undo the changes since the last :meth:`savepoint`."""
+        for key, old in reversed(self._undo):
+            if old is None:
+                self.data.pop(key, None)
+            else:
+                self.data[key] = old
+        self._undo.clear()
+        del self.writes[self._writes_at_savepoint :]
 
     def items(self) -> Iterator[tuple[str, bytes]]:
         """Every key and value."""

@@ -10,7 +10,7 @@ import orjson
 
 from schemas import PlanPeriod, Subscription
 from spendstream.settings import load_settings
-from stream_processors import BatchResult, build_app
+from stream_processors import BatchResult, PriceCatalog, build_app
 
 START = datetime(2026, 11, 1, tzinfo=UTC)
 SUBS = {
@@ -40,13 +40,34 @@ def event(i: int, user: str = "u1", **kw: Any) -> bytes:
     )
 
 
-def run_through_agent(values: list[bytes]) -> list[BatchResult]:
+class BuggyCatalog(PriceCatalog):
+    """The vendored catalog, except that pricing model ``boom`` raises (a stand-in for a bug)."""
+
+    def __init__(self) -> None:
+        real = PriceCatalog.load()
+        super().__init__(real._prices, real.fallback)
+
+    def quote(self, event: Any) -> Any:
+        if event.requested_model == "boom":
+            raise ArithmeticError("a bug this record meets")
+        return super().quote(event)
+
+
+def run_through_agent(
+    values: list[bytes], catalog: PriceCatalog | None = None
+) -> list[BatchResult]:
     settings = load_settings(
         kafka={"bootstrap_servers": "127.0.0.1:1"},
         processor={"batch_size": 4, "batch_within_s": 0.05},
     )
     results: list[BatchResult] = []
-    worker = build_app(settings, subscriptions=SUBS.get, on_batch=results.append, in_process=True)
+    worker = build_app(
+        settings,
+        subscriptions=SUBS.get,
+        catalog=catalog,
+        on_batch=results.append,
+        in_process=True,
+    )
     agent = worker.app.agents["price-and-rollup"]
 
     async def feed() -> None:
@@ -74,6 +95,19 @@ def test_agent_prices_dedupes_and_dead_letters_in_batches() -> None:
     assert len(results) >= 2  # batch_size 4: the agent really took batches
     last = max((orjson.loads(v) for r in results for _, v in r.rollups), key=lambda x: x["version"])
     assert last["requests"] == 6 and last["cost"] == "0.0165"
+
+
+def test_a_record_that_raises_is_a_dead_letter_and_the_agent_goes_on() -> None:
+    # Before, an exception escaped the agent: faust restarted it, and nothing more was
+    # processed in a process that looked alive.
+    values = [event(i) for i in range(3)] + [event(3, requested_model="boom")]
+    values += [event(i) for i in range(4, 12)]
+    results = run_through_agent(values, catalog=BuggyCatalog())
+    priced = [orjson.loads(v)["event_id"] for r in results for _, v in r.priced]
+    dead = [orjson.loads(v) for r in results for _, v, _ in r.dead]
+    assert priced == [f"e{i}" for i in range(12) if i != 3]
+    assert [(d["stage"], d["source_offset"]) for d in dead] == [("price", 3)]
+    assert "ArithmeticError: a bug this record meets" in dead[0]["reason"]
 
 
 def test_worker_app_skips_faust_per_message_bookkeeping() -> None:

@@ -203,3 +203,20 @@ def test_lag_probe_tolerates_a_transient_failure_then_turns_unhealthy() -> None:
         assert metrics.value("spendstream_consumer_lag", labels) == 4
     finally:
         probe.close()
+
+
+@pytest.mark.parametrize(
+    ("lag", "idle_s", "stalled"),
+    [
+        (0, 10_000.0, False),  # idle, nothing to do
+        (None, 10_000.0, False),  # lag unknown: the lag probe reports the broker
+        (5, 119.0, False),
+        (5, 121.0, True),  # input waiting, no batch for longer than stall_after_s
+    ],
+)
+def test_a_worker_with_lag_and_no_batch_is_stalled(
+    lag: int | None, idle_s: float, stalled: bool
+) -> None:
+    from spendstream.worker import worker_stalled
+
+    assert worker_stalled(lag, idle_s, 120.0) is stalled
