@@ -104,9 +104,18 @@ def wait_for_lag_zero(
     conf = settings.kafka.confluent_config()
     deadline = time.monotonic() + timeout_s
     zero_since: float | None = None
+    last_error: KafkaError | None = None
     while time.monotonic() < deadline:
         check()
-        lag = sum(group_lag(conf, group_id, topics).values())
+        try:
+            lag = sum(group_lag(conf, group_id, topics).values())
+        except KafkaError as exc:
+            # A young broker answers NOT_COORDINATOR or "load in progress" for a while: not
+            # an answer about the lag; asked again until the deadline.
+            last_error = exc
+            zero_since = None
+            time.sleep(0.5)
+            continue
         if lag == 0:
             zero_since = zero_since or time.monotonic()
             if time.monotonic() - zero_since >= stable_s:
@@ -114,6 +123,7 @@ def wait_for_lag_zero(
         else:
             zero_since = None
         time.sleep(0.5)
+    why = f" (last error: {last_error})" if last_error is not None else ""
     raise KafkaError(
-        f"group {group_id!r} still has lag on {', '.join(topics)} after {timeout_s:.0f} s"
+        f"group {group_id!r} still has lag on {', '.join(topics)} after {timeout_s:.0f} s{why}"
     )

@@ -351,8 +351,18 @@ class Pipeline:
                     + self._history(user)
                 )
 
-        _, rows = self.store.query(f"SELECT hex(payload) FROM {db}.dead_letters FINAL")
-        assert sorted(bytes.fromhex(r[0]) for r in rows) == sorted(oracle.malformed)
+        _, rows = self.store.query(
+            f"SELECT hex(payload), stage, reason FROM {db}.dead_letters FINAL"
+        )
+        stored = sorted(bytes.fromhex(r[0]) for r in rows)
+        if stored != sorted(oracle.malformed):
+            why = {bytes.fromhex(r[0]): (r[1], r[2]) for r in rows}
+            missing = [m for m in oracle.malformed if m not in why]
+            extra = [(p, why[p]) for p in stored if p not in oracle.malformed]
+            raise AssertionError(
+                f"dead letters differ: {len(missing)} missing {missing[:5]}, "
+                f"{len(extra)} unexpected {extra[:5]}"
+            )
 
         if alerts:
             _, rows = self.store.query(

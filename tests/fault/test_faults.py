@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -249,5 +250,119 @@ def test_out_of_order_and_beyond_grace_late_events(make_settings: Any) -> None:
         assert rows[0][0] >= len(late)
         _, rows = pipe.store.query(f"SELECT count(), uniqExact(alert_id) FROM {db}.alerts FINAL")
         assert rows[0][0] == rows[0][1]
+    finally:
+        pipe.close()
+
+
+def _raw_event(event_id: str, user: str, **fields: Any) -> bytes:
+    """A contract-shaped event as raw bytes (UsageProducer would refuse most of these)."""
+    base = {
+        "event_id": event_id,
+        "occurred_at": "2026-11-03T08:00:00Z",
+        "org_id": "org-poison",
+        "user_id": user,
+        "gateway": "gw",
+        "requested_model": "gpt-4o",
+        "input_tokens": 10,
+        "output_tokens": 10,
+    }
+    return orjson.dumps({**base, **fields})
+
+
+def test_poison_records_in_a_normal_stream(make_settings: Any) -> None:
+    # Records that once stopped metering (a year-1 time crashed the agent for good) or moved a
+    # partition's watermark 40 days ahead (every later event there went to the dead letters),
+    # mixed into a normal stream: the totals are exact, the poison is in the dead letters with
+    # its reason, and the worker is still up.
+    from producers import UsageProducer
+
+    pipe = Pipeline(fault_settings(make_settings))
+    try:
+        sim, items = simulated(100, 2_000, seed=17)
+        pipe.publish_subscriptions(sim.subscriptions())
+        # A subscription record that bypassed `subscriptions load`: a year-1 billing anchor.
+        anchor_user = "poison-anchor-user"
+        bad_subscription = orjson.dumps(
+            {
+                "user_id": anchor_user,
+                "org_id": "org-poison",
+                "timezone": "Pacific/Kiritimati",
+                "billing_anchor": "0001-01-01T00:00:00+01:00",
+                "plans": [{"plan_id": "pro", "effective_at": "0001-01-01T00:00:00Z"}],
+            }
+        )
+        with UsageProducer(pipe.settings, topic=pipe.settings.topics.subscriptions) as subs:
+            subs.send_raw(anchor_user, bad_subscription)
+        oracle = Oracle(sim.subscriptions())
+        # The worker skips it (the user is priced without a plan); the sink, which lands
+        # subscriptions, dead-letters it.
+        oracle.malformed.append(bad_subscription)
+        future = (datetime.now(UTC) + timedelta(days=40)).isoformat()
+        users = sorted({item["user_id"] for item in items if isinstance(item, dict)})
+        poison: list[Any] = [
+            _raw_event("p-year-1", users[0], occurred_at="0001-01-01T00:00:00+01:00"),
+            _raw_event("p-year-9999", users[1], occurred_at="9999-12-31T23:30:00-01:00"),
+            _raw_event("p-future", users[2], occurred_at=future),
+            _raw_event("p-tokens", users[3], input_tokens=10**12),
+            _raw_event("p-latency", users[4], latency_ms=10**12),
+            # Valid and counted: the largest event the contract takes, and a user whose only
+            # subscription record is unreadable (priced without a plan).
+            {
+                "event_id": "max-event",
+                "occurred_at": "2026-11-03T08:00:30Z",
+                "org_id": "org-poison",
+                "user_id": users[5],
+                "gateway": "gw",
+                "requested_model": "o1-pro",
+                "input_tokens": 10**8,
+                "output_tokens": 10**8,
+                "latency_ms": 7 * 86_400_000,
+            },
+            *(
+                {
+                    "event_id": f"anchor-{i}",
+                    "occurred_at": f"2026-11-03T08:0{i}:00Z",
+                    "org_id": "org-poison",
+                    "user_id": anchor_user,
+                    "gateway": "gw",
+                    "requested_model": "gpt-4o",
+                    "input_tokens": 100,
+                }
+                for i in range(3)
+            ),
+        ]
+        mixed: list[Any] = []
+        for i, item in enumerate(items):
+            mixed.append(item)
+            if i % 200 == 100 and poison:
+                mixed.append(poison.pop(0))
+        mixed.extend(poison)
+        produce(pipe.settings, mixed, oracle)
+        pipe.start_worker()
+        pipe.start_sink()
+        pipe.drain()
+        assert pipe.worker is not None and pipe.worker.proc.poll() is None  # still up
+        pipe.reconcile(oracle)
+        db = pipe.settings.clickhouse.database
+        _, rows = pipe.store.query(
+            f"SELECT JSONExtractString(payload, 'event_id'), stage, reason "
+            f"FROM {db}.dead_letters FINAL ORDER BY 1"
+        )
+        letters = {r[0]: (r[1], r[2]) for r in rows}
+        assert set(letters) == {
+            "",  # the subscription record
+            "p-year-1",
+            "p-year-9999",
+            "p-future",
+            "p-tokens",
+            "p-latency",
+        }
+        assert letters["p-future"][0] == "event_time"
+        assert "2000-01-01" in letters["p-year-1"][1]
+        assert "input_tokens" in letters["p-tokens"][1]
+        _, rows = pipe.store.query(
+            f"SELECT cost FROM {db}.priced_events FINAL WHERE event_id = 'max-event'"
+        )
+        assert rows == [(Decimal("75000"),)]  # 10^8 * 0.00015 + 10^8 * 0.0006 (o1-pro)
     finally:
         pipe.close()
