@@ -7,7 +7,12 @@ time)" and "Pipeline health" (throughput, lag, dead letters, lateness). Every pa
 plugin's macros with :func:`expand_macros` and runs each query on the embedded engine.
 
 The SDK ships no query type for grafana-clickhouse-datasource, so :class:`ClickHouseQuery` is
-that target (the plugin's v4 JSON shape: ``editorType: sql``, ``rawSql``, ``format``).
+that target (the plugin's v4 JSON shape: ``editorType: sql``, ``rawSql``, ``format``,
+``pluginVersion``).
+
+The ``$org`` text variable reaches SQL only through :data:`ORG_VALUE` (percent-encoded by
+Grafana, decoded by ClickHouse): a value typed in the box or put in the dashboard URL is data,
+never SQL. Every panel sets its visualisation options (``options`` is never null).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Self
+from urllib.parse import quote
 
 from grafana_foundation_sdk.builders import (
     barchart,
@@ -25,16 +31,21 @@ from grafana_foundation_sdk.builders import (
     table,
     timeseries,
 )
+from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.cog import variants as cogvariants
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as models
 
 DATASOURCE_TYPE = "grafana-clickhouse-datasource"
 DATASOURCE_UID = "spendstream-clickhouse"
 """The datasource provisioned by deploy/grafana/provisioning/datasources/clickhouse.yaml."""
 DATASOURCE = models.DataSourceRef(type_val=DATASOURCE_TYPE, uid=DATASOURCE_UID)
+QUERY_PLUGIN_VERSION = "4.0.0"
+"""The plugin version whose query JSON the targets follow. A target without ``pluginVersion``
+(or older than 4.0.0) is taken by the plugin for a v3 query and migrated when loaded."""
 
 Kind = Literal["timeseries", "table", "barchart", "stat"]
 
@@ -56,6 +67,7 @@ class ClickHouseQuery(cogvariants.Dataquery):
             "queryType": "timeseries" if self.fmt == "time_series" else "table",
             "format": 0 if self.fmt == "time_series" else 1,
             "rawSql": self.sql,
+            "pluginVersion": QUERY_PLUGIN_VERSION,
         }
 
 
@@ -106,7 +118,22 @@ class DashboardSpec:
     tags: tuple[str, ...] = ("spendstream",)
 
 
-ORG = "('${org}' = '' OR org_id = '${org}')"
+ORG_VALUE = "decodeURLComponent('${org:percentencode}')"
+"""The ``$org`` variable as a SQL string expression.
+
+Grafana's ``percentencode`` formatter leaves only letters, digits, ``-_.~`` and ``%XX`` in the
+literal, so no value can close it; ClickHouse decodes it back to the exact text. (Grafana's
+``sqlstring`` formatter is not enough here: it doubles ``'`` but keeps ``\\``, and ClickHouse
+reads ``\\'`` as an escaped quote, so ``\\' = '' ) OR 1=1 --`` would end the literal.)
+"""
+
+
+def org_filter(column: str = "org_id") -> str:
+    """SQL condition: ``column`` is the ``$org`` organisation, or ``$org`` is empty (all)."""
+    return f"({ORG_VALUE} = '' OR {column} = {ORG_VALUE})"
+
+
+ORG = org_filter()
 MONTHS = "month >= toStartOfMonth($__fromTime) AND month <= toStartOfMonth($__toTime)"
 
 TIER_PNL = DashboardSpec(
@@ -120,7 +147,9 @@ TIER_PNL = DashboardSpec(
 SELECT month, tier, active_subscribers, subscription_revenue, overage_revenue, credit_revenue,
     revenue, inference_cost, gross_margin, margin_pct, users_cost_over_pay_pct,
     cost_p50, cost_p90, cost_p99, top1pct_cost_share_pct
-FROM {db}.tier_pnl(org = '${org}')
+FROM {db}.tier_pnl(org = """
+            + ORG_VALUE
+            + """)
 WHERE """
             + MONTHS
             + """
@@ -147,7 +176,9 @@ ORDER BY month DESC, tier""",
             """
 SELECT tier, sum(revenue) AS revenue, sum(inference_cost) AS inference_cost,
     sum(gross_margin) AS gross_margin
-FROM {db}.tier_pnl(org = '${org}')
+FROM {db}.tier_pnl(org = """
+            + ORG_VALUE
+            + """)
 WHERE """
             + MONTHS
             + """
@@ -160,7 +191,9 @@ GROUP BY tier ORDER BY tier""",
             "timeseries",
             """
 SELECT toDateTime(month) AS time, tier, margin_pct
-FROM {db}.tier_pnl(org = '${org}')
+FROM {db}.tier_pnl(org = """
+            + ORG_VALUE
+            + """)
 WHERE """
             + MONTHS
             + """ AND margin_pct IS NOT NULL
@@ -174,7 +207,9 @@ ORDER BY time""",
             """
 SELECT tier, sum(saved_prompt_cache) AS prompt_cache, sum(saved_semantic_cache) AS semantic_cache,
     sum(saved_routing) AS routing
-FROM {db}.tier_pnl(org = '${org}')
+FROM {db}.tier_pnl(org = """
+            + ORG_VALUE
+            + """)
 WHERE """
             + MONTHS
             + """
@@ -217,7 +252,9 @@ SELECT tier, sum(users_alerted) AS users_alerted, sum(users_capped) AS users_cap
     sum(users_blocked) AS users_blocked, sum(users_downgraded) AS users_downgraded,
     sum(requests_downgraded) AS requests_downgraded, sum(users_overage) AS users_overage,
     sum(overage_revenue) AS overage_billed
-FROM {db}.tier_pnl(org = '${org}')
+FROM {db}.tier_pnl(org = """
+            + ORG_VALUE
+            + """)
 WHERE """
             + MONTHS
             + """
@@ -256,7 +293,9 @@ FROM (
     FROM {db}.enforcement_changes FINAL
     GROUP BY user_id
 )
-WHERE ('${org}' = '' OR org = '${org}')
+WHERE """
+            + org_filter("org")
+            + """
 GROUP BY state ORDER BY state""",
             ("state", "users"),
         ),
@@ -274,7 +313,9 @@ FROM (
     FROM {db}.enforcement_changes FINAL
     GROUP BY user_id
 )
-WHERE current_state IN ('blocked', 'downgrade', 'warn') AND ('${org}' = '' OR org = '${org}')
+WHERE current_state IN ('blocked', 'downgrade', 'warn') AND """
+            + org_filter("org")
+            + """
 ORDER BY as_of DESC LIMIT 100""",
             ("user_id", "org", "plan", "state", "why", "until"),
             width=24,
@@ -389,18 +430,38 @@ GROUP BY lateness ORDER BY lateness""",
 DASHBOARDS: tuple[DashboardSpec, ...] = (TIER_PNL, CAPS, PIPELINE)
 
 
+def _legend() -> common_builders.VizLegendOptions:
+    return (
+        common_builders.VizLegendOptions()
+        .display_mode(common.LegendDisplayMode.LIST)
+        .placement(common.LegendPlacement.BOTTOM)
+        .show_legend(True)
+    )
+
+
+def _tooltip() -> common_builders.VizTooltipOptions:
+    return (
+        common_builders.VizTooltipOptions()
+        .mode(common.TooltipDisplayMode.MULTI)
+        .sort(common.SortOrder.NONE)
+    )
+
+
 def _panel(spec: PanelSpec, database: str, x: int, y: int) -> cogbuilder.Builder[models.Panel]:
     fmt: Literal["table", "time_series"] = "time_series" if spec.kind == "timeseries" else "table"
     target = ClickHouseQueryBuilder(spec.query(database), fmt)
+    # Each kind sets its options explicitly: the SDK leaves ``options`` null until one is set.
     panel: timeseries.Panel | table.Panel | barchart.Panel | stat.Panel
     if spec.kind == "timeseries":
-        panel = timeseries.Panel()
+        panel = timeseries.Panel().legend(_legend()).tooltip(_tooltip())
     elif spec.kind == "table":
-        panel = table.Panel()
+        panel = table.Panel().show_header(True)
     elif spec.kind == "barchart":
-        panel = barchart.Panel().x_field(spec.columns[0])
+        panel = barchart.Panel().x_field(spec.columns[0]).legend(_legend()).tooltip(_tooltip())
     else:
-        panel = stat.Panel()
+        panel = stat.Panel().reduce_options(
+            common_builders.ReduceDataOptions().calcs(["lastNotNull"])
+        )
     panel = (
         panel.title(spec.title)
         .datasource(DATASOURCE)
@@ -476,6 +537,24 @@ def write_dashboards(folder: Path, database: str = "spendstream") -> list[Path]:
 
 _TIME_FILTER = re.compile(r"\$__timeFilter\(([^)]+)\)")
 _TIME_INTERVAL = re.compile(r"\$__timeInterval\(([^)]+)\)")
+# Grafana's variable syntaxes: ${name}, ${name:format}, [[name]], [[name:format]], $name.
+_VARIABLE = re.compile(r"\$\{(\w+)(?::(\w+))?\}|\[\[(\w+)(?::(\w+))?\]\]|\$(\w+)")
+
+
+def format_variable(value: str, fmt: str | None = None) -> str:
+    """``value`` written as Grafana's variable formatter ``fmt`` writes a single value.
+
+    ``None`` (no format given) and ``raw``: the value as is (the ClickHouse plugin's default
+    for one value); ``percentencode``: RFC 3986 percent-encoding of the UTF-8 bytes, leaving
+    only letters, digits and ``-_.~``; ``sqlstring``: quoted, ``'`` doubled and ``"`` escaped.
+    """
+    if fmt is None or fmt == "raw":
+        return value
+    if fmt == "percentencode":
+        return quote(value, safe="")
+    if fmt == "sqlstring":
+        return "'" + value.replace("'", "''").replace('"', '\\"') + "'"
+    raise ValueError(f"variable format {fmt!r} is not modelled here")
 
 
 def expand_macros(
@@ -491,6 +570,8 @@ def expand_macros(
     ``$__timeFilter(c)`` -> ``c >= toDateTime(from) AND c <= toDateTime(to)``,
     ``$__timeInterval(c)`` -> ``toStartOfInterval(toDateTime(c), INTERVAL n second)``,
     ``$__fromTime`` / ``$__toTime`` -> ``toDateTime(epoch)`` (the plugin's v4 expansions).
+    A variable in ``variables`` is written through its format (:func:`format_variable`); any
+    other ``$name`` is left in place.
     """
     out = _TIME_FILTER.sub(
         lambda m: f"{m[1]} >= toDateTime({from_s}) AND {m[1]} <= toDateTime({to_s})", sql
@@ -501,9 +582,15 @@ def expand_macros(
     out = out.replace("$__fromTime", f"toDateTime({from_s})")
     out = out.replace("$__toTime", f"toDateTime({to_s})")
     out = out.replace("$__interval_s", str(interval_s))
-    for name, value in (variables or {}).items():
-        out = out.replace("${" + name + "}", value).replace("$" + name, value)
-    return out
+    values = variables or {}
+
+    def substitute(m: re.Match[str]) -> str:
+        name = m[1] or m[3] or m[5]
+        if name not in values:
+            return m[0]
+        return format_variable(values[name], m[2] or m[4])
+
+    return _VARIABLE.sub(substitute, out)
 
 
 def panel_specs() -> Sequence[tuple[DashboardSpec, PanelSpec]]:

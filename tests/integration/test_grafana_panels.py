@@ -2,7 +2,8 @@
 
 The run is the real pipeline (worker process, in-process sink, the session's Kafka broker) on
 plans with tiny allowances, so alerts, enforcement changes, overages and credit-free overage
-all happen within a few thousand events; malformed items fill the dead letters.
+all happen within a few thousand events; malformed items fill the dead letters. The ``$org``
+variable is also set to hostile values, written through its formatter as Grafana writes them.
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ plans:
         at_cap: {action: overage, unit_price: "1.05", ceiling_usd: "0.01"}
 """
 N_ITEMS = 4000
+# $org values from the dashboard URL (?var-org=...): each must select no organisation.
+HOSTILE_ORGS = (
+    "x' OR 1=1 --",
+    "x' OR '1'='1",
+    "\\' = '' ) OR 1=1 --",  # ends a sqlstring-formatted literal on ClickHouse
+    "x\\' OR 1=1 --",
+    "'); DROP TABLE {db}.priced_events; --",
+    "\\",
+)
 
 
 @pytest.fixture
@@ -140,10 +150,26 @@ def test_every_panel_returns_rows_with_its_columns(simulated: tuple[Settings, An
     assert not failures, "\n".join(failures)
 
     # One organisation through the variable: the tier P&L panel still answers, for that org only.
-    _, orgs = store.query(f"SELECT any(org_id) FROM {settings.clickhouse.database}.priced_events")
+    db = settings.clickhouse.database
+    _, orgs = store.query(f"SELECT any(org_id) FROM {db}.priced_events")
     board, panel = panel_specs()[0]
     sql = expand_macros(
-        panel.query(settings.clickhouse.database),
+        panel.query(db),
         **{**window, "variables": {"org": orgs[0][0]}},  # type: ignore[arg-type]
     )
     assert store.query(sql)[1]
+
+    # Hostile values go through the variable's formatter, as Grafana would send them: every
+    # query still runs and returns nothing, as for an organisation that does not exist.
+    events = store.query(f"SELECT count() FROM {db}.priced_events")[1]
+    for board, panel in panel_specs():
+        if not board.org_variable:
+            continue
+        for org in ("no-such-org", *(value.format(db=db) for value in HOSTILE_ORGS)):
+            sql = expand_macros(
+                panel.query(db),
+                **{**window, "variables": {"org": org}},  # type: ignore[arg-type]
+            )
+            rows = store.query(sql)[1]
+            assert rows == [], f"{board.title} / {panel.title} with org {org!r}: {rows[:3]}"
+    assert store.query(f"SELECT count() FROM {db}.priced_events")[1] == events
