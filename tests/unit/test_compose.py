@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,81 @@ def test_dashboards_on_disk_are_generated() -> None:
     assert sorted(p.name for p in folder.glob("*.json")) == sorted(expected)
     for name, text in expected.items():
         assert (folder / name).read_text() == text, f"{name} is stale: regenerate it"
+
+
+# -- the Grafana datasource's ClickHouse user ---------------------------------------------------
+
+
+def _datasource() -> dict[str, Any]:
+    data = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/clickhouse.yaml").read_text())
+    source = data["datasources"][0]
+    assert isinstance(source, dict)
+    return source
+
+
+def _clickhouse_file(target_folder: str) -> tuple[Path, str]:
+    """The one file the clickhouse service mounts into ``target_folder`` (host path, target)."""
+    mounts = [
+        volume.split(":")
+        for volume in _compose()["services"]["clickhouse"]["volumes"]
+        if volume.startswith("./") and volume.split(":")[1].startswith(target_folder)
+    ]
+    assert len(mounts) == 1, mounts
+    source, target, *mode = mounts[0]
+    assert mode == ["ro"], f"{source} is mounted writable"
+    return DEPLOY / source, target
+
+
+def test_grafana_logs_in_as_a_read_only_user_that_exists() -> None:
+    user = _datasource()["jsonData"]["username"]
+    assert user and user != "default", "Grafana must not use the admin user"
+    path, _ = _clickhouse_file("/etc/clickhouse-server/users.d/")
+    root = ET.parse(path).getroot()
+    entry = root.find(f"users/{user}")
+    assert entry is not None, f"{path.name} defines no user {user!r}"
+
+    profile = root.find(f"profiles/{entry.findtext('profile')}")
+    assert profile is not None
+    assert profile.findtext("readonly") in ("1", "2")
+    if profile.findtext("readonly") == "1":
+        # The plugin's client sets max_execution_time on every query.
+        assert profile.find("constraints/max_execution_time/changeable_in_readonly") is not None
+    assert entry.findtext("access_management", "0") == "0"
+
+    grants = [q.text or "" for q in entry.findall("grants/query")]
+    database = _datasource()["jsonData"]["defaultDatabase"]
+    assert grants == [f"GRANT SELECT ON {database}.*"]
+    env = _spendstream_env()["sink"]
+    assert env["SPENDSTREAM_CLICKHOUSE__DATABASE"] == database
+
+
+def test_grafana_password_comes_from_the_environment() -> None:
+    path, _ = _clickhouse_file("/etc/clickhouse-server/users.d/")
+    user = _datasource()["jsonData"]["username"]
+    password = ET.parse(path).getroot().find(f"users/{user}/password")
+    assert password is not None and not (password.text or "").strip(), "no password in the file"
+    variable = password.get("from_env")
+    assert variable, "the password is read from an environment variable"
+    assert _datasource()["secureJsonData"]["password"] == "${" + variable + "}"
+    services = _compose()["services"]
+    for name in ("clickhouse", "grafana"):
+        assert variable in services[name]["environment"], f"{name} lacks {variable}"
+    # Grafana gets only its own password, never the admin one.
+    assert "CLICKHOUSE_PASSWORD" not in services["grafana"]["environment"]
+    for key, value in services["grafana"]["environment"].items():
+        assert not re.search(r"\$\{?CLICKHOUSE_PASSWORD\b", str(value)), key
+
+
+def test_clickhouse_server_config_files_parse() -> None:
+    for folder in ("/etc/clickhouse-server/users.d/", "/etc/clickhouse-server/config.d/"):
+        path, target = _clickhouse_file(folder)
+        assert path.is_file(), path
+        assert target.endswith(".xml") and path.suffix == ".xml"
+        assert ET.parse(path).getroot().tag == "clickhouse"
+    path, _ = _clickhouse_file("/etc/clickhouse-server/config.d/")
+    flag = (
+        ET.parse(path)
+        .getroot()
+        .findtext("access_control_improvements/settings_constraints_replace_previous")
+    )
+    assert flag == "true"  # changeable_in_readonly needs it
