@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from spendstream.commands._safe import safe_text
 from spendstream.settings import Settings
 
 TIER_ORDER = ("free", "pro", "team", "enterprise")
@@ -170,7 +171,9 @@ def print_report(store: Any, settings: Settings, console: Console) -> dict[str, 
     for row in rows:
         table.add_row(
             *[
-                f"{v:,.2f}" if c in money_cols else (f"{v:,}" if isinstance(v, int) else str(v))
+                f"{v:,.2f}"
+                if c in money_cols
+                else (f"{v:,}" if isinstance(v, int) else safe_text(str(v)))
                 for c, v in zip(columns, row, strict=True)
             ]
         )
@@ -234,7 +237,10 @@ def print_caps(store: Any, settings: Settings, console: Console) -> dict[str, An
             )
         for row in rows:
             table.add_row(
-                *[f"{v:,.4f}" if c == "usd" else str(v) for c, v in zip(columns, row, strict=True)]
+                *[
+                    f"{v:,.4f}" if c == "usd" else safe_text(str(v))
+                    for c, v in zip(columns, row, strict=True)
+                ]
             )
         if not rows:
             table.add_row(*["-"] * len(columns))

@@ -459,13 +459,16 @@ def _delta(column: str, a: Any, b: Any) -> str:
 
 
 def render(result: WhatIfResult, console: Console) -> None:
-    """One table per tier: metric, current, alternative, change."""
+    """One table per tier: metric, current, alternative, change (stored text printed literally)."""
+    from spendstream.commands._safe import safe_text
+
     when = result.month.strftime("%Y-%m")
     who = f" - org {result.org}" if result.org else ""
     for tier in result.tiers():
         cur, alt = result.row("current", tier), result.row("alternative", tier)
         table = Table(
-            title=f"What-if {when}{who}: tier {tier or '(no plan)'}", title_justify="left"
+            title=safe_text(f"What-if {when}{who}: tier {tier or '(no plan)'}"),
+            title_justify="left",
         )
         for name in ("metric", "current", "alternative", "change"):
             table.add_column(name, justify="left" if name == "metric" else "right")

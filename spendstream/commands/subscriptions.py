@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from spendstream.commands._common import console, fail, fail_on, settings_or_exit
+from spendstream.commands._safe import safe_text
 from spendstream.errors import SpendstreamError
 
 
@@ -106,6 +107,8 @@ def register(app: typer.Typer) -> None:
             fail_on(exc)
         total = sum((c.amount_usd for c in sub.credits), Decimal(0))
         console.print(
-            f"{user_id}: credit {grant.credit_id} of {format(value, 'f')} USD recorded "
-            f"({len(sub.credits)} grant(s), {format(total, 'f')} USD bought in all)"
+            safe_text(
+                f"{user_id}: credit {grant.credit_id} of {format(value, 'f')} USD recorded "
+                f"({len(sub.credits)} grant(s), {format(total, 'f')} USD bought in all)"
+            )
         )

@@ -14,6 +14,7 @@ import orjson
 import typer
 
 from spendstream.commands._common import console, err_console, fail, settings_or_exit
+from spendstream.commands._safe import printable
 from spendstream.errors import SpendstreamError
 
 
@@ -73,7 +74,7 @@ def register(app: typer.Typer) -> None:
                         event = decode_event(line)
                     except InvalidEventError as exc:
                         invalid += 1
-                        typer.echo(f"line {number}: {exc}", err=True)
+                        typer.echo(f"line {number}: {printable(str(exc))}", err=True)
                         continue
                     producer.send(event)
                     sent += 1

@@ -318,3 +318,44 @@ def test_report_without_rows_prints_the_org_literally() -> None:
     out = io.StringIO()
     render(report, Console(file=out, width=200, color_system=None))
     assert out.getvalue() == "no usage or subscriptions in 2026-11 - org [/x]\\x1b\n"
+
+
+def test_whatif_tables_print_stored_tiers_literally() -> None:
+    from datetime import date
+
+    from spendstream.whatif import WhatIfResult
+    from spendstream.whatif import render as render_whatif
+
+    result = WhatIfResult(
+        month=date(2026, 11, 1),
+        org="[/x]org\x1b[2J",
+        current=[{"tier": "pro[/x]\x1b[31m", "users": 1}],
+        alternative=[{"tier": "pro[/x]\x1b[31m", "users": 2}],
+    )
+    out = io.StringIO()
+    render_whatif(result, Console(file=out, width=300, color_system=None))
+    text = out.getvalue()
+    assert ESC not in text
+    assert "[/x]org\\x1b[2J" in text and "pro[/x]\\x1b[31m" in text
+
+
+class _Rows:
+    """A store whose every query returns one row of hostile text (and numbers where summed)."""
+
+    def query(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        if "count() AS alerts" in sql:
+            return ["plan_id", "window", "alerts"], [("[/x]\x1b[31m", "5h\u202e", 1)]
+        if "enforcement_changes" in sql:
+            return ["plan_id", "reason", "changes"], [("[bold]p", "\x1b]8;;x\x07", 1)]
+        return ["plan_id", "usd"], [("[/x]", Decimal("1"))]
+
+
+def test_demo_caps_tables_print_stored_values_literally() -> None:
+    from spendstream.demo import print_caps
+    from spendstream.settings import load_settings
+
+    out = io.StringIO()
+    print_caps(_Rows(), load_settings(), Console(file=out, width=300, color_system=None))
+    text = out.getvalue()
+    assert ESC not in text and "\u202e" not in text and "\x07" not in text
+    assert "[/x]\\x1b[31m" in text and "[bold]p" in text
