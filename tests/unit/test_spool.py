@@ -1,17 +1,33 @@
-"""DiskSpool: order, acknowledgement, recovery after a restart, torn tails, the bound, the lock."""
+"""DiskSpool: order, acknowledgement, recovery after a restart, torn tails and damaged records,
+the bound, a disk that refuses writes or reads, the drain thread, the lock."""
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producers._spool import DiskSpool, SpoolFullError, SpoolRecord, encode_record
-from spendstream.errors import BackpressureError, ConfigError
+from producers import UsageProducer
+from producers import _producer as producer_module
+from producers._spool import (
+    DiskSpool,
+    SpoolFullError,
+    SpoolIOError,
+    SpoolRecord,
+    encode_record,
+)
+from spendstream.errors import BackpressureError, ConfigError, SpendstreamError
 
 TOPIC = "usage.events"
 
@@ -112,18 +128,122 @@ def test_torn_tail_is_truncated_and_the_intact_records_survive(tmp_path: Path) -
     again.close()
 
 
-def test_a_corrupt_record_ends_the_segment_at_the_last_intact_one(tmp_path: Path) -> None:
+def record_offsets(segment: Path) -> list[int]:
+    """Where each record of an intact segment file starts."""
+    data = segment.read_bytes()
+    offsets, pos = [], 0
+    while pos < len(data):
+        offsets.append(pos)
+        (length,) = struct.unpack_from("<I", data, pos)
+        pos += 16 + length
+    return offsets
+
+
+def test_a_corrupt_record_in_the_middle_loses_only_that_record(tmp_path: Path) -> None:
     spool = DiskSpool(tmp_path, max_bytes=1 << 20)
     fill(spool, 10)
     spool.close()
     (segment,) = sorted(tmp_path.glob("*.seg"))
     data = bytearray(segment.read_bytes())
-    one = len(data) // 10  # records here have equal sizes
-    data[one * 6 + 20] ^= 0xFF  # flip a byte inside record 6: its CRC fails
+    offsets = record_offsets(segment)
+    data[offsets[6] + 20] ^= 0xFF  # a byte inside record 6: its CRC fails
+    segment.write_bytes(bytes(data))
+
+    again = DiskSpool(tmp_path, max_bytes=1 << 20)
+    assert [r.seq for r in drain(again)] == [0, 1, 2, 3, 4, 5, 7, 8, 9]
+    stats = again.stats()
+    assert (stats.records, stats.lost_records) == (9, 1)
+    assert stats.corrupt_bytes == offsets[7] - offsets[6]
+    assert stats.truncated_bytes == 0 and segment.read_bytes() == bytes(data), "not a tail"
+    again.close()
+
+
+def test_a_corrupt_length_loses_only_that_record(tmp_path: Path) -> None:
+    spool = DiskSpool(tmp_path, max_bytes=1 << 20)
+    fill(spool, 10)
+    spool.close()
+    (segment,) = sorted(tmp_path.glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    offsets = record_offsets(segment)
+    # Record 3 now claims to run far past the end of the file: not a torn tail for all that.
+    struct.pack_into("<I", data, offsets[3], 1 << 20)
     segment.write_bytes(bytes(data))
     again = DiskSpool(tmp_path, max_bytes=1 << 20)
-    assert [r.seq for r in drain(again)] == list(range(6))
+    assert [r.seq for r in drain(again)] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert again.stats().truncated_bytes == 0
     again.close()
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(victim=st.integers(0, 59), where=st.integers(0, 10_000), flip=st.integers(1, 255))
+def test_any_damaged_byte_loses_exactly_the_record_it_is_in(
+    tmp_path_factory: pytest.TempPathFactory, victim: int, where: int, flip: int
+) -> None:
+    """One changed byte anywhere in any record (header or payload, any segment) costs that
+    record and nothing else, wherever it is."""
+    path = tmp_path_factory.mktemp("spool")
+    spool = DiskSpool(path, max_bytes=1 << 20, segment_bytes=1200)
+    for i in range(60):
+        spool.append(TOPIC, f"user-{i % 7}", b"%d:" % i + b"x" * (i * 7 % 90))
+    spool.close()
+    located = [(seg, off) for seg in sorted(path.glob("*.seg")) for off in record_offsets(seg)]
+    segment, offset = located[victim]
+    data = bytearray(segment.read_bytes())
+    (length,) = struct.unpack_from("<I", data, offset)
+    data[offset + where % (16 + length)] ^= flip
+    segment.write_bytes(bytes(data))
+
+    again = DiskSpool(path, max_bytes=1 << 20, segment_bytes=1200)
+    try:
+        assert [r.seq for r in drain(again)] == [s for s in range(60) if s != victim]
+        stats = again.stats()
+        assert stats.records == 59
+        # A final record with a damaged length looks like a write cut by a crash: truncated.
+        final_looks_torn = victim == 59 and stats.truncated_bytes > 0
+        assert stats.lost_records == (0 if final_looks_torn else 1)
+    finally:
+        again.close()
+
+
+def test_a_torn_record_inside_a_segment_keeps_the_records_after_it(tmp_path: Path) -> None:
+    """What an earlier version left after a short write it did not notice: a partial record,
+    then whole ones. Only the partial one is lost, and nothing is truncated."""
+    spool = DiskSpool(tmp_path, max_bytes=1 << 20)
+    fill(spool, 4)
+    spool.close()
+    (segment,) = sorted(tmp_path.glob("*.seg"))
+    torn = encode_record(4, TOPIC, b"user-4", b"x" * 100)[:50]
+    after = b"".join(encode_record(s, TOPIC, b"user-5", b"after-%d" % s) for s in (5, 6))
+    segment.write_bytes(segment.read_bytes() + torn + after)
+    again = DiskSpool(tmp_path, max_bytes=1 << 20)
+    recs = drain(again)
+    assert [r.seq for r in recs] == [0, 1, 2, 3, 5, 6]
+    assert recs[-1].value == b"after-6"
+    stats = again.stats()
+    assert (stats.lost_records, stats.corrupt_bytes, stats.truncated_bytes) == (1, 50, 0)
+    again.close()
+
+
+def test_damage_found_while_running_skips_only_that_record(tmp_path: Path) -> None:
+    spool = DiskSpool(tmp_path, max_bytes=1 << 20)
+    fill(spool, 10)
+    (segment,) = sorted(tmp_path.glob("*.seg"))
+    offsets = record_offsets(segment)
+    with segment.open("r+b") as f:  # the disk changes under the running producer
+        f.seek(offsets[6] + 18)
+        f.write(b"\x00\x00\x00")
+    recs = drain(spool)
+    assert [r.seq for r in recs] == [0, 1, 2, 3, 4, 5, 7, 8, 9]
+    stats = spool.stats()
+    assert (stats.records, stats.lost_records) == (9, 1)
+    for rec in recs:
+        spool.ack(rec.seq, rec.size)
+    assert (spool.stats().records, spool.stats().bytes) == (0, 0), "the lost one is not waited for"
+    assert spool.wait_empty(0.1)
+    spool.close()
+    assert list(spool.segment_files()) == []
 
 
 def test_reject_policy_raises_a_clear_error_and_counts(tmp_path: Path) -> None:
@@ -250,3 +370,324 @@ def test_model_every_unacknowledged_record_is_delivered_in_order(
             assert spool.stats().records == len(pending)
     finally:
         spool.close()
+
+
+# -- a disk that refuses writes ----------------------------------------------------------------
+
+# The child appends under a 700-byte file size limit with SIGXFSZ ignored (CPython ignores it
+# anyway), so write() comes back short and then fails with EFBIG, as on a full file system.
+_LIMITED_CHILD = r"""
+import json, resource, signal, sys
+from pathlib import Path
+from producers._spool import DiskSpool
+from spendstream.errors import SpendstreamError
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (700, 700))
+spool = DiskSpool(Path(sys.argv[1]), max_bytes=1 << 20, fsync=sys.argv[2])
+ok, failed = [], []
+for i in range(120):
+    value = b"%d:" % i + b"x" * (40, 120, 300, 500, 900)[i * 7 % 5]
+    try:
+        ok.append([spool.append("usage.events", "user-%d" % (i % 7), value), i])
+    except SpendstreamError as exc:
+        failed.append([i, type(exc).__name__, str(exc)])
+drained = []
+while (rec := spool.read()) is not None:
+    drained.append(int(rec.value.split(b":")[0]))
+stats = spool.stats()
+spool.close()
+print(json.dumps({"ok": ok, "failed": failed, "drained": drained,
+                  "write_errors": stats.write_errors, "read_errors": stats.read_errors}))
+"""
+
+
+@pytest.mark.parametrize("fsync", ["never", "always"])
+def test_a_file_size_limit_loses_nothing_that_was_reported_written(
+    tmp_path: Path, fsync: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _LIMITED_CHILD, str(tmp_path), fsync],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    written = [i for _, i in out["ok"]]
+    # Both paths ran: writes cut short by the limit (retried in a new segment) and events
+    # too large for any file under the limit (refused).
+    assert out["write_errors"] > len(out["failed"]) > 0 and len(written) > 60
+    for _, kind, message in out["failed"]:
+        assert kind == "SpoolFullError" and "not spooled" in message and "size limit" in message
+    assert sorted(written + [i for i, _, _ in out["failed"]]) == list(range(120))
+    assert [seq for seq, _ in out["ok"]] == list(range(len(written))), "no seq was skipped"
+    assert out["drained"] == written and out["read_errors"] == 0
+
+    again = DiskSpool(tmp_path, max_bytes=1 << 20)  # a restart, without the limit
+    recovered = [int(r.value.split(b":")[0]) for r in drain(again)]
+    assert recovered == written
+    stats = again.stats()
+    assert (stats.lost_records, stats.corrupt_bytes, stats.truncated_bytes) == (0, 0, 0)
+    again.close()
+
+
+class FailingDisk:
+    """Replaces os.write for one fd: a short write then ``error``, ``times`` times."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, error: int, times: int = 1) -> None:
+        self.error, self.left, self.fd = error, times, -1
+        self._write = os.write
+        self._cut = False
+        monkeypatch.setattr(os, "write", self.write)
+
+    def write(self, fd: int, data: bytes) -> int:
+        if fd != self.fd or self.left <= 0:
+            return self._write(fd, data)
+        if not self._cut:  # the disk takes part of the record...
+            self._cut = True
+            return self._write(fd, bytes(data)[: len(data) // 2])
+        self._cut = False  # ...then refuses the rest
+        self.left -= 1
+        raise OSError(self.error, os.strerror(self.error))
+
+
+def test_a_full_disk_under_reject_raises_and_leaves_no_partial_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = DiskSpool(tmp_path, max_bytes=1 << 20, full_policy="reject")
+    fill(spool, 3)
+    (segment,) = sorted(tmp_path.glob("*.seg"))
+    size = segment.stat().st_size
+    disk = FailingDisk(monkeypatch, errno.ENOSPC)
+    disk.fd = spool._active_fd_or_raise()
+    with pytest.raises(SpoolFullError) as err:
+        spool.append(TOPIC, "user-1", b"does not fit on the disk")
+    message = str(err.value)
+    assert str(tmp_path) in message and "disk" in message and "full" in message
+    assert "not spooled" in message and isinstance(err.value, BackpressureError)
+    assert segment.stat().st_size == size, "the partial record was cut off"
+    stats = spool.stats()
+    assert (stats.records, stats.rejected, stats.write_errors) == (3, 1, 1)
+    assert not spool.has_room(10), "a full disk is no room"
+    assert spool.append(TOPIC, "user-1", b"room again") == 3  # the failed seq is not skipped
+    assert spool.has_room(10)
+    spool.close()
+    again = DiskSpool(tmp_path, max_bytes=1 << 20)
+    assert [r.value for r in drain(again)][-1] == b"room again"
+    assert again.stats().truncated_bytes == 0
+    again.close()
+
+
+def test_a_full_disk_under_block_waits_for_room_then_gives_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = DiskSpool(tmp_path, max_bytes=1 << 20, full_policy="block")
+    fill(spool, 2)
+    disk = FailingDisk(monkeypatch, errno.EDQUOT, times=2)  # room after two tries
+    disk.fd = spool._active_fd_or_raise()
+    started = time.monotonic()
+    assert spool.append(TOPIC, "user-1", b"after a wait", timeout_s=10) == 2
+    assert time.monotonic() - started >= 0.4
+    assert (spool.stats().blocked, spool.stats().write_errors) == (1, 2)
+
+    disk.left = 1000
+    with pytest.raises(SpoolFullError, match=r"full.*waited 0\.3s"):
+        spool.append(TOPIC, "user-1", b"never", timeout_s=0.3)
+    assert [r.seq for r in drain(spool)] == [0, 1, 2]
+    spool.close()
+
+
+def test_other_write_errors_raise_a_spool_io_error_and_write_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = DiskSpool(tmp_path, max_bytes=1 << 20, fsync="always")
+    fill(spool, 2)
+    (segment,) = sorted(tmp_path.glob("*.seg"))
+    size = segment.stat().st_size
+    disk = FailingDisk(monkeypatch, errno.EIO)
+    disk.fd = spool._active_fd_or_raise()
+    with pytest.raises(SpoolIOError, match="not spooled") as err:
+        spool.append(TOPIC, "user-1", b"x")
+    assert isinstance(err.value, SpendstreamError)
+    assert segment.stat().st_size == size
+
+    def fsync_fails(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", fsync_fails)  # written, but not durable: not reported
+    with pytest.raises(SpoolIOError):
+        spool.append(TOPIC, "user-1", b"y")
+    assert segment.stat().st_size == size
+    assert spool.stats().records == 2
+    monkeypatch.undo()
+    spool.close()
+
+
+def test_an_acknowledgement_the_disk_refuses_costs_a_duplicate_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = DiskSpool(tmp_path, max_bytes=1 << 20)
+    fill(spool, 6)
+    recs = drain(spool)
+    spool.ack(recs[0].seq, recs[0].size)  # opens the .ack file
+    ack_fd = spool._segments[0].ack_fd
+    assert ack_fd is not None
+    disk = FailingDisk(monkeypatch, errno.ENOSPC)
+    disk.fd = ack_fd
+    spool.ack(recs[1].seq, recs[1].size)  # a short write, cut off again
+    spool.ack(recs[2].seq, recs[2].size)  # refused
+    spool.ack(recs[3].seq, recs[3].size)
+    stats = spool.stats()
+    assert (stats.records, stats.sync_errors) == (2, 2)
+    spool.close()
+    again = DiskSpool(tmp_path, max_bytes=1 << 20)
+    # 1 and 2 were delivered but their acks never reached the disk: sent again (duplicates
+    # are dropped downstream by event_id); 3, written after the torn one, is read correctly.
+    assert [r.seq for r in drain(again)] == [1, 2, 4, 5]
+    again.close()
+
+
+# -- the reader ------------------------------------------------------------------------------
+
+
+def test_a_failed_read_is_retried_after_a_pause_and_skips_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = DiskSpool(tmp_path, max_bytes=1 << 20)
+    fill(spool, 5)
+    real_pread = os.pread
+    failures = [2]
+
+    def flaky(fd: int, n: int, offset: int) -> bytes:
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", flaky)
+    assert spool.read() is None
+    assert spool.read(timeout_s=0.01) is None, "backing off"
+    assert spool.stats().read_errors == 1 and "Input/output" in str(spool.stats().last_error)
+    got: list[int] = []
+    deadline = time.monotonic() + 5
+    while len(got) < 5 and time.monotonic() < deadline:
+        rec = spool.read(timeout_s=0.05)
+        if rec is not None:
+            got.append(rec.seq)
+    assert got == [0, 1, 2, 3, 4]
+    assert spool.stats().read_errors == 2
+    spool.close()
+
+
+class FakeMessage:
+    """What a delivery report carries, for the fake producer below."""
+
+    def __init__(self, topic: str, value: bytes, key: bytes | None, offset: int) -> None:
+        self._topic, self._value, self._key, self._offset = topic, value, key, offset
+
+    def topic(self) -> str:
+        return self._topic
+
+    def value(self) -> bytes:
+        return self._value
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def error(self) -> None:
+        return None
+
+
+class FakeProducer:
+    """Stands in for confluent_kafka.Producer: every message is acknowledged at the next poll."""
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        self.sent: list[bytes] = []
+        self._reports: list[tuple[Any, FakeMessage]] = []
+        self._lock = threading.Lock()
+
+    def produce(self, topic: str, value: bytes, key: Any = None, on_delivery: Any = None) -> None:
+        key_b = key.encode() if isinstance(key, str) else key
+        with self._lock:
+            msg = FakeMessage(topic, value, key_b, len(self.sent))
+            self.sent.append(value)
+            self._reports.append((on_delivery, msg))
+
+    def poll(self, timeout: float = 0.0) -> int:
+        with self._lock:
+            reports, self._reports = self._reports, []
+        for callback, msg in reports:
+            if callback is not None:
+                callback(None, msg)
+        if not reports:
+            time.sleep(min(timeout, 0.01))
+        return len(reports)
+
+    def flush(self, timeout: float = 0.0) -> int:
+        self.poll(0)
+        return 0
+
+    def purge(self, **_: Any) -> None:
+        with self._lock:
+            self._reports = []
+
+    def close(self) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return len(self._reports)
+
+
+def test_the_drain_thread_survives_read_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_settings: Any
+) -> None:
+    monkeypatch.setattr(producer_module, "Producer", FakeProducer)
+    real_pread = os.pread
+    failures = [3]
+
+    def flaky(fd: int, n: int, offset: int) -> bytes:
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", flaky)
+    producer = UsageProducer(make_settings(broker=False), spool=tmp_path / "spool")
+    try:
+        values = [b'{"event_id": "e-%d"}' % i for i in range(50)]
+        for i, value in enumerate(values):
+            producer.send_raw(f"user-{i % 5}", value)
+        assert producer.flush(10) == 0, "everything delivered despite the failed reads"
+        assert producer._drainer is not None and producer._drainer.is_alive()
+        fake = producer._producer
+        assert isinstance(fake, FakeProducer) and fake.sent == values
+        spool_stats = producer.spool_stats()
+        assert spool_stats is not None and spool_stats.read_errors == 3
+        assert spool_stats.drain_alive is True
+        assert spool_stats.drain_idle_s is not None and spool_stats.drain_idle_s < 1.0
+    finally:
+        producer.close(timeout_s=5)
+
+
+def test_stats_show_whether_the_reading_thread_is_alive(tmp_path: Path) -> None:
+    spool = DiskSpool(tmp_path)
+    fill(spool, 3)
+    stats = spool.stats()
+    assert (stats.drain_alive, stats.drain_idle_s) == (None, None)
+    reader = threading.Thread(target=lambda: spool.read())
+    reader.start()
+    reader.join()  # a drain thread that died after one read
+    stats = spool.stats()
+    assert stats.drain_alive is False and stats.records == 3
+    assert stats.drain_idle_s is not None and 0 <= stats.drain_idle_s < 5
+    assert [r.seq for r in drain(spool)] == [1, 2]  # the dead one had taken 0
+    assert spool.stats().drain_alive is True  # this thread reads now
+    spool.close()
