@@ -8,7 +8,7 @@ is the simplest design that is correct across a process restart: a spool-on-fail
 lose what sat in librdkafka's memory queue when the process died during an outage, and could not
 keep one user's events in order when some were queued in memory and later ones on disk.
 
-Layout of the folder::
+Layout of the folder (mode 0700; every file in it 0600: the records are usage data)::
 
     LOCK                        flock()ed by the one process (and producer) using the folder
     00000000000000000000.seg    records with seq 0.. (the name is the first seq, zero padded)
@@ -74,6 +74,7 @@ import functools
 import logging
 import os
 import re
+import stat
 import struct
 import threading
 import time
@@ -101,6 +102,8 @@ _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _DISK_RETRY_S = 0.5  # a full disk can be freed by others: look again this often while blocked
 _READ_BACKOFF_S = (0.05, 5.0)  # first and longest pause after a failed read
 _LOG_EVERY_S = 60.0  # repeated I/O failures are logged at most this often
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
 SEGMENT_SUFFIX = ".seg"
 ACK_SUFFIX = ".ack"
 
@@ -430,8 +433,8 @@ class DiskSpool:
         self._read_pos = 0
 
         self._lock_released = False
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        self._make_private_dir()
+        self._lock_fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, _FILE_MODE)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -452,9 +455,26 @@ class DiskSpool:
             self._release_lock()
             raise
 
+    def _make_private_dir(self) -> None:
+        self.path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        mode = stat.S_IMODE(self.path.stat().st_mode)
+        if mode & 0o077:
+            # A folder made by an earlier version, or by hand: the records are usage data.
+            try:
+                os.chmod(self.path, mode & _DIR_MODE)
+            except OSError as exc:
+                log.warning("cannot make the spool folder %s private (%s)", self.path, exc)
+
     # -- recovery ---------------------------------------------------------------------------
 
     def _recover(self) -> int:
+        for entry in self.path.iterdir():
+            # Files written by an earlier version were readable by everyone.
+            if entry.is_file() and stat.S_IMODE(entry.stat().st_mode) & 0o077:
+                try:
+                    os.chmod(entry, _FILE_MODE)
+                except OSError as exc:
+                    log.warning("cannot make %s private (%s)", entry, exc)
         found = sorted(
             (int(p.stem), p) for p in self.path.glob(f"*{SEGMENT_SUFFIX}") if p.stem.isdigit()
         )
@@ -712,7 +732,7 @@ class DiskSpool:
             return self._segments[-1]
         seq = self._next_seq
         seg = _Segment(seq, self.path / f"{seq:020d}{SEGMENT_SUFFIX}", seq)
-        fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, _FILE_MODE)
         try:
             if os.fstat(fd).st_size:
                 # Left by a segment whose deletion failed: all acknowledged or unreadable.
@@ -963,7 +983,7 @@ class DiskSpool:
             return
         try:
             if seg.ack_fd is None:
-                fd = os.open(seg.ack_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                fd = os.open(seg.ack_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, _FILE_MODE)
                 seg.ack_fd = fd
                 size = os.fstat(fd).st_size
                 seg.ack_size = size - size % _SEQ.size

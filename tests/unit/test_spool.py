@@ -1,11 +1,12 @@
 """DiskSpool: order, acknowledgement, recovery after a restart, torn tails and damaged records,
-the bound, a disk that refuses writes or reads, the drain thread, the lock."""
+the bound, a disk that refuses writes or reads, the drain thread, the lock, file modes."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -691,3 +692,35 @@ def test_stats_show_whether_the_reading_thread_is_alive(tmp_path: Path) -> None:
     assert [r.seq for r in drain(spool)] == [1, 2]  # the dead one had taken 0
     assert spool.stats().drain_alive is True  # this thread reads now
     spool.close()
+
+
+# -- permissions -----------------------------------------------------------------------------
+
+
+def test_the_folder_is_0700_and_every_file_0600(tmp_path: Path) -> None:
+    old_umask = os.umask(0)  # the modes must come from the spool, not from a strict umask
+    try:
+        folder = tmp_path / "spool"
+        spool = DiskSpool(folder, max_bytes=1 << 20, segment_bytes=4096)
+        fill(spool, 100)
+        for rec in drain(spool)[:10]:
+            spool.ack(rec.seq, rec.size)
+        files = list(folder.iterdir())
+        assert {p.suffix for p in files} == {"", ".seg", ".ack"}
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {
+            p.name: 0o600 for p in files
+        }
+        spool.close()
+
+        # A folder and files an earlier version left readable by everyone are made private.
+        loose = tmp_path / "earlier"
+        loose.mkdir(mode=0o755)
+        (loose / "LOCK").touch(mode=0o644)
+        (loose / "00000000000000000000.seg").write_bytes(encode_record(0, TOPIC, None, b"v"))
+        (loose / "00000000000000000000.seg").chmod(0o644)
+        DiskSpool(loose).close()
+        assert stat.S_IMODE(loose.stat().st_mode) == 0o700
+        assert {stat.S_IMODE(p.stat().st_mode) for p in loose.iterdir()} == {0o600}
+    finally:
+        os.umask(old_umask)
