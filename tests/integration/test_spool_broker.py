@@ -1,4 +1,5 @@
-"""The producer spool on the real broker: outages, a process restart, the bound and its metrics.
+"""The producer spool on the real broker: outages, a process restart, the bound and its metrics,
+a spool damaged on disk.
 
 The broker is really stopped (``kafka_broker.stop()``): nothing is mocked. A "process restart"
 is a second producer object over the same spool folder after the first one was closed with the
@@ -8,6 +9,7 @@ broker still away, which is what a gateway restart during an outage looks like o
 from __future__ import annotations
 
 import itertools
+import struct
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -18,7 +20,9 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from producers import SpoolFullError, UsageProducer
+from producers import DiskSpool, SpoolFullError, UsageProducer
+from producers._producer import encode_for_send
+from producers._spool import encode_record
 from spendstream import metrics
 from spendstream.kafka_admin import ensure_topics, wait_for_broker
 from spendstream.settings import Settings
@@ -190,3 +194,50 @@ def test_full_spool_rejects_or_blocks_with_a_clear_error_and_metrics(
     messages = read_all(settings, len(accepted) + len(blocked_ids))
     got = Counter(orjson.loads(m.value())["event_id"] for m in messages)
     assert got == Counter(accepted + blocked_ids)
+
+
+def test_a_damaged_spool_loses_only_the_damaged_record_on_restart(
+    kafka_broker: Any, spool_settings: Settings
+) -> None:
+    """A spool left by a process that died (a record damaged on disk mid-segment, a write torn
+    at the end): the next producer sends everything else, each user's events in order."""
+    settings = spool_settings
+    spool_dir = settings.producer.spool_dir
+    assert spool_dir is not None
+    sent = events(400, 11)
+    # What the dead process had spooled and not delivered, written as its producer writes it.
+    dead = DiskSpool(spool_dir, max_bytes=settings.producer.spool_max_bytes, segment_bytes=32_768)
+    for event in sent:
+        dead.append(settings.topics.events, *encode_for_send(event))
+    dead.close()
+    segments = sorted(spool_dir.glob("*.seg"))
+    assert len(segments) > 2
+    middle = segments[1]
+    data = bytearray(middle.read_bytes())
+    (length,) = struct.unpack_from("<I", data, 0)
+    offset = 16 + length  # the second record of the second segment
+    _, _, victim_seq = struct.unpack_from("<IIQ", data, offset)
+    data[offset + 30] ^= 0x55
+    middle.write_bytes(bytes(data))
+    with segments[-1].open("ab") as f:
+        f.write(encode_record(len(sent), settings.topics.events, b"u", b"torn")[:25])
+
+    producer = UsageProducer(settings)
+    stats = producer.spool_stats()
+    assert stats is not None and stats.lost_records == 1 and stats.truncated_bytes == 25
+    assert stats.replayed == len(sent) - 1
+    assert producer.flush(60) == 0
+    producer.close()
+
+    lost = sent[victim_seq]["event_id"]
+    expected = [e for e in sent if e["event_id"] != lost]
+    messages = read_all(settings, len(expected))
+    got = [orjson.loads(m.value())["event_id"] for m in messages]
+    assert Counter(got) == Counter(e["event_id"] for e in expected)
+    rank = {e["event_id"]: i for i, e in enumerate(sent)}
+    per_user: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for m in messages:
+        per_user[m.key().decode()].append((m.offset(), rank[orjson.loads(m.value())["event_id"]]))
+    for user, rows in per_user.items():
+        in_log_order = [r for _, r in sorted(rows)]
+        assert in_log_order == sorted(in_log_order), f"{user}'s events are out of order"
