@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import orjson
 from pydantic import (
@@ -93,14 +93,62 @@ def _to_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-def token_classes_problem(
-    input_tokens: int, cached: int, cache_write: int, output_tokens: int, reasoning: int
-) -> str | None:
-    """The contract's rule across token fields: what is wrong, or None when they fit."""
-    if cached + cache_write > input_tokens:
-        return "cached_input_tokens + cache_write_tokens must not exceed input_tokens"
-    if reasoning > output_tokens:
-        return "reasoning_tokens must not exceed output_tokens"
+MAX_WEB_SEARCHES = 1000
+"""Upper bound on ``web_search_requests`` of one call."""
+
+ServiceTier = Literal["standard", "batch", "flex", "priority"]
+"""How the provider ran the call: its prices differ per tier (batch is about half)."""
+SearchContextSize = Literal["low", "medium", "high"]
+
+
+class _TokenCounts(Protocol):
+    @property
+    def input_tokens(self) -> int: ...
+    @property
+    def cached_input_tokens(self) -> int: ...
+    @property
+    def cache_write_tokens(self) -> int: ...
+    @property
+    def cache_write_1h_tokens(self) -> int: ...
+    @property
+    def input_audio_tokens(self) -> int: ...
+    @property
+    def input_image_tokens(self) -> int: ...
+    @property
+    def output_tokens(self) -> int: ...
+    @property
+    def reasoning_tokens(self) -> int: ...
+    @property
+    def output_audio_tokens(self) -> int: ...
+    @property
+    def output_image_tokens(self) -> int: ...
+
+
+def token_classes_problem(ev: _TokenCounts) -> str | None:
+    """The contract's rule across token fields: what is wrong, or None when they fit.
+
+    Every class is a part of its total: cached, cache-write, audio and image input tokens are
+    disjoint parts of ``input_tokens`` (1-hour cache writes a part of the cache writes);
+    reasoning, audio and image output tokens disjoint parts of ``output_tokens``.
+    """
+    if (
+        ev.cached_input_tokens
+        + ev.cache_write_tokens
+        + ev.input_audio_tokens
+        + ev.input_image_tokens
+        > ev.input_tokens
+    ):
+        return (
+            "cached_input_tokens + cache_write_tokens + input_audio_tokens + input_image_tokens "
+            "must not exceed input_tokens"
+        )
+    if ev.cache_write_1h_tokens > ev.cache_write_tokens:
+        return "cache_write_1h_tokens must not exceed cache_write_tokens"
+    if ev.reasoning_tokens + ev.output_audio_tokens + ev.output_image_tokens > ev.output_tokens:
+        return (
+            "reasoning_tokens + output_audio_tokens + output_image_tokens must not exceed "
+            "output_tokens"
+        )
     return None
 
 
@@ -109,8 +157,12 @@ class UsageEvent(BaseModel):
 
     Token fields follow the provider-neutral convention: ``input_tokens`` counts *all* input
     tokens of the call, of which ``cached_input_tokens`` were read from and
-    ``cache_write_tokens`` written to the prompt cache; ``output_tokens`` counts all output
-    tokens, of which ``reasoning_tokens`` were spent on reasoning.
+    ``cache_write_tokens`` written to the prompt cache (``cache_write_1h_tokens`` of them with
+    a one-hour lifetime), and ``input_audio_tokens`` / ``input_image_tokens`` were audio and
+    image; ``output_tokens`` counts all output tokens, of which ``reasoning_tokens`` were spent
+    on reasoning and ``output_audio_tokens`` / ``output_image_tokens`` were audio and images.
+    ``service_tier`` and the web searches the call ran complete what its price depends on
+    (docs/DESIGN.md, "Exact money").
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=False)
@@ -135,6 +187,20 @@ class UsageEvent(BaseModel):
     cache_write_tokens: Tokens = 0
     output_tokens: Tokens = 0
     reasoning_tokens: Tokens = 0
+    cache_write_1h_tokens: Tokens = Field(
+        default=0, description="Part of cache_write_tokens written with a 1-hour lifetime."
+    )
+    input_audio_tokens: Tokens = Field(default=0, description="Part of input_tokens: audio.")
+    input_image_tokens: Tokens = Field(default=0, description="Part of input_tokens: images.")
+    output_audio_tokens: Tokens = Field(default=0, description="Part of output_tokens: audio.")
+    output_image_tokens: Tokens = Field(default=0, description="Part of output_tokens: images.")
+    service_tier: ServiceTier = Field(
+        default="standard", description="The provider's processing tier for the call."
+    )
+    web_search_requests: Annotated[int, Field(ge=0, le=MAX_WEB_SEARCHES, strict=True)] = 0
+    search_context_size: SearchContextSize | None = Field(
+        default=None, description="The web search context size (the provider's default if unset)."
+    )
     semantic_cache_hit: Annotated[bool, Field(strict=True)] = False
     status: Literal["ok", "error"] = "ok"
     latency_ms: LatencyMs | None = None
@@ -157,13 +223,7 @@ class UsageEvent(BaseModel):
 
     @model_validator(mode="after")
     def _token_classes_fit(self) -> UsageEvent:
-        problem = token_classes_problem(
-            self.input_tokens,
-            self.cached_input_tokens,
-            self.cache_write_tokens,
-            self.output_tokens,
-            self.reasoning_tokens,
-        )
+        problem = token_classes_problem(self)
         if problem is not None:
             raise ValueError(problem)
         return self

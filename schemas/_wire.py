@@ -36,6 +36,9 @@ from schemas._events import (
     MAX_EVENT_BYTES,
     MAX_LATENCY_MS,
     MAX_TOKENS,
+    MAX_WEB_SEARCHES,
+    SearchContextSize,
+    ServiceTier,
     UsageEvent,
     decode_event,
     event_from_obj,
@@ -86,6 +89,14 @@ class WireEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     cache_write_tokens: _Tokens = 0
     output_tokens: _Tokens = 0
     reasoning_tokens: _Tokens = 0
+    cache_write_1h_tokens: _Tokens = 0
+    input_audio_tokens: _Tokens = 0
+    input_image_tokens: _Tokens = 0
+    output_audio_tokens: _Tokens = 0
+    output_image_tokens: _Tokens = 0
+    service_tier: ServiceTier = "standard"
+    web_search_requests: Annotated[int, Meta(ge=0, le=MAX_WEB_SEARCHES)] = 0
+    search_context_size: SearchContextSize | None = None
     semantic_cache_hit: bool = False
     status: Literal["ok", "error"] = "ok"
     latency_ms: _LatencyMs | None = None
@@ -101,24 +112,25 @@ class DecodedEvent(WireEvent, kw_only=True, omit_defaults=True):
     """
 
     def __post_init__(self) -> None:
-        if (
-            self.cached_input_tokens + self.cache_write_tokens > self.input_tokens
-            or self.reasoning_tokens > self.output_tokens
-        ):
-            raise ValueError(
-                token_classes_problem(
-                    self.input_tokens,
-                    self.cached_input_tokens,
-                    self.cache_write_tokens,
-                    self.output_tokens,
-                    self.reasoning_tokens,
-                )
-            )
+        if _classes_overflow(self):
+            raise ValueError(token_classes_problem(self))
         when = self.occurred_at
         if not time_in_range(when):
             raise ValueError("occurred_at out of range")  # the model words the refusal
         if when.tzinfo is not UTC:
             self.occurred_at = when.astimezone(UTC)
+
+
+def _classes_overflow(ev: WireEvent) -> bool:
+    """Whether the token classes break :func:`~schemas._events.token_classes_problem`'s rule
+    (the same sums, inline: this runs once per event on the hot paths)."""
+    return (
+        ev.cached_input_tokens + ev.cache_write_tokens + ev.input_audio_tokens
+        + ev.input_image_tokens > ev.input_tokens
+        or ev.cache_write_1h_tokens > ev.cache_write_tokens
+        or ev.reasoning_tokens + ev.output_audio_tokens + ev.output_image_tokens
+        > ev.output_tokens
+    )  # fmt: skip
 
 
 FIELDS: tuple[str, ...] = WireEvent.__struct_fields__
@@ -147,11 +159,7 @@ def encode_dict(obj: dict[str, Any]) -> tuple[str, bytes] | None:
     """(user_id, wire bytes) of a valid event dict, or None: then ask the pydantic model why."""
     try:
         ev = _convert(obj, WireEvent)
-        if (
-            ev.cached_input_tokens + ev.cache_write_tokens > ev.input_tokens
-            or ev.reasoning_tokens > ev.output_tokens
-            or not time_in_range(ev.occurred_at)
-        ):
+        if _classes_overflow(ev) or not time_in_range(ev.occurred_at):
             return None
         when = obj["occurred_at"]
         if type(when) is str and _over_six_digits(when):
