@@ -18,7 +18,7 @@ from producers._producer import (
     UsageProducer,
     validate_event,
 )
-from producers._spool import DiskSpool, SpoolFullError, SpoolRecord, SpoolStats
+from producers._spool import DiskSpool, SpoolFullError, SpoolIOError, SpoolRecord, SpoolStats
 from producers._subscriptions import (
     encode_subscription,
     grant_credit,
@@ -39,6 +39,7 @@ __all__ = [
     "DiskSpool",
     "ProducerStats",
     "SpoolFullError",
+    "SpoolIOError",
     "SpoolRecord",
     "SpoolStats",
     "UsageProducer",

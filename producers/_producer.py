@@ -18,9 +18,9 @@ from pydantic import ValidationError
 
 from producers._config import producer_config
 from producers._spool import DiskSpool, SpoolRecord, SpoolStats
-from schemas import UsageEvent, event_from_obj, topics
+from schemas import MAX_EVENT_BYTES, UsageEvent, event_from_obj, topics
 from schemas._wire import encode_dict
-from spendstream.errors import BackpressureError, DeliveryError, KafkaError
+from spendstream.errors import BackpressureError, DeliveryError, InvalidEventError, KafkaError
 from spendstream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,19 @@ def encode_for_send(obj: UsageEvent | dict[str, Any]) -> tuple[str, bytes]:
     if type(obj) is dict:
         fast = encode_dict(obj)
         if fast is not None:
-            return fast
+            return _within_size(fast)
     event = validate_event(obj)
-    return event.user_id, fast_encode(event)
+    return _within_size((event.user_id, fast_encode(event)))
+
+
+def _within_size(sent: tuple[str, bytes]) -> tuple[str, bytes]:
+    # Every field may be within its bound while the whole is not (32 attributes of long
+    # non-ASCII text encode to about 30 KB): the worker would dead-letter it, so refuse it here.
+    if len(sent[1]) > MAX_EVENT_BYTES:
+        raise InvalidEventError(
+            f"event is {len(sent[1])} bytes encoded, over the {MAX_EVENT_BYTES} limit"
+        )
+    return sent
 
 
 def validate_event(obj: UsageEvent | dict[str, Any]) -> UsageEvent:
@@ -115,6 +125,14 @@ def _report(err: Any, msg: Any) -> DeliveryReport:
         error=err.str(),
         retriable=bool(err.retriable()),
     )
+
+
+class _HeldRecord(Exception):
+    """A drain pass failed while it held ``record``, which must be handed over again."""
+
+    def __init__(self, record: SpoolRecord) -> None:
+        super().__init__(f"spooled record {record.seq} not handed over")
+        self.record = record
 
 
 class UsageProducer:
@@ -262,43 +280,71 @@ class UsageProducer:
         return None if self._spool is None else self._spool.stats()
 
     def _drain_loop(self) -> None:
-        """Hand spooled records to librdkafka in spool order (one thread: order is kept)."""
+        """Hand spooled records to librdkafka in spool order (one thread: order is kept).
+
+        The thread outlives any error of one pass: a dead drain would leave every later event
+        on disk while sends kept succeeding. An unexpected error is logged, the pass is tried
+        again after a pause, and the record it held is kept.
+        """
+        held: SpoolRecord | None = None
+        failures = 0
+        while not self._drain_stop.is_set():
+            try:
+                held = self._drain_pass(held)
+                failures = 0
+            except Exception as exc:
+                if isinstance(exc, _HeldRecord):
+                    held = exc.record
+                failures += 1
+                if failures == 1 or failures % 100 == 0:
+                    log.exception("spool drain pass failed (%d in a row); retrying", failures)
+                self._drain_stop.wait(min(0.05 * 2 ** min(failures, 7), 5.0))
+
+    def _drain_pass(self, held: SpoolRecord | None) -> SpoolRecord | None:
+        """One step of :meth:`_drain_loop`: hand over ``held`` or the next spooled record.
+
+        Returns the record to try again (refused by a full librdkafka queue or a Kafka
+        error). A record read here is never dropped: if handing it over raises anything
+        else, it is raised inside :class:`_HeldRecord` so the loop keeps it.
+        """
         spool = self._spool
         assert spool is not None
-        held: SpoolRecord | None = None  # read but refused by a full librdkafka queue
-        while not self._drain_stop.is_set():
-            if spool.fsync == "batch":
-                spool.sync()
-            if self._rewind:
-                # Re-send from the oldest unacknowledged record, once every report of what
-                # is in flight is in: sending earlier would overtake records still retrying.
-                if self._spool_in_flight:
-                    time.sleep(0.01)
-                    continue
-                spool.rewind()
-                held, self._rewind = None, False
-            rec = held or spool.read(timeout_s=0.05)
-            if rec is None:
-                continue
-            report = functools.partial(self._on_spool_report, rec.seq, rec.size)
-            try:
-                with self._lock:
-                    self._spool_in_flight += 1
-                self._producer.produce(rec.topic, rec.value, rec.key, on_delivery=report)
-                held = None
-            except BufferError:
-                with self._lock:
-                    self._spool_in_flight -= 1
-                    self._queue_full_waits += 1
-                held = rec  # the broker is slow or away: the spool holds the backlog
-                self._drain_stop.wait(0.01)
-            except KafkaException as exc:
-                with self._lock:
-                    self._spool_in_flight -= 1
-                    self._last_error = kafka_reason(exc)
-                log.warning("cannot hand a spooled event to Kafka (%s); retrying", exc)
-                held = rec
-                self._drain_stop.wait(0.5)
+        if spool.fsync == "batch":
+            spool.sync()
+        if self._rewind:
+            # Re-send from the oldest unacknowledged record, once every report of what is in
+            # flight is in: sending earlier would overtake records still retrying.
+            if self._spool_in_flight:
+                time.sleep(0.01)
+                return held
+            spool.rewind()
+            held, self._rewind = None, False
+        rec = held or spool.read(timeout_s=0.05)
+        if rec is None:
+            return None
+        report = functools.partial(self._on_spool_report, rec.seq, rec.size)
+        with self._lock:
+            self._spool_in_flight += 1
+        try:
+            self._producer.produce(rec.topic, rec.value, rec.key, on_delivery=report)
+            return None
+        except BufferError:
+            with self._lock:
+                self._spool_in_flight -= 1
+                self._queue_full_waits += 1
+            self._drain_stop.wait(0.01)  # the broker is slow or away: the spool holds it
+            return rec
+        except KafkaException as exc:
+            with self._lock:
+                self._spool_in_flight -= 1
+                self._last_error = kafka_reason(exc)
+            log.warning("cannot hand a spooled event to Kafka (%s); retrying", exc)
+            self._drain_stop.wait(0.5)
+            return rec
+        except Exception as exc:
+            with self._lock:
+                self._spool_in_flight -= 1
+            raise _HeldRecord(rec) from exc
 
     def _on_spool_report(self, seq: int, size: int, err: Any, msg: Any) -> None:
         spool = self._spool
@@ -354,9 +400,11 @@ class UsageProducer:
         """Validate ``event`` (a :class:`UsageEvent` or its JSON dict) and queue it.
 
         Raises :class:`InvalidEventError` for an event that breaks the contract (nothing is
-        sent), :class:`BackpressureError` if the local queue stays full, and
-        :class:`DeliveryError` if the client refuses the message or the producer is
-        closed.
+        sent, an event over the size limit included), :class:`BackpressureError` if the
+        local queue stays full (with a spool: :class:`SpoolFullError` when the spool or its
+        disk is full and the policy does not wait), and :class:`DeliveryError` if the client
+        refuses the message, the spool's disk fails (:class:`SpoolIOError`) or the producer
+        is closed.
         """
         self.send_raw(*encode_for_send(event))
 

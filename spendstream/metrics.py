@@ -247,6 +247,27 @@ class _Watched(Collector):
             "Sends that waited for room in a full spool (block policy).",
             labels=["spool"],
         )
+        drain_alive = GaugeMetricFamily(
+            "spendstream_producer_spool_drain_alive",
+            "1 while the thread that hands spooled events to Kafka runs (0: events stay on "
+            "disk; restart the producer).",
+            labels=["spool"],
+        )
+        io_errors = CounterMetricFamily(
+            "spendstream_producer_spool_io_errors",
+            "Disk errors of the spool by operation (write: the send failed; read: retried).",
+            labels=["spool", "op"],
+        )
+        lost = CounterMetricFamily(
+            "spendstream_producer_spool_lost_records",
+            "Damaged spooled records skipped when read (their bytes failed the checksum).",
+            labels=["spool"],
+        )
+        corrupt = CounterMetricFamily(
+            "spendstream_producer_spool_corrupt_bytes",
+            "Bytes of damaged spool data skipped to the next valid record.",
+            labels=["spool"],
+        )
         for spool in spools:
             stats = spool.stats()
             label = [str(spool.path)]
@@ -254,7 +275,17 @@ class _Watched(Collector):
             size.add_metric(label, stats.bytes)
             rejected.add_metric(label, stats.rejected)
             blocked.add_metric(label, stats.blocked)
-        yield from (records, size, rejected, blocked)
+            if stats.drain_alive is not None:
+                drain_alive.add_metric(label, 1 if stats.drain_alive else 0)
+            for op, count in (
+                ("write", stats.write_errors),
+                ("read", stats.read_errors),
+                ("sync", stats.sync_errors),
+            ):
+                io_errors.add_metric([*label, op], count)
+            lost.add_metric(label, stats.lost_records)
+            corrupt.add_metric(label, stats.corrupt_bytes)
+        yield from (records, size, rejected, blocked, drain_alive, io_errors, lost, corrupt)
 
 
 _WATCHED = _Watched()

@@ -298,3 +298,12 @@ def test_producer_dict_path_sends_the_same_event(obj: dict[str, Any]) -> None:
     event = event_from_obj(obj)
     key, wire = encode_for_send(obj)
     assert (key, decode_event(wire)) == (event.user_id, event)
+
+
+def test_the_producer_refuses_an_event_over_the_size_limit() -> None:
+    # Every field within its bound, the whole over 16 KiB: the worker would dead-letter it.
+    big = _with(attributes={f"k{i}": "é" * 256 for i in range(MAX_ATTRIBUTES)})
+    assert event_from_obj(big)  # valid field by field
+    for obj in (big, event_from_obj(big)):
+        with pytest.raises(InvalidEventError, match="over the 16384 limit"):
+            encode_for_send(obj)

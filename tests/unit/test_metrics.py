@@ -120,6 +120,9 @@ def test_spool_depth_and_policy_counters(tmp_path: Path) -> None:
             spool.append("t", "u", b"x" * 100)
     assert metrics.value("spendstream_producer_spool_rejected_total", labels) == 1
     assert b"spendstream_producer_spool_bytes{" in metrics.render()
+    assert metrics.value("spendstream_producer_spool_lost_records_total", labels) == 0
+    write_errors = {**labels, "op": "write"}
+    assert metrics.value("spendstream_producer_spool_io_errors_total", write_errors) == 0
     spool.close()
 
 

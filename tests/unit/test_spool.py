@@ -724,3 +724,39 @@ def test_the_folder_is_0700_and_every_file_0600(tmp_path: Path) -> None:
         assert {stat.S_IMODE(p.stat().st_mode) for p in loose.iterdir()} == {0o600}
     finally:
         os.umask(old_umask)
+
+
+def test_the_producer_drain_survives_an_unexpected_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An error the drain pass does not expect (here: the spool's read raising a bug once) is
+    # logged and the pass tried again: the thread lives on and the record is handed over.
+    from producers import UsageProducer
+    from spendstream.settings import load_settings
+
+    settings = load_settings(
+        kafka={"bootstrap_servers": "127.0.0.1:9"},
+        producer={"spool_enabled": True, "spool_dir": str(tmp_path)},
+    )
+    producer = UsageProducer(settings)
+    try:
+        spool = producer.spool
+        assert spool is not None
+        real_read = spool.read
+        calls = {"n": 0}
+
+        def read_once_broken(timeout_s: float) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("a bug in one pass")
+            return real_read(timeout_s=timeout_s)
+
+        monkeypatch.setattr(spool, "read", read_once_broken)
+        producer.send_raw("u", b"one")
+        deadline = time.monotonic() + 10
+        while calls["n"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert calls["n"] >= 3  # the pass after the failure, and the one after that, ran
+        assert producer._drainer is not None and producer._drainer.is_alive()
+    finally:
+        producer.close(0.1)
