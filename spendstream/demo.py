@@ -28,10 +28,11 @@ SELECT
     count() AS requests,
     sum(input_tokens) AS tokens_in,
     sum(output_tokens) AS tokens_out,
-    sum(cost) AS cost_usd,
-    sum(list_value) AS list_value_usd,
-    sum(saved_prompt_cache) + sum(saved_semantic_cache) AS saved_caching_usd,
-    sum(saved_routing) AS saved_routing_usd
+    sum(toDecimal256(cost, 24)) AS cost_usd,
+    sum(toDecimal256(list_value, 24)) AS list_value_usd,
+    sum(toDecimal256(saved_prompt_cache, 24)) + sum(toDecimal256(saved_semantic_cache, 24))
+        AS saved_caching_usd,
+    sum(toDecimal256(saved_routing, 24)) AS saved_routing_usd
 FROM {db}.priced_events FINAL
 GROUP BY plan_id
 ORDER BY indexOf(['free', 'pro', 'team', 'enterprise'], plan_id), plan_id
@@ -205,7 +206,8 @@ ORDER BY indexOf(['free', 'pro', 'team', 'enterprise'], plan_id), state, reason
 """
 
 OVERAGE_SQL = """
-SELECT plan_id, record, count() AS records, uniqExact(user_id) AS users, sum(amount) AS usd
+SELECT plan_id, record, count() AS records, uniqExact(user_id) AS users,
+    sum(toDecimal256(amount, 24)) AS usd
 FROM {db}.overages FINAL
 GROUP BY plan_id, record
 ORDER BY indexOf(['free', 'pro', 'team', 'enterprise'], plan_id), record

@@ -198,8 +198,8 @@ usage_t AS (
     SELECT
         plan_id,
         countIf(NOT blocked) AS requests,
-        sum(cost) AS inference_cost,
-        sum(overage) AS overage_revenue,
+        sum(toDecimal256(cost, 24)) AS inference_cost,
+        sum(toDecimal256(overage, 24)) AS overage_revenue,
         countIf(blocked) AS requests_blocked,
         countIf(downgraded) AS requests_downgraded,
         uniqExactIf(user_id, blocked OR downgraded OR over) AS users_capped,
@@ -211,7 +211,7 @@ subs_t AS (
     SELECT
         s.plan_id AS plan_id,
         sum(toDecimal128(s.active_s, 24) / s.month_s) AS subscribers,
-        sum(toDecimal128(pl.monthly_price * s.active_s / s.month_s, 24))
+        sum(toDecimal256(pl.monthly_price, 24) * s.active_s / s.month_s)
             AS subscription_revenue
     FROM {db}.subscription_months AS s
     LEFT JOIN plans_p AS pl ON pl.plan_id = s.plan_id
@@ -228,7 +228,7 @@ SELECT
     inference_cost,
     revenue - inference_cost AS gross_margin,
     if(revenue = 0, NULL,
-        toDecimal128(divideDecimal(gross_margin * 100, revenue, 4), 4)) AS margin_pct,
+        divideDecimal(gross_margin * 100, revenue, 4)) AS margin_pct,
     users_capped,
     requests_blocked,
     requests_downgraded,

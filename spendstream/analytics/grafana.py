@@ -221,7 +221,8 @@ GROUP BY tier ORDER BY tier""",
             "Inference cost per tier",
             "timeseries",
             """
-SELECT $__timeInterval(occurred_at) AS time, toString(plan_id) AS tier, sum(cost) AS cost
+SELECT $__timeInterval(occurred_at) AS time, toString(plan_id) AS tier,
+    sum(toDecimal256(cost, 24)) AS cost
 FROM {db}.priced_events FINAL
 WHERE $__timeFilter(occurred_at) AND """
             + ORG
@@ -336,8 +337,9 @@ GROUP BY time, state ORDER BY time""",
             "Overage billed and credits drawn",
             "timeseries",
             """
-SELECT $__timeInterval(detected_at) AS time, sumIf(amount, record = 'overage') AS overage,
-    sumIf(amount, record = 'credit_draw') AS credits
+SELECT $__timeInterval(detected_at) AS time,
+    sumIf(toDecimal256(amount, 24), record = 'overage') AS overage,
+    sumIf(toDecimal256(amount, 24), record = 'credit_draw') AS credits
 FROM {db}.overages FINAL
 WHERE $__timeFilter(detected_at) AND """
             + ORG
