@@ -49,6 +49,14 @@ class PricedEvent(TypedDict):
     cache_write_tokens: int
     output_tokens: int
     reasoning_tokens: int
+    cache_write_1h_tokens: int
+    input_audio_tokens: int
+    input_image_tokens: int
+    output_audio_tokens: int
+    output_image_tokens: int
+    service_tier: str
+    web_search_requests: int
+    search_context_size: str | None
     semantic_cache_hit: bool
     status: str
     latency_ms: int | None
@@ -60,7 +68,9 @@ class PricedEvent(TypedDict):
     saved_prompt_cache: str
     saved_semantic_cache: str
     saved_routing: str
+    saved_service_tier: str
     unknown_model: bool
+    price_approximated: bool
     late: bool
     window_start: str
     processed_at: str

@@ -48,9 +48,13 @@ class Column:
     name: str
     type: pa.DataType
     nullable: bool = False
+    default: Any = None
+    """The value of a record that does not have the field (one written before it existed)."""
 
     def build(self, values: Sequence[Any]) -> pa.Array:
         """An Arrow array from decoded JSON values (text parsed by Arrow for money/time)."""
+        if self.default is not None:
+            values = [self.default if v is None else v for v in values]
         if pa.types.is_decimal(self.type) or pa.types.is_timestamp(self.type):
             # pa.string() refuses a JSON number: money sent as a float is rejected here.
             array = pa.array(values, pa.string()).cast(self.type)
@@ -106,8 +110,13 @@ class TableSpec:
         arrays = []
         for c in self.columns:
             if c.name not in table.column_names:
-                raise RecordError(f"{c.name} is missing")
+                if c.default is None:
+                    raise RecordError(f"{c.name} is missing")
+                arrays.append(c.build([c.default] * table.num_rows))
+                continue
             column = table.column(c.name).combine_chunks()
+            if c.default is not None and column.null_count:
+                column = column.fill_null(pa.scalar(c.default, column.type))
             if pa.types.is_map(c.type):
                 column = _struct_to_map(column)
             elif _parsed_from_text(c.type):
@@ -224,6 +233,15 @@ PRICED_EVENTS = TableSpec(
         Column("cache_write_tokens", pa.uint64()),
         Column("output_tokens", pa.uint64()),
         Column("reasoning_tokens", pa.uint64()),
+        # Fields a worker from before the price model does not write: their defaults.
+        Column("cache_write_1h_tokens", pa.uint64(), default=0),
+        Column("input_audio_tokens", pa.uint64(), default=0),
+        Column("input_image_tokens", pa.uint64(), default=0),
+        Column("output_audio_tokens", pa.uint64(), default=0),
+        Column("output_image_tokens", pa.uint64(), default=0),
+        Column("service_tier", pa.string(), default="standard"),
+        Column("web_search_requests", pa.uint32(), default=0),
+        Column("search_context_size", pa.string(), nullable=True),
         Column("semantic_cache_hit", pa.bool_()),
         Column("status", pa.string()),
         Column("latency_ms", pa.uint32(), nullable=True),
@@ -235,7 +253,9 @@ PRICED_EVENTS = TableSpec(
         _money("saved_prompt_cache"),
         _money("saved_semantic_cache"),
         _money("saved_routing"),
+        Column("saved_service_tier", MONEY, default="0"),
         Column("unknown_model", pa.bool_()),
+        Column("price_approximated", pa.bool_(), default=False),
         Column("late", pa.bool_()),
         Column("window_start", TIMESTAMP),
         Column("processed_at", TIMESTAMP),

@@ -94,6 +94,8 @@ class Quote:
     saved_semantic_cache: int
     saved_routing: int
     unknown_model: bool
+    saved_service_tier: int = 0
+    approximated: bool = False
 
 
 class PriceCatalog:

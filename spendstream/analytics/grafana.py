@@ -206,7 +206,7 @@ ORDER BY time""",
             "barchart",
             """
 SELECT tier, sum(saved_prompt_cache) AS prompt_cache, sum(saved_semantic_cache) AS semantic_cache,
-    sum(saved_routing) AS routing
+    sum(saved_routing) AS routing, sum(saved_service_tier) AS service_tier
 FROM {db}.tier_pnl(org = """
             + ORG_VALUE
             + """)
@@ -214,7 +214,7 @@ WHERE """
             + MONTHS
             + """
 GROUP BY tier ORDER BY tier""",
-            ("tier", "prompt_cache", "semantic_cache", "routing"),
+            ("tier", "prompt_cache", "semantic_cache", "routing", "service_tier"),
             unit="currencyUSD",
         ),
         PanelSpec(

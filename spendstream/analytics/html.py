@@ -97,6 +97,7 @@ def savings_figure(report: PnlReport) -> go.Figure:
         ("saved_prompt_cache", "prompt cache"),
         ("saved_semantic_cache", "semantic cache"),
         ("saved_routing", "routing"),
+        ("saved_service_tier", "service tier (batch, flex)"),
     ):
         fig.add_bar(name=name, x=tiers, y=[_f(r[column]) for r in report.tiers])
     fig.update_layout(title="Savings by cause (USD)", barmode="stack", yaxis_title="USD")

@@ -230,7 +230,16 @@ def render(report: PnlReport, console: Console) -> None:
     console.print(
         _table(
             f"Savings {when}: list value - cost, by cause (USD)",
-            ["tier", "list value", "cost", "prompt cache", "semantic cache", "routing", "saved"],
+            [
+                "tier",
+                "list value",
+                "cost",
+                "prompt cache",
+                "semantic cache",
+                "routing",
+                "service tier",
+                "saved",
+            ],
             [
                 [
                     r["tier"] or "(no plan)",
@@ -239,6 +248,7 @@ def render(report: PnlReport, console: Console) -> None:
                     usd(r["saved_prompt_cache"]),
                     usd(r["saved_semantic_cache"]),
                     usd(r["saved_routing"]),
+                    usd(r["saved_service_tier"]),
                     usd(r["saved_total"]),
                 ]
                 for r in t

@@ -300,6 +300,9 @@ def test_tier_pnl_sums_exactly(store: ChdbStore) -> None:
     assert tiny["top1pct_cost_share_pct"] == 100
 
 
+PRICE_MODEL_COLUMNS = {"saved_service_tier", "batch_requests", "approximated_requests"}
+
+
 def test_money_columns_are_wide_and_names_unchanged(store: ChdbStore) -> None:
     """Same columns, in the same order, as the views of 002 and 005; money in Decimal(76, 24)."""
     # the views as 002 and 005 define them, in a second database, for their column names
@@ -317,8 +320,10 @@ def test_money_columns_are_wide_and_names_unchanged(store: ChdbStore) -> None:
     for view, source in views.items():
         wide = _columns(store, source.format(db="spendstream"))
         narrow = _columns(store, source.format(db="narrow"))
-        assert list(wide) == list(narrow), view
-        for name in (*MONEY, *WIDE):
+        # the same columns in the same order; 008 adds the price model's, named here
+        assert [c for c in wide if c in narrow] == list(narrow), view
+        assert set(wide) - set(narrow) <= PRICE_MODEL_COLUMNS, view
+        for name in (*MONEY, *WIDE, "saved_service_tier"):
             if name in wide:
                 assert wide[name] == "Decimal(76, 24)", (view, name)
 
@@ -332,14 +337,21 @@ def test_a_store_migrated_before_gets_the_wide_views(
     older = [m for m in load_migrations() if m.version <= 6]
     monkeypatch.setattr(sinks._store, "load_migrations", lambda: older)
     assert apply_migrations("upgraded", execute, store.query) == [m.name for m in older]
-    store.query("INSERT INTO upgraded.priced_events SELECT * FROM spendstream.priced_events")
+    columns = ", ".join(_columns(store, "upgraded.priced_events"))
+    store.query(
+        f"INSERT INTO upgraded.priced_events ({columns}) "
+        f"SELECT {columns} FROM spendstream.priced_events"
+    )
     sql = "SELECT plan_id, cost, toTypeName(cost) FROM upgraded.usage_daily ORDER BY plan_id"
     _, rows = store.query(sql)
     assert rows[0][0] == "tiny" and rows[0][2] == "Decimal(38, 24)"
     assert rows[0][1] != N * MAX  # wrapped
 
     monkeypatch.undo()
-    assert apply_migrations("upgraded", execute, store.query) == ["007_wide_sums.sql"]
+    assert apply_migrations("upgraded", execute, store.query) == [
+        "007_wide_sums.sql",
+        "008_price_model.sql",
+    ]
     _, rows = store.query(sql)
     assert rows == [
         ("tiny", N * MAX, "Decimal(76, 24)"),

@@ -444,11 +444,11 @@ _text = st.text(st.characters(codec="utf-8"), max_size=20)
 
 @settings(max_examples=300, deadline=None)
 @given(
-    texts=st.lists(_text, min_size=13, max_size=13),
-    optional=st.lists(st.none() | _text, min_size=4, max_size=4),
-    numbers=st.lists(st.integers(0, 2**63 - 1), min_size=5, max_size=5),
+    texts=st.lists(_text, min_size=15, max_size=15),
+    optional=st.lists(st.none() | _text, min_size=5, max_size=5),
+    numbers=st.lists(st.integers(0, 2**63 - 1), min_size=11, max_size=11),
     latency=st.none() | st.integers(0, 2**31),
-    flags=st.lists(st.booleans(), min_size=3, max_size=3),
+    flags=st.lists(st.booleans(), min_size=4, max_size=4),
     attributes=st.dictionaries(_text, _text, max_size=3),
 )
 def test_the_priced_wire_json_reads_back_as_the_priced_event_dict(
@@ -463,10 +463,11 @@ def test_the_priced_wire_json_reads_back_as_the_priced_event_dict(
     from stream_processors._processor import PricedWire, _encode_wire
 
     t, o = texts, optional
+    n = numbers
     values: list[Any] = [
-        t[0], t[1], t[2], t[3], o[0], t[4], o[1], o[2], t[5], t[6], *numbers, flags[0], t[7],
-        latency, o[3], attributes, t[8], t[9], t[10], t[11], t[12], "0", flags[1], flags[2],
-        "2026-11-27T00:00:00Z", "2026-11-27T00:00:01Z",
+        t[0], t[1], t[2], t[3], o[0], t[4], o[1], o[2], t[5], t[6], *n[:10], t[13], n[10],
+        o[4], flags[0], t[7], latency, o[3], attributes, t[8], t[9], t[10], t[11], t[12], "0",
+        t[14], flags[1], flags[3], flags[2], "2026-11-27T00:00:00Z", "2026-11-27T00:00:01Z",
     ]  # fmt: skip
     expected = dict(zip(PricedEvent.__annotations__, values, strict=True))
     encoded = _encode_wire(PricedWire(*values))

@@ -262,6 +262,7 @@ MONEY_COLUMNS = (
     "saved_prompt_cache",
     "saved_semantic_cache",
     "saved_routing",
+    "saved_service_tier",
     "saved_total",
 )
 COUNT_COLUMNS = (

@@ -298,3 +298,37 @@ def test_one_bad_record_in_a_fast_batch_is_isolated(bad: dict[str, Any]) -> None
     assert tables["priced_events"].rows == 4
     (dead,) = tables["dead_letters"].data.to_pylist()
     assert dead["source_offset"] == 2 and dead["reason"].startswith("priced_events: ")
+
+
+PRICE_MODEL_FIELDS = {
+    "cache_write_1h_tokens": 0,
+    "input_audio_tokens": 0,
+    "input_image_tokens": 0,
+    "output_audio_tokens": 0,
+    "output_image_tokens": 0,
+    "service_tier": "standard",
+    "web_search_requests": 0,
+    "search_context_size": None,
+    "saved_service_tier": Decimal(0),
+    "price_approximated": False,
+}
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["all old", "old and new in one batch"])
+def test_priced_events_of_an_older_worker_land_with_the_defaults(mixed: bool) -> None:
+    # A worker from before the price model writes none of its fields; during an upgrade both
+    # shapes are on the topic. Neither may become a dead letter.
+    buf, _ = make()
+    old = {k: v for k, v in sample_priced_event(1).items() if k not in PRICE_MODEL_FIELDS}
+    buf.add("p", 0, 0, orjson.dumps(old))
+    new = {**sample_priced_event(2), "service_tier": "batch", "saved_service_tier": "0.5",
+           "price_approximated": True, "input_audio_tokens": 7}  # fmt: skip
+    if mixed:
+        buf.add("p", 0, 1, orjson.dumps(new))
+    drained = buf.drain()
+    assert drained.dead_lettered == 0
+    rows = drained.batches[0].data.to_pylist()
+    assert {k: rows[0][k] for k in PRICE_MODEL_FIELDS} == PRICE_MODEL_FIELDS
+    if mixed:
+        assert (rows[1]["service_tier"], rows[1]["saved_service_tier"]) == ("batch", Decimal("0.5"))
+        assert rows[1]["price_approximated"] is True and rows[1]["input_audio_tokens"] == 7
