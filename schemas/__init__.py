@@ -35,6 +35,7 @@ from schemas.adapters import (
     from_cloudevent,
     from_openai_chat_usage,
     from_openai_responses_usage,
+    service_tier_of,
 )
 
 __all__ = [
@@ -64,5 +65,6 @@ __all__ = [
     "from_cloudevent",
     "from_openai_chat_usage",
     "from_openai_responses_usage",
+    "service_tier_of",
     "topics",
 ]

@@ -47,6 +47,12 @@ class EventContext:
     feature: str | None = None
     semantic_cache_hit: bool = False
     attributes: Mapping[str, str] | None = None
+    service_tier: str | None = None
+    """standard, batch, flex or priority, or the provider's name for it (mapped by
+    :func:`service_tier_of`): OpenAI returns the tier beside its usage, not in it, and a
+    gateway that sent a Batch API request knows it ran as ``batch``."""
+    web_search_requests: int | None = None
+    search_context_size: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def as_fields(self) -> dict[str, Any]:
@@ -72,6 +78,9 @@ class EventContext:
             "feature": self.feature,
             "semantic_cache_hit": self.semantic_cache_hit,
             "attributes": dict(self.attributes) if self.attributes is not None else None,
+            "service_tier": service_tier_of(self.service_tier),
+            "web_search_requests": self.web_search_requests,
+            "search_context_size": self.search_context_size,
             **self.extra,
         }
         return {k: v for k, v in out.items() if v is not None}
@@ -97,25 +106,76 @@ def _details(usage: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
     return value
 
 
-def _build(ctx: EventContext, tokens: dict[str, int], provider: str | None) -> UsageEvent:
+_SERVICE_TIERS = {
+    # OpenAI (the response's service_tier): "default" and "auto" run at standard prices,
+    # "scale" is a reserved-capacity contract billed outside the per-token prices.
+    "default": "standard",
+    "auto": "standard",
+    "scale": "standard",
+    # Anthropic (usage.service_tier) and the contract's own names
+    "standard": "standard",
+    "batch": "batch",
+    "flex": "flex",
+    "priority": "priority",
+}
+
+
+def service_tier_of(value: Any) -> str | None:
+    """The contract's service tier for a provider's name of it (``None`` when not given).
+
+    An unknown name is refused rather than priced at standard: a tier the catalog does not
+    know would be counted at the wrong price.
+    """
+    if value is None:
+        return None
+    tier = _SERVICE_TIERS.get(value) if isinstance(value, str) else None
+    if tier is None:
+        raise InvalidEventError(f"service_tier: unknown tier {value!r}")
+    return tier
+
+
+def _build(ctx: EventContext, tokens: dict[str, Any], provider: str | None) -> UsageEvent:
     fields = ctx.as_fields()
     if provider is not None:
         fields.setdefault("provider", provider)
-    fields.update(tokens)
+    # What the usage object says about the call wins over defaults; the context (what the
+    # gateway knows, e.g. that it sent a Batch API request) wins over the usage object.
+    for key, value in tokens.items():
+        if key in ("service_tier", "web_search_requests") and key in fields:
+            continue
+        fields[key] = value
     return event_from_obj(fields)
+
+
+def _part(total: int, taken: int, value: int) -> int:
+    """``value`` capped to what is left of ``total`` after ``taken``: providers count some
+    tokens in two details (cached audio), the contract's classes are disjoint."""
+    return max(0, min(value, total - taken))
 
 
 def openai_chat_tokens(usage: Mapping[str, Any]) -> dict[str, int]:
     """Token fields from an OpenAI Chat Completions ``usage`` object."""
     prompt = _details(usage, "prompt_tokens_details")
     completion = _details(usage, "completion_tokens_details")
+    inp = _count(usage, "prompt_tokens", "usage")
+    cached = _count(prompt, "cached_tokens", "usage.prompt_tokens_details")
+    audio_in = _part(inp, cached, _count(prompt, "audio_tokens", "usage.prompt_tokens_details"))
+    image_in = _part(
+        inp, cached + audio_in, _count(prompt, "image_tokens", "usage.prompt_tokens_details")
+    )
+    out = _count(usage, "completion_tokens", "usage")
+    reasoning = _count(completion, "reasoning_tokens", "usage.completion_tokens_details")
+    audio_out = _part(
+        out, reasoning, _count(completion, "audio_tokens", "usage.completion_tokens_details")
+    )
     return {
-        "input_tokens": _count(usage, "prompt_tokens", "usage"),
-        "cached_input_tokens": _count(prompt, "cached_tokens", "usage.prompt_tokens_details"),
-        "output_tokens": _count(usage, "completion_tokens", "usage"),
-        "reasoning_tokens": _count(
-            completion, "reasoning_tokens", "usage.completion_tokens_details"
-        ),
+        "input_tokens": inp,
+        "cached_input_tokens": cached,
+        "input_audio_tokens": audio_in,
+        "input_image_tokens": image_in,
+        "output_tokens": out,
+        "reasoning_tokens": reasoning,
+        "output_audio_tokens": audio_out,
     }
 
 
@@ -131,21 +191,33 @@ def openai_responses_tokens(usage: Mapping[str, Any]) -> dict[str, int]:
     }
 
 
-def anthropic_tokens(usage: Mapping[str, Any]) -> dict[str, int]:
+def anthropic_tokens(usage: Mapping[str, Any]) -> dict[str, Any]:
     """Token fields from an Anthropic Messages ``usage`` object.
 
     Anthropic's ``input_tokens`` excludes cached tokens: the call's full input is the sum of
-    ``input_tokens``, ``cache_creation_input_tokens`` and ``cache_read_input_tokens``.
+    ``input_tokens``, ``cache_creation_input_tokens`` and ``cache_read_input_tokens``. The
+    one-hour cache writes are ``cache_creation.ephemeral_1h_input_tokens``; web searches are
+    ``server_tool_use.web_search_requests``; ``service_tier`` is standard, priority or batch.
     """
     uncached = _count(usage, "input_tokens", "usage")
     write = _count(usage, "cache_creation_input_tokens", "usage")
     read = _count(usage, "cache_read_input_tokens", "usage")
-    return {
+    creation = _details(usage, "cache_creation")
+    tools = _details(usage, "server_tool_use")
+    fields: dict[str, Any] = {
         "input_tokens": uncached + write + read,
         "cached_input_tokens": read,
         "cache_write_tokens": write,
+        "cache_write_1h_tokens": _part(
+            write, 0, _count(creation, "ephemeral_1h_input_tokens", "usage.cache_creation")
+        ),
         "output_tokens": _count(usage, "output_tokens", "usage"),
+        "web_search_requests": _count(tools, "web_search_requests", "usage.server_tool_use"),
     }
+    tier = service_tier_of(usage.get("service_tier"))
+    if tier is not None:
+        fields["service_tier"] = tier
+    return fields
 
 
 def from_openai_chat_usage(usage: Mapping[str, Any], ctx: EventContext) -> UsageEvent:

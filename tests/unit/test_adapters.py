@@ -293,3 +293,44 @@ def test_adapted_event_encodes_to_the_contract() -> None:
     wire = orjson.loads(encode_event(from_anthropic_usage(ANTHROPIC_MESSAGE["usage"], CTX)))
     assert wire["occurred_at"] == "2025-06-02T10:00:00Z"
     assert wire["input_tokens"] == 190155
+
+
+def test_anthropic_one_hour_writes_web_searches_and_tier() -> None:
+    usage = {
+        "input_tokens": 50,
+        "cache_creation_input_tokens": 3000,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 10,
+        "service_tier": "priority",
+        "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000},
+        "server_tool_use": {"web_search_requests": 3},
+    }
+    event = from_anthropic_usage(usage, CTX)
+    assert (event.cache_write_tokens, event.cache_write_1h_tokens) == (3000, 2000)
+    assert (event.web_search_requests, event.service_tier) == (3, "priority")
+    # a Batch API result: the gateway's context names the tier; it wins over the usage's
+    batch = EventContext(**{**_ctx_fields(), "service_tier": "batch"})
+    assert from_anthropic_usage(usage, batch).service_tier == "batch"
+
+
+def test_openai_audio_and_image_tokens_and_tier_names() -> None:
+    usage = {
+        "prompt_tokens": 1000,
+        "completion_tokens": 300,
+        "prompt_tokens_details": {"cached_tokens": 600, "audio_tokens": 500, "image_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 100, "audio_tokens": 250},
+    }
+    ctx = EventContext(**{**_ctx_fields(), "service_tier": "default"})  # OpenAI's name
+    event = from_openai_chat_usage(usage, ctx)
+    # cached audio is counted once: the classes are disjoint parts of their totals
+    assert (event.cached_input_tokens, event.input_audio_tokens) == (600, 400)
+    assert (event.reasoning_tokens, event.output_audio_tokens) == (100, 200)
+    assert event.service_tier == "standard"
+    flex = EventContext(**{**_ctx_fields(), "service_tier": "flex"})
+    assert from_openai_chat_usage(usage, flex).service_tier == "flex"
+
+
+@pytest.mark.parametrize("tier", ["express", "", 3])
+def test_unknown_service_tiers_are_refused(tier: Any) -> None:
+    with pytest.raises(InvalidEventError, match="service_tier"):
+        from_openai_chat_usage({}, EventContext(**{**_ctx_fields(), "service_tier": tier}))
