@@ -2,8 +2,8 @@
 
 chDB locks its data folder: only one process can open it. The process that opens it is the
 *owner*: it writes an owner file next to the folder (pid, command, the address of a local
-query endpoint and a random token, mode 0600) and serves read-only queries on 127.0.0.1 from a
-second session opened with ``readonly=1``. Any other process reads through that endpoint
+query endpoint and a random token, mode 0600) and serves read-only queries on 127.0.0.1
+from a second session opened with ``readonly=1``. Any other process reads through that endpoint
 (:class:`RemoteChdbStore`); a second writer fails at once with
 :class:`~spendstream.errors.StoreLockedError` naming the owner and the way out.
 """
@@ -33,11 +33,13 @@ from sinks._store import (
     Columns,
     Parameters,
     QueryResult,
+    TableFunctions,
     apply_migrations,
     check_read_only,
     decode_json_compact,
     params_as_text,
     to_arrow_table,
+    vet_read_only,
 )
 from spendstream.errors import StoreError, StoreLockedError
 
@@ -45,6 +47,13 @@ _SESSION_SETTINGS = (
     # Decimals as JSON strings so that no reader ever parses money as a float.
     "SET output_format_json_quote_decimals = 1",
     "SET output_format_json_quote_64bit_integers = 0",
+)
+# The read-only session's settings are start-up arguments, so no statement can change them:
+# readonly=1 also forbids SET and SETTINGS clauses (readonly=2 would allow them, and lets file(),
+# url(), s3() ... run), the Python() table function would read this process's variables.
+_READONLY_CONNECTION = (
+    "readonly=1&allow_python_table_function=0&allow_introspection_functions=0"
+    "&output_format_json_quote_decimals=1&output_format_json_quote_64bit_integers=0"
 )
 _TOKEN_HEADER = "X-Spendstream-Token"
 _MAX_BODY = 1 << 20
@@ -157,9 +166,12 @@ class ChdbStore:
         self.database = database
         self._ttl_days = ttl_days
         self._lock = threading.Lock()
+        self._rw_guard = threading.Lock()
+        self._ro_guard = threading.Lock()
         self._types: dict[str, dict[str, str]] = {}
         self._server: ThreadingHTTPServer | None = None
         self._ro: Any = None
+        self._table_functions: TableFunctions | None = None
         self.path.mkdir(parents=True, exist_ok=True)
         owner = read_owner(self.path)
         if owner is not None and owner.pid != os.getpid():
@@ -222,10 +234,30 @@ class ChdbStore:
         """Run one statement with ``{name:Type}`` parameters; rows typed from the result meta."""
         return _decode(self._run(sql, parameters, fmt="JSONCompact"))
 
-    def query_json(self, sql: str, parameters: Parameters | None, *, readonly: bool) -> bytes:
-        """Raw ``JSONCompact`` bytes of a query (the endpoint answers with these)."""
-        session = self._readonly_session() if readonly else self._session
-        return self._run(sql, parameters, fmt="JSONCompact", session=session)
+    def query_readonly(self, sql: str, parameters: Parameters | None = None) -> QueryResult:
+        """Run a user's statement read-only (see :meth:`readonly_json`)."""
+        return _decode(self.readonly_json(sql, params_as_text(parameters)))
+
+    def readonly_json(self, sql: str, params_text: dict[str, str]) -> bytes:
+        """Raw ``JSONCompact`` bytes of a user's statement (the endpoint answers with these).
+
+        ``params_text`` are query parameters already in ClickHouse's escaped text form
+        (:func:`~sinks._store.params_as_text`). The statement runs on the ``readonly=1``
+        session, after :func:`~sinks._store.vet_read_only` has parsed it with the engine.
+        """
+        session = self._readonly_session()
+
+        def ask(statement: str, parameters: Parameters | None) -> QueryResult:
+            raw = self._run_text(statement, params_as_text(parameters), "JSONCompact", session)
+            return _decode(raw)
+
+        def table_functions() -> TableFunctions:
+            if self._table_functions is None:
+                self._table_functions = TableFunctions.of(ask)
+            return self._table_functions
+
+        statement = vet_read_only(sql, ask, table_functions, parser_required=True)
+        return self._run_text(statement, params_text, "JSONCompact", session)
 
     def close(self) -> None:
         """Stop the endpoint, remove the owner file, release the folder lock."""
@@ -254,16 +286,26 @@ class ChdbStore:
     def _run(
         self, sql: str, parameters: Parameters | None, fmt: str = "CSV", session: Any = None
     ) -> bytes:
-        session = session or self._session
+        return self._run_text(sql, params_as_text(parameters), fmt, session or self._session)
+
+    def _run_text(self, sql: str, params: dict[str, str], fmt: str, session: Any) -> bytes:
         if session is None:
             raise StoreError("the embedded store is closed")
-        params = params_as_text(parameters)
-        try:
-            result = session.query(sql, fmt, params=params) if params else session.query(sql, fmt)
-        except Exception as exc:
-            raise StoreError(
-                f"ClickHouse (chDB) refused the statement: {_first_line(exc)}"
-            ) from exc
+        with self._ro_guard if session is self._ro else self._rw_guard:
+            try:
+                if params:
+                    result = session.query(sql, fmt, params=params)
+                else:
+                    result = session.query(sql, fmt)
+            except Exception as exc:
+                # chDB keeps the rows a failed statement had already produced and hands them
+                # out with the next statement's result on this session (another client's,
+                # on the endpoint): one throw-away statement takes them.
+                with contextlib.suppress(Exception):
+                    session.query("SELECT 1", "CSV")
+                raise StoreError(
+                    f"ClickHouse (chDB) refused the statement: {_first_line(exc)}"
+                ) from exc
         return bytes(result.bytes()) if hasattr(result, "bytes") else str(result).encode()
 
     def _column_types(self, table: str) -> dict[str, str]:
@@ -282,13 +324,17 @@ class ChdbStore:
 
     def _readonly_session(self) -> Any:
         with self._lock:
+            if self._session is None:
+                raise StoreError("the embedded store is closed")
             if self._ro is None:
-                # A second session on the same folder, read-only at the engine level: the
-                # endpoint's guard against writes does not rest on parsing SQL alone.
-                self._ro = _new_session(f"{self.path}?readonly=1")
-                for statement in _SESSION_SETTINGS:
-                    with contextlib.suppress(Exception):
-                        self._ro.query(statement)
+                # A second session on the same folder, read-only at the engine level: no
+                # user statement runs on the owner's read-write session.
+                try:
+                    self._ro = _new_session(f"{self.path}?{_READONLY_CONNECTION}")
+                except Exception as exc:
+                    raise StoreError(
+                        f"cannot open a read-only session on {self.path}: {_first_line(exc)}"
+                    ) from exc
             return self._ro
 
     def _serve(self, command: str) -> None:
@@ -370,7 +416,7 @@ def _make_handler(store: ChdbStore, token: str) -> type[BaseHTTPRequestHandler]:
                 params = request.get("parameters") or {}
                 if not isinstance(params, dict):
                     raise StoreError("parameters must be an object")
-                body = store.query_json(sql, params, readonly=True)
+                body = store.readonly_json(sql, params)
             except (StoreError, KeyError, ValueError, orjson.JSONDecodeError) as exc:
                 self._reply(400, orjson.dumps({"error": str(exc)}))
                 return
@@ -396,7 +442,11 @@ class RemoteChdbStore:
         raise StoreLockedError(_locked_message(Path(self.owner.path), self.owner))
 
     def query(self, sql: str, parameters: Parameters | None = None) -> QueryResult:
-        """Ask the owner (read-only statements only)."""
+        """Ask the owner (read-only statements only: see :meth:`ChdbStore.readonly_json`)."""
+        return self.query_readonly(sql, parameters)
+
+    def query_readonly(self, sql: str, parameters: Parameters | None = None) -> QueryResult:
+        """Ask the owner, who runs the statement read-only (:meth:`ChdbStore.readonly_json`)."""
         check_read_only(sql)
         body = orjson.dumps({"sql": sql, "parameters": params_as_text(parameters)})
         request = urllib.request.Request(

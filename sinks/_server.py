@@ -1,21 +1,26 @@
 """A ClickHouse server as a :class:`~sinks.Store`, over clickhouse-connect (HTTP).
 
 Inserts are columnar (Arrow) with ``insert_deduplication_token``; queries bind ``{name:Type}``
-placeholders server-side. Third-party errors become :class:`~spendstream.errors.StoreError`.
+placeholders server-side. A user's statement runs with ``readonly=1`` per query. Third-party
+errors become :class:`~spendstream.errors.StoreError`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
 from sinks._store import (
+    READONLY_SETTINGS,
     Columns,
     Parameters,
     QueryResult,
+    TableFunctions,
     apply_migrations,
     params_as_text,
     to_arrow_table,
+    vet_read_only,
 )
 from spendstream.errors import StoreError
 from spendstream.settings import ClickHouseSettings
@@ -33,6 +38,7 @@ class ServerStore:
         self.database = settings.database
         self._ttl_days = settings.raw_ttl_days
         self._types: dict[str, dict[str, str]] = {}
+        self._table_functions: TableFunctions | None = None
         try:
             self._client: Any = clickhouse_connect.get_client(
                 host=url.hostname or "localhost",
@@ -67,8 +73,36 @@ class ServerStore:
 
     def query(self, sql: str, parameters: Parameters | None = None) -> QueryResult:
         """Run one statement with server-side bound ``{name:Type}`` parameters."""
+        return self._query(sql, parameters, None)
+
+    def query_readonly(self, sql: str, parameters: Parameters | None = None) -> QueryResult:
+        """Run a user's statement with ``readonly=1``, once the server's parser vetted it.
+
+        Servers older than ``parseQueryToJSON`` run it unvetted: over HTTP a server refuses
+        INTO OUTFILE itself, and ``readonly=1`` refuses writes, setting changes and the table
+        functions that reach files or the network.
+        """
+
+        def ask(statement: str, params: Parameters | None) -> QueryResult:
+            return self._query(statement, params, READONLY_SETTINGS)
+
+        def table_functions() -> TableFunctions:
+            if self._table_functions is None:
+                self._table_functions = TableFunctions.of(ask)
+            return self._table_functions
+
+        statement = vet_read_only(sql, ask, table_functions, parser_required=False)
+        return self._query(statement, parameters, READONLY_SETTINGS)
+
+    def _query(
+        self, sql: str, parameters: Parameters | None, settings: Mapping[str, int] | None
+    ) -> QueryResult:
         try:
-            result = self._client.query(sql, parameters=params_as_text(parameters) or None)
+            result = self._client.query(
+                sql,
+                parameters=_server_params(parameters) or None,
+                settings=dict(settings) if settings else None,
+            )
         except Exception as exc:
             raise StoreError(f"ClickHouse refused the statement: {exc}") from exc
         return list(result.column_names), [tuple(r) for r in result.result_rows]
@@ -97,3 +131,10 @@ class ServerStore:
                 raise StoreError(f"no table {self.database}.{table}; run migrations first")
             self._types[table] = {str(r[0]): str(r[1]) for r in rows}
         return self._types[table]
+
+
+def _server_params(parameters: Parameters | None) -> dict[str, Any]:
+    # clickhouse-connect escapes a top-level string parameter itself, so strings go as they
+    # are; everything else as the text ClickHouse parses for its placeholder type.
+    text = params_as_text(parameters)
+    return {k: v if isinstance(v, str) else text[k] for k, v in (parameters or {}).items()}

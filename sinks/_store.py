@@ -9,6 +9,7 @@ migrations, ClickHouse-type -> Arrow-type mapping, JSON result decoding, the rea
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,15 @@ class Store(Protocol):
 
     def query(self, sql: str, parameters: Parameters | None = None) -> QueryResult:
         """Run one statement; ``{name:Type}`` placeholders are bound from ``parameters``."""
+        ...
+
+    def query_readonly(self, sql: str, parameters: Parameters | None = None) -> QueryResult:
+        """Run one statement a user typed, read-only as enforced by the engine.
+
+        The statement runs with ClickHouse's ``readonly=1`` and only after the engine's own
+        parser has shown it to be one read statement with no INTO OUTFILE and no table
+        function that touches files or the network (:func:`vet_read_only`).
+        """
         ...
 
     def close(self) -> None:
@@ -335,12 +345,22 @@ def params_as_text(parameters: Parameters | None) -> dict[str, str]:
         elif isinstance(value, list | tuple):
             out[key] = "[" + ",".join(_literal(v) for v in value) + "]"
         elif isinstance(value, str):
-            # ClickHouse reads a parameter in its escaped (TSV) form: a backslash would start
-            # an escape sequence, so it is doubled to arrive byte-exact.
-            out[key] = value.replace("\\", "\\\\")
+            out[key] = escape_param(value)
         else:
             out[key] = str(value)
     return out
+
+
+_PARAM_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\0": "\\0"})
+
+
+def escape_param(value: str) -> str:
+    """A string query parameter in the escaped (TSV) form ClickHouse reads it in.
+
+    A backslash would start an escape sequence and a raw tab or newline ends the value, so
+    those are escaped to arrive byte-exact.
+    """
+    return value.translate(_PARAM_ESCAPES)
 
 
 def _literal(value: Any) -> str:
@@ -350,17 +370,24 @@ def _literal(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# read-only statements (the owner's query endpoint)
+# read-only statements (`spendstream query` and the owner's query endpoint)
 
 _READ_KEYWORDS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC"})
-_STRIP = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`[^`]*`|--[^\n]*|/\*.*?\*/", re.S)
+_STRIP = re.compile(
+    r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`(?:[^`\\]|\\.)*`"
+    r"|(?<![\w$])\$([A-Za-z_]\w*|)\$.*?\$\1\$"  # heredoc string: $$...$$ or $tag$...$tag$
+    r"|--[^\n]*|#[ !][^\n]*|/\*.*?\*/",
+    re.S,
+)
 
 
 def check_read_only(sql: str) -> str:
-    """Return ``sql`` if it is one read-only statement; raise :class:`StoreError` otherwise.
+    """Return ``sql`` if it looks like one read-only statement; raise :class:`StoreError` if not.
 
-    A lexical guard in front of a session opened with ``readonly=1`` (which the engine itself
-    enforces): one statement, starting with SELECT / WITH / SHOW / DESCRIBE, no INTO OUTFILE.
+    A lexical first check that gives a friendly error before any store is opened: one
+    statement, starting with SELECT / WITH / SHOW / DESCRIBE, no INTO OUTFILE. It is not the
+    security boundary: :func:`vet_read_only` (the engine's parser) and the engine's
+    ``readonly=1`` are.
     """
     bare = _STRIP.sub(" ", sql).strip()
     bare = bare.rstrip(";").strip()
@@ -376,6 +403,194 @@ def check_read_only(sql: str) -> str:
     return sql.strip().rstrip(";")
 
 
+READONLY_SETTINGS: Mapping[str, int] = {"readonly": 1}
+"""Per-query settings of a user's statement on a ClickHouse server.
+
+``readonly=1``, not 2: it also forbids changing any setting (a ``SETTINGS`` clause cannot lift
+it) and it refuses every table function the engine does not mark ``allow_readonly`` (file,
+url, s3, remote, mysql, executable ...); ``readonly=2`` lets those run.
+"""
+
+_READ_STATEMENTS = frozenset(
+    {
+        "SelectWithUnionQuery",
+        "SelectIntersectExceptQuery",
+        "SelectQuery",
+        "ShowTablesQuery",
+        "ShowColumnsQuery",
+        "ShowIndexesQuery",
+    }
+)
+# Table functions a user's statement may call: generators and views over the store's own
+# tables. Every one of them is also marked allow_readonly by the engine.
+_SAFE_TABLE_FUNCTIONS = frozenset(
+    {
+        "numbers",
+        "numbers_mt",
+        "generate_series",
+        "generateseries",
+        "primes",
+        "values",
+        "view",
+        "merge",
+        "null",
+        "generaterandom",
+    }
+)
+# Ordinary functions that reach outside the store: ``file`` reads any local file in embedded
+# ClickHouse even under readonly=1, and the ai* functions call a network service.
+_UNSAFE_FUNCTIONS = frozenset({"file"})
+_AI_FUNCTION = re.compile(r"^(?:ai|AI)[A-Z]")
+# Statements the JSON AST cannot carry, accepted only in their canonical form naming one table.
+_IDENT = r"(?:[A-Za-z_][A-Za-z0-9_]*|`(?:[^`\\]|\\.)+`)"
+_DESCRIBE = re.compile(
+    rf"(?:DESCRIBE TABLE|SHOW CREATE (?:TABLE|VIEW|DICTIONARY)) {_IDENT}(?:\.{_IDENT})?"
+)
+
+Ask: TypeAlias = Callable[[str, Parameters | None], QueryResult]
+"""Run one statement of ours (not the user's) on the store's read-only connection."""
+
+
+@dataclass(frozen=True)
+class TableFunctions:
+    """What the engine says about its table functions, to tell them from parameterized views."""
+
+    names: frozenset[str]
+    """Every table function name, lower case."""
+    table_only: frozenset[str]
+    """Those that are not also an ordinary function (``file`` and ``format`` are both)."""
+
+    @classmethod
+    def of(cls, ask: Ask) -> TableFunctions:
+        """Read them from the engine's ``system.table_functions`` and ``system.functions``."""
+        _, rows = ask(
+            "SELECT lower(name), lower(name) IN (SELECT lower(name) FROM system.functions) "
+            "FROM system.table_functions",
+            None,
+        )
+        if not rows:
+            raise StoreError("the engine lists no table functions; cannot check the query")
+        names = frozenset(str(r[0]) for r in rows)
+        return cls(names, frozenset(str(r[0]) for r in rows if not r[1]))
+
+
+def vet_read_only(
+    sql: str, ask: Ask, table_functions: Callable[[], TableFunctions], *, parser_required: bool
+) -> str:
+    """The statement to run for ``sql``, once the engine's own parser shows it is safe to read.
+
+    ``sql`` goes to ``parseQueryToJSON`` as a query parameter (data, never SQL text) on the
+    read-only connection; the AST that comes back must be one SELECT / SHOW statement with no
+    INTO OUTFILE, no FORMAT clause, no table function other than generators, views and the
+    store's parameterized views, and no ``file()`` or ai* function. Embedded ClickHouse writes
+    INTO OUTFILE on the client side even under ``readonly=1``, which is why this check exists
+    on top of the engine's read-only mode. DESCRIBE and SHOW CREATE, which the JSON AST cannot
+    carry, are accepted in the engine's canonical form naming one table, and that canonical
+    text is what runs.
+
+    ``parser_required=False`` (a server older than ``parseQueryToJSON``) returns ``sql``
+    unchecked: a server refuses INTO OUTFILE over HTTP and ``readonly=1`` does the rest.
+    """
+    check_read_only(sql)
+    try:
+        _, rows = ask("SELECT parseQueryToJSON({q:String})", {"q": sql})
+    except StoreError as exc:
+        text = str(exc)
+        if "does not support JSON serialization" in text:
+            return _vet_canonical(sql, ask)
+        if not parser_required and ("UNKNOWN_FUNCTION" in text or "Unknown function" in text):
+            return sql
+        raise StoreError(f"not one statement ClickHouse can parse: {_engine_reason(text)}") from exc
+    try:
+        ast = json.loads(str(rows[0][0]))
+    except (IndexError, ValueError) as exc:
+        raise StoreError("the engine returned no readable parse of the query") from exc
+    if not isinstance(ast, dict) or ast.get("type") not in _READ_STATEMENTS:
+        kind = ast.get("type") if isinstance(ast, dict) else None
+        raise StoreError(f"only SELECT, SHOW and DESCRIBE statements are allowed here, not {kind}")
+    _check_ast(ast, table_functions)
+    return sql
+
+
+def _engine_reason(text: str) -> str:
+    # "ClickHouse (chDB) refused the statement: Code: 62. DB::Exception: Syntax error ..."
+    reason = text.split("DB::Exception: ", 1)[-1]
+    return reason.split(": In scope SELECT parseQueryToJSON", 1)[0]
+
+
+def _check_ast(ast: dict[str, Any], table_functions: Callable[[], TableFunctions]) -> None:
+    known: TableFunctions | None = None
+    stack: list[Any] = [ast]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        if "out_file" in node or node.get("is_into_outfile_with_stdout"):
+            raise StoreError("INTO OUTFILE is not allowed")
+        if "format_ast" in node:
+            raise StoreError("a FORMAT clause is not allowed here: use --format")
+        if node.get("type") == "TableExpression" and isinstance(node.get("table_function"), dict):
+            call = node["table_function"]
+            name = str(call.get("name", ""))
+            if not call.get("is_compound_name") and name.lower() not in _SAFE_TABLE_FUNCTIONS:
+                known = known or table_functions()
+                if name.lower() in known.names:
+                    raise StoreError(f"table function {name}() is not allowed in readonly mode")
+        elif node.get("type") == "Function":
+            name = str(node.get("name", ""))
+            lower = name.lower()
+            if lower in _UNSAFE_FUNCTIONS or _AI_FUNCTION.match(name):
+                raise StoreError(f"function {name}() is not allowed in readonly mode")
+            if lower not in _SAFE_TABLE_FUNCTIONS:
+                # A table function can also stand in an expression: x IN url(...).
+                known = known or table_functions()
+                if lower in known.table_only:
+                    raise StoreError(f"table function {name}() is not allowed in readonly mode")
+        stack.extend(node.values())
+
+
+def _vet_canonical(sql: str, ask: Ask) -> str:
+    _, rows = ask("SELECT formatQuerySingleLine({q:String})", {"q": sql})
+    canonical = str(rows[0][0]) if rows else ""
+    if not _DESCRIBE.fullmatch(canonical):
+        raise StoreError(
+            "only SELECT, SHOW TABLES / COLUMNS, DESCRIBE TABLE t and SHOW CREATE TABLE t "
+            "are allowed here"
+        )
+    return canonical
+
+
+class ReadOnlyStore:
+    """A store opened for reading: every :meth:`query` is its :meth:`Store.query_readonly`."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.database = inner.database
+
+    def migrate(self) -> list[str]:
+        """Not possible: raises :class:`StoreError`."""
+        raise StoreError("this store was opened read-only: migrations need a writer")
+
+    def insert(self, table: str, columns: Columns, dedup_token: str) -> int:
+        """Not possible: raises :class:`StoreError`."""
+        raise StoreError("this store was opened read-only: inserts need a writer")
+
+    def query(self, sql: str, parameters: Parameters | None = None) -> QueryResult:
+        """Run one statement read-only (see :meth:`Store.query_readonly`)."""
+        return self.inner.query_readonly(sql, parameters)
+
+    def query_readonly(self, sql: str, parameters: Parameters | None = None) -> QueryResult:
+        """Run one statement read-only (see :meth:`Store.query_readonly`)."""
+        return self.inner.query_readonly(sql, parameters)
+
+    def close(self) -> None:
+        """Close the store underneath."""
+        self.inner.close()
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -387,17 +602,22 @@ def open_store(settings: Settings, *, readonly: bool = False, command: str | Non
     when another live process owns it, ``readonly=True`` returns a
     :class:`~sinks.RemoteChdbStore` that asks the owner, and a writer gets
     :class:`~spendstream.errors.StoreLockedError` at once.
+
+    ``readonly=True`` always gives a store whose queries the engine runs read-only: the owner's
+    endpoint, or a :class:`ReadOnlyStore` over the server or the folder this process opened.
     """
     if settings.clickhouse.url is not None:
         from sinks._server import ServerStore
 
-        return ServerStore(settings.clickhouse)
-    from sinks._chdb import open_embedded
+        server = ServerStore(settings.clickhouse)
+        return ReadOnlyStore(server) if readonly else server
+    from sinks._chdb import ChdbStore, open_embedded
 
-    return open_embedded(
+    store = open_embedded(
         settings.chdb_path,
         database=settings.clickhouse.database,
         readonly=readonly,
         command=command,
         ttl_days=settings.clickhouse.raw_ttl_days,
     )
+    return ReadOnlyStore(store) if readonly and isinstance(store, ChdbStore) else store

@@ -169,7 +169,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run a read-only query (SELECT, WITH, SHOW, DESCRIBE) against the store.
 
-        With the embedded store owned by a running sink, the query is answered by that owner.
+        Read-only is enforced by ClickHouse (readonly=1), after its own parser has checked for
+        one read statement with no INTO OUTFILE and no file or network table function. With the
+        embedded store owned by a running sink, the query is answered by that owner.
         """
         from sinks import open_store
         from sinks._store import check_read_only

@@ -10,6 +10,7 @@ dead-letter cases run through the pure :class:`~stream_processors.UsageProcessor
 from __future__ import annotations
 
 import ast
+import json
 import re
 import ssl
 import subprocess
@@ -28,7 +29,7 @@ from schemas._events import (
     MAX_ATTRIBUTES,
     MAX_EVENT_BYTES,
 )
-from sinks._store import check_read_only
+from sinks._store import TableFunctions, check_read_only, params_as_text, vet_read_only
 from spendstream.cli import app
 from spendstream.errors import ConfigError, StoreError
 from spendstream.settings import load_settings
@@ -224,6 +225,11 @@ def no_store_touched(state: Path) -> bool:
         ("OPTIMIZE TABLE spendstream.rollups FINAL", "only SELECT"),
         ("KILL QUERY WHERE 1", "only SELECT"),
         ("   ", "empty"),
+        # ClickHouse's own comment and string forms hide nothing from the first check:
+        ("SELECT 1 # '\n; DROP TABLE spendstream.schema_migrations; SELECT 1 # '", "one statement"),
+        ("SELECT 1 #! '\n; DROP TABLE spendstream.rollups", "one statement"),
+        ("SELECT $$ $$ INTO OUTFILE '/tmp/x'", "OUTFILE"),
+        ("SELECT $t$'$t$ INTO OUTFILE '/tmp/x' --'", "OUTFILE"),
     ],
 )
 def test_query_refuses_anything_but_one_read_statement(
@@ -236,6 +242,19 @@ def test_query_refuses_anything_but_one_read_statement(
     assert no_store_touched(state), "refused before any store was opened"
     with pytest.raises(StoreError):
         check_read_only(sql)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT '#;' AS h, $$;$$ AS s, `a;b` FROM t # trailing; comment",
+        "SELECT 'it\\'s; fine' -- done;",
+        "WITH $q$ INTO OUTFILE $q$ AS s SELECT s",
+        "DESC spendstream.rollups;",
+    ],
+)
+def test_the_first_check_reads_clickhouse_lexemes_as_clickhouse_does(sql: str) -> None:
+    assert check_read_only(sql) == sql.strip().rstrip(";")
 
 
 @pytest.mark.parametrize("param", ["novalue", "=v", " =v"])
@@ -364,6 +383,8 @@ _ALLOWED = {
     "want": "built from int(ttl_days)",
     "int(ttl_days)": "an int",
     "first": "only in an error message",
+    "kind": "only in an error message",
+    "_IDENT": "a regular expression for identifiers (DESCRIBE TABLE t), not SQL text",
     "prefix": "whatif.py: a constant ('rp'/'dp') naming {rp_model:Array(String)} placeholders",
 }
 
@@ -475,3 +496,146 @@ def test_oversized_events_and_attribute_maps_are_dead_lettered_with_a_reason(
     assert key == b"u" and letter["stage"] == "validate" and letter["source_offset"] == 0
     assert reason in letter["reason"], letter["reason"]
     assert result.counters["dead_letters"] == 1 and result.counters["priced"] == 1
+
+
+# -- read-only by the engine: what the engine's parse must show ---------------------------------
+
+
+def _select(**top: Any) -> dict[str, Any]:
+    """A parseQueryToJSON tree of ``SELECT ...`` (trimmed to what the check reads)."""
+    return {
+        "type": "SelectWithUnionQuery",
+        "list_of_selects": {"type": "ExpressionList", "children": [top.pop("select", {})]},
+        **top,
+    }
+
+
+def _from(name: str, *, compound: bool = False) -> dict[str, Any]:
+    call: dict[str, Any] = {"type": "Function", "name": name, "arguments": {"children": []}}
+    if compound:
+        call["is_compound_name"] = True
+    table = {"type": "TableExpression", "table_function": call}
+    return {"type": "SelectQuery", "tables": {"children": [{"table_expression": table}]}}
+
+
+def _call(name: str) -> dict[str, Any]:
+    return {"type": "SelectQuery", "where": {"type": "Function", "name": name}}
+
+
+class FakeEngine:
+    """Answers the two questions vet_read_only asks, with a canned parse."""
+
+    def __init__(self, ast: Any) -> None:
+        self.ast = ast
+        self.asked: list[tuple[str, Any]] = []
+
+    def __call__(self, sql: str, parameters: Any) -> Any:
+        self.asked.append((sql, parameters))
+        if "parseQueryToJSON" in sql:
+            return ["ast"], [(json.dumps(self.ast),)]
+        raise AssertionError(sql)
+
+    @staticmethod
+    def table_functions() -> TableFunctions:
+        return TableFunctions(
+            names=frozenset({"file", "url", "s3", "numbers", "format", "python", "merge"}),
+            table_only=frozenset({"url", "s3", "numbers", "python", "merge"}),
+        )
+
+
+@pytest.mark.parametrize(
+    ("ast", "why"),
+    [
+        (_select(out_file={"type": "Literal"}), "INTO OUTFILE"),
+        (_select(is_into_outfile_with_stdout=True), "INTO OUTFILE"),
+        (_select(format_ast={"type": "Identifier", "name": "TSV"}), "FORMAT"),
+        (_select(select=_from("file")), "file()"),
+        (_select(select=_from("URL")), "URL()"),
+        (_select(select=_from("python")), "python()"),
+        (_select(select=_call("url")), "url()"),  # 1 IN url(...)
+        (_select(select=_call("file")), "file()"),  # the ordinary function reads any file
+        (_select(select=_call("aiGenerate")), "aiGenerate()"),
+        ({"type": "DropQuery"}, "not DropQuery"),
+        ({"type": "InsertQuery"}, "not InsertQuery"),
+        ({"type": "SystemQuery"}, "not SystemQuery"),
+        ([1], "not None"),
+    ],
+)
+def test_vet_refuses_what_the_engines_parse_shows(ast: Any, why: str) -> None:
+    engine = FakeEngine(ast)
+    with pytest.raises(StoreError, match=re.escape(why)):
+        vet_read_only("SELECT 1", engine, engine.table_functions, parser_required=True)
+
+
+@pytest.mark.parametrize(
+    "ast",
+    [
+        _select(select=_from("numbers")),
+        _select(select=_from("spendstream.tier_pnl", compound=True)),  # a parameterized view
+        _select(select=_from("spendstream.file", compound=True)),  # a view, never file()
+        _select(select=_from("tier_pnl")),  # not a table function: a view of the current db
+        _select(select=_call("format")),  # format('{} {}', a, b) is an ordinary function
+        {"type": "ShowTablesQuery"},
+    ],
+)
+def test_vet_lets_reads_through(ast: Any) -> None:
+    engine = FakeEngine(ast)
+    sql = "SELECT {x:String} -- anything"
+    assert vet_read_only(sql, engine, engine.table_functions, parser_required=True) == sql
+    # The statement reaches the engine's parser as a parameter value, never as SQL text.
+    assert engine.asked == [("SELECT parseQueryToJSON({q:String})", {"q": sql})]
+
+
+def test_vet_without_a_parser_fails_closed_unless_the_engine_refuses_outfile() -> None:
+    def old_server(sql: str, parameters: Any) -> Any:
+        raise StoreError("Code: 46. DB::Exception: Unknown function parseQueryToJSON")
+
+    tables = FakeEngine.table_functions
+    assert vet_read_only("SELECT 1", old_server, tables, parser_required=False) == "SELECT 1"
+    with pytest.raises(StoreError, match="not one statement ClickHouse can parse"):
+        vet_read_only("SELECT 1", old_server, tables, parser_required=True)
+
+
+def test_string_parameters_are_escaped_for_clickhouse() -> None:
+    value = "a\\b\nc\td\re\0f'"
+    assert params_as_text({"v": value}) == {"v": "a\\\\b\\nc\\td\\re\\0f'"}
+
+
+def test_server_store_runs_a_users_statement_with_readonly_1(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import clickhouse_connect
+
+    from sinks._server import ServerStore
+
+    calls: list[dict[str, Any]] = []
+
+    class Result:
+        def __init__(self, names: list[str], rows: list[tuple[Any, ...]]) -> None:
+            self.column_names, self.result_rows = names, rows
+
+    class Client:
+        """What the server answers: the parse below, and the ``v`` parameter back."""
+
+        ast: dict[str, Any] = _select()
+
+        def query(self, sql: str, parameters: Any = None, settings: Any = None) -> Result:
+            calls.append({"sql": sql, "parameters": parameters, "settings": settings})
+            if "parseQueryToJSON" in sql:
+                return Result(["ast"], [(json.dumps(self.ast),)])
+            return Result(["v"], [(parameters["v"],)])
+
+    monkeypatch.setattr(clickhouse_connect, "get_client", lambda **kw: Client())
+    monkeypatch.setenv("SPENDSTREAM_CLICKHOUSE__URL", "http://ch:8123")
+    store = ServerStore(load_settings().clickhouse)
+
+    _, rows = store.query_readonly("SELECT {v:String} AS v", {"v": "a\\b"})
+    assert [c["settings"] for c in calls] == [{"readonly": 1}, {"readonly": 1}]
+    # clickhouse-connect escapes a string parameter itself: it must get the value as it is.
+    assert calls[-1]["parameters"] == {"v": "a\\b"} and rows == [("a\\b",)]
+
+    calls.clear()
+    Client.ast = _select(out_file={"type": "Literal"})
+    with pytest.raises(StoreError, match="INTO OUTFILE"):
+        store.query_readonly("SELECT 1")
+    assert len(calls) == 1, "a refused statement never runs"
