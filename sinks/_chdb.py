@@ -2,9 +2,9 @@
 
 chDB locks its data folder: only one process can open it. The process that opens it is the
 *owner*: it writes an owner file next to the folder (pid, command, the address of a local
-query endpoint and a random token, mode 0600) and serves read-only queries on 127.0.0.1
-from a second session opened with ``readonly=1``. Any other process reads through that endpoint
-(:class:`RemoteChdbStore`); a second writer fails at once with
+query endpoint and a random token, mode 0600; the folder itself is 0700) and serves read-only
+queries on 127.0.0.1 from a second session opened with ``readonly=1``. Any other process reads
+through that endpoint (:class:`RemoteChdbStore`); a second writer fails at once with
 :class:`~spendstream.errors.StoreLockedError` naming the owner and the way out.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hmac
 import json
 import os
 import secrets
@@ -172,7 +173,7 @@ class ChdbStore:
         self._server: ThreadingHTTPServer | None = None
         self._ro: Any = None
         self._table_functions: TableFunctions | None = None
-        self.path.mkdir(parents=True, exist_ok=True)
+        _private_folder(self.path)
         owner = read_owner(self.path)
         if owner is not None and owner.pid != os.getpid():
             raise StoreLockedError(_locked_message(self.path, owner))
@@ -359,6 +360,14 @@ class ChdbStore:
         _write_owner(self.path, self.owner)
 
 
+def _private_folder(path: Path) -> None:
+    # The store holds every user's usage and spend: only its owner's account may read it.
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(OSError):  # a folder someone else owns keeps its mode
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700)
+
+
 def _new_session(conn: str) -> Any:
     from chdb import session as chdb_session
 
@@ -380,7 +389,25 @@ def _decode(raw: bytes) -> QueryResult:
         raise StoreError(f"unreadable result from chDB: {exc}") from exc
 
 
+def _parse_request(raw: bytes) -> tuple[str, dict[str, str]]:
+    """``{"sql": "...", "parameters": {"name": "escaped text"}}`` -> (sql, parameters)."""
+    try:
+        request = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise StoreError(f"the request body is not JSON: {exc}") from exc
+    if not isinstance(request, dict) or not isinstance(request.get("sql"), str):
+        raise StoreError('the request body must be a JSON object {"sql": "...", "parameters": {}}')
+    params = request.get("parameters")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
+        raise StoreError("parameters must be an object of strings")
+    return check_read_only(request["sql"]), params
+
+
 def _make_handler(store: ChdbStore, token: str) -> type[BaseHTTPRequestHandler]:
+    expected = token.encode()
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "spendstream-chdb"
 
@@ -400,25 +427,38 @@ def _make_handler(store: ChdbStore, token: str) -> type[BaseHTTPRequestHandler]:
             else:
                 self._reply(404, orjson.dumps({"error": "POST /query"}))
 
+        def _error(self, status: int, message: str) -> None:
+            self._reply(status, orjson.dumps({"error": message}))
+
         def do_POST(self) -> None:
-            if self.headers.get(_TOKEN_HEADER) != token:
-                self._reply(403, orjson.dumps({"error": "bad or missing token"}))
+            given = self.headers.get(_TOKEN_HEADER) or ""
+            # Constant time: the answer's timing must not tell how much of a guess was right.
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
+                self._error(403, "bad or missing token")
                 return
             if self.path != "/query":
-                self._reply(404, orjson.dumps({"error": "POST /query"}))
+                self._error(404, "POST /query")
+                return
+            raw_length = self.headers.get("Content-Length")
+            try:
+                length = int(raw_length) if raw_length is not None else -1
+            except ValueError:
+                length = -1
+            if length < 0:
+                self._error(400, "a Content-Length of 0 or more bytes is required")
+                return
+            if length > _MAX_BODY:
+                self._error(413, f"the request is over {_MAX_BODY} bytes")
                 return
             try:
-                length = int(self.headers.get("Content-Length", "0"))
-                if length > _MAX_BODY:
-                    raise StoreError("request too large")
-                request = orjson.loads(self.rfile.read(length))
-                sql = check_read_only(str(request["sql"]))
-                params = request.get("parameters") or {}
-                if not isinstance(params, dict):
-                    raise StoreError("parameters must be an object")
+                sql, params = _parse_request(self.rfile.read(length))
                 body = store.readonly_json(sql, params)
-            except (StoreError, KeyError, ValueError, orjson.JSONDecodeError) as exc:
-                self._reply(400, orjson.dumps({"error": str(exc)}))
+            except StoreError as exc:
+                self._error(400, str(exc))
+                return
+            except Exception as exc:
+                # The owner's console shows no traceback for what a client sent.
+                self._error(500, f"the store owner failed: {type(exc).__name__}: {exc}")
                 return
             self._reply(200, body or b"{}")
 

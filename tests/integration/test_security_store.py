@@ -21,7 +21,7 @@ from confluent_kafka import Producer
 from typer.testing import CliRunner
 
 from sinks import ChdbStore, RemoteChdbStore, Sink
-from sinks._chdb import read_owner
+from sinks._chdb import owner_file, read_owner
 from spendstream.bench_sink import sample_priced_event
 from spendstream.cli import app
 from spendstream.errors import StoreError
@@ -332,6 +332,20 @@ def test_reads_through_the_owner_stay_exact(owner: tuple[Path, str]) -> None:
     assert names[:2] == ["name", "type"] and rows[0][:2] == ("version", "UInt32")
     _, rows = remote.query("SHOW TABLES FROM spendstream")
     assert ("schema_migrations",) in rows
+
+
+def test_the_store_and_its_owner_file_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "chdb"
+    store = ChdbStore(path)
+    try:
+        assert oct(path.stat().st_mode & 0o777) == "0o700"
+        assert oct(owner_file(path).stat().st_mode & 0o777) == "0o600"
+    finally:
+        store.close()
+    path.chmod(0o755)  # a folder made by an earlier version
+    store = ChdbStore(path, serve=False)
+    store.close()
+    assert oct(path.stat().st_mode & 0o777) == "0o700"
 
 
 def test_a_failed_statement_leaves_nothing_for_the_next_one(tmp_path: Path) -> None:

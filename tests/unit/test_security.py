@@ -10,11 +10,15 @@ dead-letter cases run through the pure :class:`~stream_processors.UsageProcessor
 from __future__ import annotations
 
 import ast
+import hmac
 import json
 import re
+import socket
 import ssl
 import subprocess
+import threading
 from datetime import UTC, datetime
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ from schemas._events import (
     MAX_ATTRIBUTES,
     MAX_EVENT_BYTES,
 )
+from sinks._chdb import _make_handler, _private_folder
 from sinks._store import TableFunctions, check_read_only, params_as_text, vet_read_only
 from spendstream.cli import app
 from spendstream.errors import ConfigError, StoreError
@@ -639,3 +644,157 @@ def test_server_store_runs_a_users_statement_with_readonly_1(
     with pytest.raises(StoreError, match="INTO OUTFILE"):
         store.query_readonly("SELECT 1")
     assert len(calls) == 1, "a refused statement never runs"
+
+
+# -- the owner's query endpoint ----------------------------------------------------------------
+
+TOKEN = "s3cret-token"
+
+
+class FakeOwner:
+    """Stands in for :class:`ChdbStore` behind the real endpoint handler."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, str]]] = []
+        self.fail: Exception | None = None
+
+    def readonly_json(self, sql: str, params_text: dict[str, str]) -> bytes:
+        self.seen.append((sql, params_text))
+        if self.fail is not None:
+            raise self.fail
+        return b'{"meta": [], "data": []}'
+
+
+@pytest.fixture
+def endpoint() -> Any:
+    owner = FakeOwner()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(owner, TOKEN))  # type: ignore[arg-type]
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield owner, server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def raw_request(port: int, head: str, body: bytes = b"", timeout: float = 5.0) -> tuple[int, Any]:
+    """Send one request as bytes and keep the socket open (no EOF) while reading the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.encode("latin-1") + b"\r\n\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, orjson.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+def _length(data: bytes) -> int:
+    match = re.search(rb"(?i)content-length: (\d+)", data.split(b"\r\n\r\n", 1)[0])
+    return int(match[1]) if match else 0
+
+
+def post(port: int, body: bytes, token: str = TOKEN) -> tuple[int, Any]:
+    head = (
+        f"POST /query HTTP/1.1\r\nHost: x\r\nX-Spendstream-Token: {token}\r\n"
+        f"Content-Length: {len(body)}"
+    )
+    return raw_request(port, head, body)
+
+
+def test_endpoint_compares_the_token_in_constant_time(
+    endpoint: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner, port = endpoint
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: Any, b: Any) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr("sinks._chdb.hmac.compare_digest", spy)
+    body = orjson.dumps({"sql": "SELECT 1"})
+    assert post(port, body, token="s3cret-tokeX")[0] == 403
+    assert post(port, body, token="\u00e9\u00e8")[0] == 403  # not ASCII: refused, no crash
+    status, _ = raw_request(port, f"POST /query HTTP/1.1\r\nContent-Length: {len(body)}", body)
+    assert status == 403
+    assert owner.seen == []
+    assert post(port, body)[0] == 200
+    assert len(compared) == 4 and compared[-1] == (TOKEN.encode(), TOKEN.encode())
+
+
+@pytest.mark.parametrize("length", ["-1", "-100", "abc", None])
+def test_endpoint_refuses_a_bad_content_length_without_waiting_for_eof(
+    endpoint: Any, length: str | None
+) -> None:
+    owner, port = endpoint
+    head = f"POST /query HTTP/1.1\r\nHost: x\r\nX-Spendstream-Token: {TOKEN}"
+    if length is not None:
+        head += f"\r\nContent-Length: {length}"
+    # The socket stays open: a server that reads "to EOF" would hang here until the timeout.
+    status, answer = raw_request(port, head, b'{"sql": "SELECT 1"}', timeout=5)
+    assert status == 400 and "Content-Length" in answer["error"]
+    assert owner.seen == []
+
+
+def test_endpoint_caps_the_body_size(endpoint: Any) -> None:
+    owner, port = endpoint
+    head = f"POST /query HTTP/1.1\r\nX-Spendstream-Token: {TOKEN}\r\nContent-Length: {2 << 20}"
+    status, answer = raw_request(port, head, b"{", timeout=5)  # the rest never comes
+    assert status == 413 and "over" in answer["error"]
+    assert owner.seen == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[]",
+        b'"SELECT 1"',
+        b"42",
+        b"null",
+        b"{",
+        b"",
+        b'{"sql": 1}',
+        b'{"query": "SELECT 1"}',
+        b'{"sql": "SELECT 1", "parameters": []}',
+        b'{"sql": "SELECT 1", "parameters": {"a": 1}}',
+        b'{"sql": "DROP TABLE spendstream.rollups"}',
+    ],
+)
+def test_endpoint_answers_a_malformed_request_with_400_and_no_traceback(
+    endpoint: Any, body: bytes, capfd: pytest.CaptureFixture[str]
+) -> None:
+    owner, port = endpoint
+    status, answer = post(port, body)
+    assert status == 400 and isinstance(answer["error"], str) and answer["error"]
+    assert owner.seen == []
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_endpoint_passes_parameters_through_and_hides_owner_failures(
+    endpoint: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    owner, port = endpoint
+    body = orjson.dumps({"sql": "SELECT {v:String}", "parameters": {"v": "a\\\\b"}})
+    assert post(port, body)[0] == 200
+    assert owner.seen == [("SELECT {v:String}", {"v": "a\\\\b"})]  # not escaped a second time
+    owner.fail = RuntimeError("boom")
+    status, answer = post(port, body)
+    assert status == 500 and "boom" in answer["error"]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_the_store_folder_is_private(tmp_path: Path) -> None:
+    fresh = tmp_path / "state" / "chdb"
+    _private_folder(fresh)
+    assert oct(fresh.stat().st_mode & 0o777) == "0o700"
+    old = tmp_path / "old"
+    old.mkdir(mode=0o755)
+    old.chmod(0o755)
+    _private_folder(old)
+    assert oct(old.stat().st_mode & 0o777) == "0o700"
