@@ -49,9 +49,9 @@ _SESSION_SETTINGS = (
     "SET output_format_json_quote_decimals = 1",
     "SET output_format_json_quote_64bit_integers = 0",
 )
-# The read-only session's settings are start-up arguments, so no statement can change them:
-# readonly=1 also forbids SET and SETTINGS clauses (readonly=2 would allow them, and lets file(),
-# url(), s3() ... run), the Python() table function would read this process's variables.
+# The read-only session's settings are start-up arguments, and readonly=1 forbids SET and
+# SETTINGS clauses, so no statement can change them (readonly=2 would allow that, and lets
+# file(), url(), s3() ... run). Python() is off: it would read this process's variables.
 _READONLY_CONNECTION = (
     "readonly=1&allow_python_table_function=0&allow_introspection_functions=0"
     "&output_format_json_quote_decimals=1&output_format_json_quote_64bit_integers=0"
