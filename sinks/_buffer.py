@@ -422,6 +422,10 @@ def dead_letter_row(
     }
 
 
+Source = tuple[str, int, int, bytes | None, bytes | None]
+"""(topic, partition, offset, key, value) of a buffered record."""
+
+
 @dataclass(frozen=True)
 class Batch:
     """One table's share of a drain: rows as Arrow, and the token that makes a retry a no-op."""
@@ -429,6 +433,9 @@ class Batch:
     table: str
     data: pa.Table
     dedup_token: str
+    sources: tuple[Source, ...] = ()
+    """Where each row came from, in row order (empty for the dead-letter batch): what a row
+    the store refuses becomes as a dead letter."""
 
     @property
     def rows(self) -> int:
@@ -602,7 +609,11 @@ class SinkBuffer:
                 dead.rows.append(dead_letter_row(topic, partition, offset, key, value, reason))
             dead_lettered += len(bad)
             if data.num_rows:
-                batches.append(Batch(table, data, dedup_token(table, part.ranges)))
+                refused = {i for i, _ in bad}
+                sources = tuple(
+                    (*part.keys[i], *part.raw[i]) for i in range(len(part.keys)) if i not in refused
+                )
+                batches.append(Batch(table, data, dedup_token(table, part.ranges), sources))
         if dead.keys:
             # Dead letters always convert (the sink built them); its token covers the ranges
             # of every table in the drain, since any of them may contribute a bad row.
@@ -622,6 +633,17 @@ class SinkBuffer:
                 data, _ = _convert(DEAD_LETTERS, dead)
             batches.append(Batch(DEAD_LETTERS_TABLE, data, dedup_token(DEAD_LETTERS_TABLE, ranges)))
         return Drained(tuple(batches), dict(offsets), dead_lettered)
+
+
+def dead_letters_batch(sources: Sequence[tuple[Source, str]], token: str) -> Batch:
+    """A ``dead_letters`` batch for records the store refused, each with its reason."""
+    part = _Pending()
+    for (topic, partition, offset, key, value), reason in sources:
+        part.keys.append((topic, partition, offset))
+        part.rows.append(dead_letter_row(topic, partition, offset, key, value, reason))
+        part.raw.append((key, value))
+    data, _ = _convert(DEAD_LETTERS, part)
+    return Batch(DEAD_LETTERS_TABLE, data, token)
 
 
 def _convert(spec: TableSpec, part: _Pending) -> tuple[pa.Table, list[tuple[int, str]]]:

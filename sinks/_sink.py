@@ -5,24 +5,97 @@ At-least-once into idempotent tables: a batch is inserted, THEN its offsets are 
 deterministic insert-dedup tokens make the replay count once. A store failure pauses the
 partitions and retries the same batch with exponential backoff: nothing is dropped, nothing is
 committed before it is stored.
+
+A batch the store refuses for what is *in* it (a value it cannot take, more partitions than one
+insert may touch) is not retried as it is, which would stall the sink for good: it is split in
+halves, each inserted alone, down to the rows the store refuses on their own, which become dead
+letters with the store's reason (:func:`insert_isolating`). A store that refuses everything
+(down, full, unreachable) is not blamed on rows: that batch is retried with back-off.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sinks._buffer import SINK_TABLES, Drained, SinkBuffer, TableSpec, warm_up
+from sinks._buffer import (
+    SINK_TABLES,
+    Batch,
+    Drained,
+    SinkBuffer,
+    TableSpec,
+    dead_letters_batch,
+    warm_up,
+)
 from sinks._store import Store
 from spendstream import metrics
 from spendstream.errors import BackpressureError, KafkaError, StoreError
 from spendstream.settings import Settings
 
 log = logging.getLogger("spendstream.sink")
+
+# ClickHouse error codes that name a value or shape of the inserted data, never the server's
+# state: CANNOT_PARSE_TEXT, CANNOT_PARSE_INPUT_ASSERTION_FAILED, CANNOT_PARSE_DATE,
+# CANNOT_PARSE_DATETIME, TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND, CANNOT_CONVERT_TYPE,
+# CANNOT_PARSE_NUMBER, INCORRECT_DATA, TOO_LARGE_STRING_SIZE,
+# VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE, DECIMAL_OVERFLOW, VIOLATED_CONSTRAINT.
+_ROW_ERROR_CODES = frozenset({6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 407, 469})
+_CODE = re.compile(r"Code: (\d+)")
+# TOO_MANY_PARTS (252) is also the transient "merges are slower than inserts"; only this
+# message is about the batch: it spans more partitions (months) than one insert may.
+_TOO_MANY_PARTITIONS = "partitions for single INSERT block"
+
+
+def blames_rows(exc: StoreError) -> bool:
+    """Whether the store refused an insert for its data (splitting it can help)."""
+    text = str(exc)
+    if _TOO_MANY_PARTITIONS in text:
+        return True
+    match = _CODE.search(text)
+    return match is not None and int(match.group(1)) in _ROW_ERROR_CODES
+
+
+def insert_isolating(store: Store, batch: Batch) -> list[tuple[int, str]]:
+    """Insert ``batch``; (row index, reason) of the rows the store refuses on their own.
+
+    The whole batch goes first (the common case: one insert). Refused for its data, it is
+    split in halves, each with a token derived from the batch's and the rows it covers (a
+    retry after a crash repeats the same inserts, which the store then drops), and so on down
+    to single rows. Raises :class:`StoreError` when the store refuses something while nothing
+    shows it works (the first insert failing for a reason that is not the data's): the
+    caller retries the whole batch later.
+    """
+    bad: list[tuple[int, str]] = []
+    worked = False
+    todo = [(0, batch.rows)]
+    while todo:
+        start, end = todo.pop()
+        whole = (start, end) == (0, batch.rows)
+        token = batch.dedup_token if whole else f"{batch.dedup_token}-{start}-{end}"
+        try:
+            store.insert(batch.table, batch.data.slice(start, end - start), token)
+            worked = True
+            continue
+        except StoreError as exc:
+            if not worked and not blames_rows(exc):
+                raise
+            if end - start == 1:
+                bad.append((start, str(exc)))
+                continue
+            log.warning(
+                "insert of %d rows into %s refused (%s); splitting it",
+                end - start,
+                batch.table,
+                exc,
+            )
+        mid = (start + end) // 2
+        todo += [(mid, end), (start, mid)]
+    return sorted(bad)
 
 
 @dataclass
@@ -162,7 +235,9 @@ class Sink:
                 while True:
                     started = time.perf_counter()
                     try:
-                        self.store.insert(batch.table, batch.data, batch.dedup_token)
+                        refused = insert_isolating(self.store, batch)
+                        if refused:
+                            self._dead_letter_refused(batch, refused)
                     except StoreError as exc:
                         self.store_failing = True
                         self.counters.retries += 1
@@ -184,9 +259,11 @@ class Sink:
                     self.counters.last_insert_ms = elapsed * 1000
                     self.counters.max_insert_ms = max(self.counters.max_insert_ms, elapsed * 1000)
                     self.counters.batches += 1
-                    self.counters.rows_inserted += batch.rows
+                    stored = batch.rows - len(refused)
+                    self.counters.rows_inserted += stored
+                    self.counters.dead_lettered += len(refused)
                     self.counters.per_table[batch.table] = (
-                        self.counters.per_table.get(batch.table, 0) + batch.rows
+                        self.counters.per_table.get(batch.table, 0) + stored
                     )
                     break
             self.counters.dead_lettered += drained.dead_lettered
@@ -194,6 +271,27 @@ class Sink:
         finally:
             if paused:
                 self._resume()
+
+    def _dead_letter_refused(self, batch: Batch, refused: list[tuple[int, str]]) -> None:
+        """Store the rows the store refused as dead letters (raises StoreError to retry)."""
+        if not batch.sources:
+            # Dead letters themselves: nothing left to turn them into. Logged, never silent.
+            log.error("the store refused %d dead letter(s): %s", len(refused), refused[:3])
+            return
+        log.error(
+            "the store refused %d row(s) of %s; they go to the dead letters (first: %s)",
+            len(refused),
+            batch.table,
+            refused[0][1],
+        )
+        letters = dead_letters_batch(
+            [
+                (batch.sources[i], f"{batch.table}: the store refused the row: {reason}")
+                for i, reason in refused
+            ],
+            f"{batch.dedup_token}-refused",
+        )
+        self.store.insert(letters.table, letters.data, letters.dedup_token)
 
     def _wait(self, delay: float) -> bool:
         """Sleep ``delay`` while keeping group membership; True when asked to stop."""

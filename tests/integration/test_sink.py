@@ -205,3 +205,43 @@ def test_store_outage_is_retried_never_dropped(settings: Settings, store: ChdbSt
         sink.close()
     assert sink.counters.retries == 3
     assert one(store, "SELECT count(), sum(cost) FROM DB.priced_events FINAL") == (n, COST * n)
+
+
+class RefusingStore:
+    """The real store, which also refuses (as ClickHouse refuses a value it cannot take) any
+    priced-events insert holding one poisoned event id."""
+
+    def __init__(self, store: ChdbStore, poisoned: str) -> None:
+        self.store, self.poisoned = store, poisoned
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def insert(self, table: str, columns: Columns, dedup_token: str) -> int:
+        if table == "priced_events" and self.poisoned in columns.column("event_id").to_pylist():
+            raise StoreError(
+                "ClickHouse (chDB) refused the statement: Code: 469. DB::Exception: "
+                "Constraint `c` is violated (VIOLATED_CONSTRAINT)"
+            )
+        return self.store.insert(table, columns, dedup_token)
+
+
+def test_a_row_the_store_refuses_is_a_dead_letter_and_the_sink_goes_on(
+    settings: Settings, store: ChdbStore
+) -> None:
+    # Before, the sink retried the batch holding it forever: nothing more was stored.
+    events = [priced(i) for i in range(300)]
+    produce(settings, settings.topics.priced, events)
+    poisoned = orjson.loads(events[123][1])["event_id"]
+    sink = Sink(settings, RefusingStore(store, poisoned))  # type: ignore[arg-type]
+    try:
+        assert sink.run_until_drained(timeout_s=90)
+    finally:
+        sink.close()
+    assert one(store, "SELECT count() FROM DB.priced_events FINAL") == (299,)
+    stage, reason, payload = one(
+        store, "SELECT stage, reason, payload FROM DB.dead_letters FINAL"
+    )
+    assert (stage, orjson.loads(payload)["event_id"]) == ("sink", poisoned)
+    assert "VIOLATED_CONSTRAINT" in reason
+    assert sink.counters.dead_lettered == 1
