@@ -239,9 +239,7 @@ def test_a_row_the_store_refuses_is_a_dead_letter_and_the_sink_goes_on(
     finally:
         sink.close()
     assert one(store, "SELECT count() FROM DB.priced_events FINAL") == (299,)
-    stage, reason, payload = one(
-        store, "SELECT stage, reason, payload FROM DB.dead_letters FINAL"
-    )
+    stage, reason, payload = one(store, "SELECT stage, reason, payload FROM DB.dead_letters FINAL")
     assert (stage, orjson.loads(payload)["event_id"]) == ("sink", poisoned)
     assert "VIOLATED_CONSTRAINT" in reason
     assert sink.counters.dead_lettered == 1

@@ -147,6 +147,8 @@ class FakeStore:
     def query(self, sql: str, parameters: Any = None) -> tuple[list[str], list[tuple[Any, ...]]]:
         return self.names, self.rows
 
+    query_readonly = query
+
     def close(self) -> None:
         pass
 
