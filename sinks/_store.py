@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 
 import pyarrow as pa
 
-from spendstream.errors import StoreError
+from spendstream.errors import ReadOnlyQueryError, StoreError
 
 if TYPE_CHECKING:
     from spendstream.settings import Settings
@@ -392,14 +392,16 @@ def check_read_only(sql: str) -> str:
     bare = _STRIP.sub(" ", sql).strip()
     bare = bare.rstrip(";").strip()
     if not bare:
-        raise StoreError("empty query")
+        raise ReadOnlyQueryError("empty query")
     if ";" in bare:
-        raise StoreError("one statement per query")
+        raise ReadOnlyQueryError("one statement per query")
     first = bare.split(None, 1)[0].upper().lstrip("(")
     if first not in _READ_KEYWORDS:
-        raise StoreError(f"only SELECT, WITH, SHOW and DESCRIBE are allowed here, not {first}")
+        raise ReadOnlyQueryError(
+            f"only SELECT, WITH, SHOW and DESCRIBE are allowed here, not {first}"
+        )
     if re.search(r"\bOUTFILE\b", bare, re.I):
-        raise StoreError("INTO OUTFILE is not allowed")
+        raise ReadOnlyQueryError("INTO OUTFILE is not allowed")
     return sql.strip().rstrip(";")
 
 
@@ -500,14 +502,18 @@ def vet_read_only(
             return _vet_canonical(sql, ask)
         if not parser_required and ("UNKNOWN_FUNCTION" in text or "Unknown function" in text):
             return sql
-        raise StoreError(f"not one statement ClickHouse can parse: {_engine_reason(text)}") from exc
+        raise ReadOnlyQueryError(
+            f"not one statement ClickHouse can parse: {_engine_reason(text)}"
+        ) from exc
     try:
         ast = json.loads(str(rows[0][0]))
     except (IndexError, ValueError) as exc:
-        raise StoreError("the engine returned no readable parse of the query") from exc
+        raise ReadOnlyQueryError("the engine returned no readable parse of the query") from exc
     if not isinstance(ast, dict) or ast.get("type") not in _READ_STATEMENTS:
         kind = ast.get("type") if isinstance(ast, dict) else None
-        raise StoreError(f"only SELECT, SHOW and DESCRIBE statements are allowed here, not {kind}")
+        raise ReadOnlyQueryError(
+            f"only SELECT, SHOW and DESCRIBE statements are allowed here, not {kind}"
+        )
     _check_ast(ast, table_functions)
     return sql
 
@@ -529,26 +535,30 @@ def _check_ast(ast: dict[str, Any], table_functions: Callable[[], TableFunctions
         if not isinstance(node, dict):
             continue
         if "out_file" in node or node.get("is_into_outfile_with_stdout"):
-            raise StoreError("INTO OUTFILE is not allowed")
+            raise ReadOnlyQueryError("INTO OUTFILE is not allowed")
         if "format_ast" in node:
-            raise StoreError("a FORMAT clause is not allowed here: use --format")
+            raise ReadOnlyQueryError("a FORMAT clause is not allowed here: use --format")
         if node.get("type") == "TableExpression" and isinstance(node.get("table_function"), dict):
             call = node["table_function"]
             name = str(call.get("name", ""))
             if not call.get("is_compound_name") and name.lower() not in _SAFE_TABLE_FUNCTIONS:
                 known = known or table_functions()
                 if name.lower() in known.names:
-                    raise StoreError(f"table function {name}() is not allowed in readonly mode")
+                    raise ReadOnlyQueryError(
+                        f"table function {name}() is not allowed in readonly mode"
+                    )
         elif node.get("type") == "Function":
             name = str(node.get("name", ""))
             lower = name.lower()
             if lower in _UNSAFE_FUNCTIONS or _AI_FUNCTION.match(name):
-                raise StoreError(f"function {name}() is not allowed in readonly mode")
+                raise ReadOnlyQueryError(f"function {name}() is not allowed in readonly mode")
             if lower not in _SAFE_TABLE_FUNCTIONS:
                 # A table function can also stand in an expression: x IN url(...).
                 known = known or table_functions()
                 if lower in known.table_only:
-                    raise StoreError(f"table function {name}() is not allowed in readonly mode")
+                    raise ReadOnlyQueryError(
+                        f"table function {name}() is not allowed in readonly mode"
+                    )
         stack.extend(node.values())
 
 
@@ -556,7 +566,7 @@ def _vet_canonical(sql: str, ask: Ask) -> str:
     _, rows = ask("SELECT formatQuerySingleLine({q:String})", {"q": sql})
     canonical = str(rows[0][0]) if rows else ""
     if not _DESCRIBE.fullmatch(canonical):
-        raise StoreError(
+        raise ReadOnlyQueryError(
             "only SELECT, SHOW TABLES / COLUMNS, DESCRIBE TABLE t and SHOW CREATE TABLE t "
             "are allowed here"
         )
@@ -572,11 +582,11 @@ class ReadOnlyStore:
 
     def migrate(self) -> list[str]:
         """Not possible: raises :class:`StoreError`."""
-        raise StoreError("this store was opened read-only: migrations need a writer")
+        raise ReadOnlyQueryError("this store was opened read-only: migrations need a writer")
 
     def insert(self, table: str, columns: Columns, dedup_token: str) -> int:
         """Not possible: raises :class:`StoreError`."""
-        raise StoreError("this store was opened read-only: inserts need a writer")
+        raise ReadOnlyQueryError("this store was opened read-only: inserts need a writer")
 
     def query(self, sql: str, parameters: Parameters | None = None) -> QueryResult:
         """Run one statement read-only (see :meth:`Store.query_readonly`)."""

@@ -36,6 +36,11 @@ class StoreError(SpendstreamError):
     """ClickHouse (server or embedded chDB) failed or refused a statement."""
 
 
+class ReadOnlyQueryError(StoreError):
+    """A statement refused on a read-only path (``spendstream query``, the read endpoint):
+    not one read-only statement, or one that would touch files, the network or settings."""
+
+
 class StoreLockedError(StoreError):
     """The embedded chDB folder is owned by another process."""
 

@@ -798,3 +798,12 @@ def test_the_store_folder_is_private(tmp_path: Path) -> None:
     old.chmod(0o755)
     _private_folder(old)
     assert oct(old.stat().st_mode & 0o777) == "0o700"
+
+
+def test_read_only_refusals_are_their_own_error() -> None:
+    from sinks._store import check_read_only
+    from spendstream import ReadOnlyQueryError, StoreError
+
+    with pytest.raises(ReadOnlyQueryError) as info:
+        check_read_only("DROP TABLE spendstream.schema_migrations")
+    assert isinstance(info.value, StoreError)  # callers catching StoreError still do
