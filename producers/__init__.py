@@ -1,4 +1,4 @@
-"""Producers of usage events for gateways and services (DESIGN §2).
+"""Producers of usage events for gateways and services (docs/DESIGN.md, "Data flow").
 
 ``UsageProducer`` (threads) and ``AsyncUsageProducer`` (asyncio) validate every event against
 the contract of :mod:`schemas`, key it by ``user_id`` and deliver it idempotently with

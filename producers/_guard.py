@@ -1,4 +1,6 @@
-"""CapGuard: the gateway's in-memory view of every user's enforcement state (DESIGN §5).
+"""CapGuard: the gateway's in-memory view of every user's enforcement state.
+
+See docs/DESIGN.md, "Caps, alerts and enforcement".
 
 The stream workers publish one :class:`~stream_processors.EnforcementRecord` per user to the
 compacted enforcement topic whenever the user's state changes. A gateway holds the whole topic

@@ -1,4 +1,7 @@
-"""The synchronous, thread-safe usage-event producer (DESIGN §2: gateway -> usage.events)."""
+"""The synchronous, thread-safe usage-event producer: gateway -> usage.events.
+
+See docs/DESIGN.md, "Data flow".
+"""
 
 from __future__ import annotations
 

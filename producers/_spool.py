@@ -1,4 +1,4 @@
-"""A bounded, append-only, on-disk spool of produced messages (DESIGN §2).
+"""A bounded, append-only, on-disk spool of produced messages (docs/DESIGN.md, "Data flow").
 
 When is a message spooled? **Always, first (write-ahead).** With a spool,
 :meth:`UsageProducer.send <producers.UsageProducer.send>` appends the encoded event to the spool
@@ -42,8 +42,8 @@ A restart replays every record whose acknowledgement was not recorded. A record 
 but its acknowledgement lost (a crash between the broker's ack and the ``.ack`` write, or an
 ``.ack`` write the disk refused), so a replay may duplicate an event; that is harmless because
 every event carries its ``event_id`` and the stream processor drops duplicates by ``event_id``
-(DESIGN §3, §5). The idempotent producer only prevents duplicates within one producer session,
-not across restarts.
+(docs/DESIGN.md, "Event time and lateness" and "Delivery guarantee"). The idempotent
+producer only prevents duplicates within one producer session, not across restarts.
 
 Durability (``fsync``): records are written with ``os.write`` (no user-space buffer), so a
 *process* crash never loses an appended record. ``always`` also ``fsync``\\ s before

@@ -1,4 +1,6 @@
-"""The event contract of spendstream (DESIGN §3) and the names of its topics.
+"""The event contract of spendstream and the names of its topics.
+
+See docs/DESIGN.md, "The event contract".
 
 Importable without Kafka or ClickHouse: producers in any process can validate against it.
 """

@@ -1,4 +1,4 @@
-"""The public usage-event contract (DESIGN §3) and its wire codec.
+"""The public usage-event contract (docs/DESIGN.md, "The event contract") and its wire codec.
 
 Field names are a public contract: producers in other languages depend on them. Models may add
 optional fields; they never rename or repurpose one.
@@ -153,7 +153,9 @@ def token_classes_problem(ev: _TokenCounts) -> str | None:
 
 
 class UsageEvent(BaseModel):
-    """One model call, as emitted by a gateway after the call (DESIGN §3).
+    """One model call, as emitted by a gateway after the call.
+
+    See docs/DESIGN.md, "The event contract".
 
     Token fields follow the provider-neutral convention: ``input_tokens`` counts *all* input
     tokens of the call, of which ``cached_input_tokens`` were read from and

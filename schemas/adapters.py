@@ -1,4 +1,4 @@
-"""Usage events from real provider payloads (DESIGN §3, "Adapters").
+"""Usage events from real provider payloads (docs/DESIGN.md, "The event contract").
 
 Each adapter maps one provider's ``usage`` object onto the provider-neutral token fields of
 :class:`~schemas.UsageEvent` and validates the result, so a gateway writes::

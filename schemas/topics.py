@@ -1,4 +1,4 @@
-"""Every Kafka topic name spendstream uses, in one place (DESIGN §2).
+"""Every Kafka topic name spendstream uses, in one place (docs/DESIGN.md, "Data flow").
 
 Settings may rename them (``SPENDSTREAM_TOPICS__EVENTS=...``); these are the defaults. All topics
 are keyed by ``user_id`` so that one user's events stay in order on one partition end to end.

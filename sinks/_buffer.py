@@ -1,4 +1,6 @@
-"""The sink's batching buffer: pure logic, no Kafka, no ClickHouse (DESIGN §8).
+"""The sink's batching buffer: pure logic, no Kafka, no ClickHouse.
+
+See docs/DESIGN.md, "Pure logic and thin I/O".
 
 Records arrive as (topic, partition, offset, key, value). Each is decoded by the
 :class:`TableSpec` registered for its topic and buffered per target table, keyed by

@@ -1,4 +1,6 @@
-"""Embedded ClickHouse (chDB) as a :class:`~sinks.Store`, with one owner process (DESIGN §6).
+"""Embedded ClickHouse (chDB) as a :class:`~sinks.Store`, with one owner process.
+
+See docs/DESIGN.md, "Storage".
 
 chDB locks its data folder: only one process can open it. The process that opens it is the
 *owner*: it writes an owner file next to the folder (pid, command, the address of a local

@@ -37,7 +37,7 @@ Parameters: TypeAlias = Mapping[str, Any]
 
 @runtime_checkable
 class Store(Protocol):
-    """A ClickHouse database spendstream writes to and reads from (DESIGN §6)."""
+    """A ClickHouse database spendstream writes to and reads from (docs/DESIGN.md, "Storage")."""
 
     database: str
 

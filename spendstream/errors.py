@@ -17,7 +17,7 @@ class ConfigError(SpendstreamError):
 
 
 class InvalidEventError(SpendstreamError):
-    """A usage event breaks the contract (DESIGN §3)."""
+    """A usage event breaks the contract (docs/DESIGN.md, "The event contract")."""
 
 
 class KafkaError(SpendstreamError):

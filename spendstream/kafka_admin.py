@@ -1,4 +1,4 @@
-"""Topic administration with confluent-kafka's AdminClient (DESIGN §2 topics).
+"""Topic administration with confluent-kafka's AdminClient (docs/DESIGN.md, "Data flow").
 
 Every confluent-kafka :class:`~confluent_kafka.KafkaException` leaving this module is translated
 into :class:`spendstream.errors.KafkaError` with a sentence that names the topic or broker.

@@ -123,7 +123,8 @@ MALFORMED_KINDS: Final = (
     "bool_as_string",
     "bad_status",
 )
-"""The kinds of broken payload :func:`malformed_payload` makes; each breaks DESIGN §3."""
+"""The kinds of broken payload :func:`malformed_payload` makes; each breaks the contract
+(docs/DESIGN.md, "The event contract")."""
 
 
 ItemKind = Literal["event", "late", "duplicate", "malformed"]

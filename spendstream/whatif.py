@@ -12,7 +12,7 @@ The replay model (what it can and cannot know):
 * Revenue: each subscription period prorated to the second over the month at the scenario's
   monthly price (as in the P&L views), plus the overage the scenario would bill.
 * Cost: the stored cost of each event, or, for served models the ``--prices`` sheet lists, the
-  same tokens re-priced with it (DESIGN §4 formula; a semantic-cache hit stays free).
+  same tokens re-priced with it (docs/DESIGN.md, "Exact money"; a semantic-cache hit stays free).
 * Caps: every fixed window (billing_month, calendar_day, week) of the event's plan is replayed
   per user and window instance in event-time order: an event whose window usage *before* it is
   at or over the allowance is blocked (cost 0) or downgraded (its tokens priced at the

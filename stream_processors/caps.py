@@ -1,8 +1,8 @@
 """Caps: per-user window usage, threshold alerts, enforcement state, overage and credits.
 
-Pure domain logic (DESIGN §5): no Kafka, no clock, no I/O. A stream worker keeps one
-:class:`UserCapState` per user (a faust Table value, serialized with :meth:`UserCapState.to_dict`)
-and feeds each priced event through :meth:`CapEngine.apply` (or a batch through
+Pure domain logic (docs/DESIGN.md, "Caps, alerts and enforcement"): no Kafka, no clock, no I/O.
+A stream worker keeps one :class:`UserCapState` per user (a faust Table value, serialized with
+:meth:`UserCapState.to_dict`) and feeds each priced event through :meth:`CapEngine.apply` (or a batch through
 :meth:`CapEngine.apply_batch`); the returned :class:`Effects` are the records to produce.
 
 Semantics

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
             None, "--out", "-o", help="Write here instead of standard output."
         ),
     ) -> None:
-        """Export the JSON Schema of the usage event (DESIGN §3) for producers in any language."""
+        """Export the JSON Schema of the usage event for producers in any language."""
         from schemas import event_json_schema
 
         text = json.dumps(event_json_schema(), indent=2, sort_keys=True) + "\n"

@@ -1,4 +1,7 @@
-"""``kafka up|down|status|topics``: the local KRaft broker and the topics of DESIGN §2."""
+"""``kafka up|down|status|topics``: the local KRaft broker and the topics.
+
+See docs/DESIGN.md, "Data flow".
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The usage-event contract (DESIGN §3) as a table of good and bad events."""
+"""The usage-event contract as a table of good and bad events (docs/DESIGN.md)."""
 
 from __future__ import annotations
 
