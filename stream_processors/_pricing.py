@@ -1,91 +1,138 @@
-"""The price catalog and the cost of one call (DESIGN §4).
+"""The price catalog and the cost of one call (DESIGN §4; docs/DESIGN.md, "Exact money").
 
 The catalog reads the LiteLLM model-price JSON format with every number parsed as a decimal
 (``parse_float=Decimal``), plus an overrides file of the same format (negotiated prices,
-self-hosted models). Internally prices are integers of 10**-24 USD per token, so pricing an
-event is a handful of integer multiplications.
+self-hosted models). Internally prices are integers of 10**-24 USD per token. What is priced,
+from which keys and with which rule (thresholds, service tiers, caches, modalities, web
+search, off-peak windows) is in :mod:`stream_processors._price_rules`; it is resolved per
+model at load time into one tuple of rates per tier and band of input tokens, so pricing an
+event is a table lookup and a handful of integer multiplications.
 """
 
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from schemas import MAX_PRICE_PER_TOKEN, UsageEvent
+from schemas import UsageEvent
 from schemas._wire import DecodedEvent
 from spendstream.errors import ConfigError
-from stream_processors._money import to_units
+from stream_processors._price_rules import (
+    AIN,
+    AOUT,
+    CR,
+    CW,
+    CW1H,
+    IIN,
+    IN,
+    IOUT,
+    MAX_PRICE_PER_QUERY,
+    OUT,
+    RS,
+    Rates,
+    Rules,
+    Search,
+    build_rules,
+    default_rules,
+    price_units,
+    query_price_units,
+)
+
+__all__ = [
+    "MAX_PRICE_PER_QUERY",
+    "VENDORED_CATALOG",
+    "ModelPrice",
+    "PriceCatalog",
+    "Quote",
+    "price_units",
+    "query_price_units",
+]
 
 VENDORED_CATALOG = Path(__file__).with_name("data") / "litellm_model_prices.json"
+_SIZE_INDEX = {"low": 0, "medium": 1, "high": 2}
 
 
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """Per-token prices of one model, in units of 10**-24 USD."""
+    """Prices of one model, in units of 10**-24 USD.
+
+    The five fields are the standard-tier rates below any long-context threshold; ``rules``
+    (every tier, band, modality and search price, see :mod:`stream_processors._price_rules`)
+    defaults to those five with every other rate falling back to them.
+    """
 
     input: int
     output: int
     cache_read: int
     cache_write: int
     reasoning: int
+    rules: InitVar[Rules | None] = None
+    _rules: Rules = field(init=False, repr=False, compare=False)
+    _flat: Rates | None = field(init=False, repr=False, compare=False)
+    """The standard-tier rates when they do not depend on the call (no thresholds, no
+    off-peak windows): the common case, read without a lookup."""
+
+    def __post_init__(self, rules: Rules | None) -> None:
+        if rules is None:
+            rules = default_rules(
+                self.input, self.output, self.cache_read, self.cache_write, self.reasoning
+            )
+        object.__setattr__(self, "_rules", rules)
+        flat = None if rules.bounds or rules.off_peak else rules.bands["standard"][0]
+        object.__setattr__(self, "_flat", flat)
+
+    @property
+    def price_rules(self) -> Rules:
+        """The model's resolved rate tables."""
+        return self._rules
 
     @classmethod
     def from_entry(cls, name: str, entry: Mapping[str, Any]) -> ModelPrice | None:
         """Build from a LiteLLM entry; ``None`` when the entry is not priced per token."""
-        inp = entry.get("input_cost_per_token")
-        out = entry.get("output_cost_per_token")
-        if inp is None or out is None:
-            return None
         try:
-            inp_u, out_u = price_units(inp), price_units(out)
-
-            def opt(field: str, default: int) -> int:
-                raw = entry.get(field)
-                return default if raw is None else price_units(raw)
-
-            return cls(
-                input=inp_u,
-                output=out_u,
-                cache_read=opt("cache_read_input_token_cost", inp_u),
-                cache_write=opt("cache_creation_input_token_cost", inp_u),
-                reasoning=opt("output_cost_per_reasoning_token", out_u),
-            )
-        except (ConfigError, ArithmeticError, ValueError, TypeError) as exc:
+            rules = build_rules(name, entry)
+        except ConfigError:
+            raise
+        except (ArithmeticError, ValueError, TypeError) as exc:
             raise ConfigError(f"price entry {name!r}: {exc}") from exc
+        if rules is None:
+            return None
+        return cls(*rules.base, rules=rules)
 
-
-_MAX_PRICE_UNITS = to_units(MAX_PRICE_PER_TOKEN)
-
-
-def price_units(value: Any) -> int:
-    """A per-token price in units of 10**-24 USD; :class:`ConfigError` unless it is an exact
-    number from 0 to :data:`~schemas.MAX_PRICE_PER_TOKEN` (the bound that keeps every sum
-    storable, see docs/DESIGN.md)."""
-    units = to_units(_dec(value))
-    if not 0 <= units <= _MAX_PRICE_UNITS:
-        raise ConfigError(f"price per token {value} is outside 0 to {MAX_PRICE_PER_TOKEN} USD")
-    return units
-
-
-def _dec(value: Any) -> Decimal:
-    if isinstance(value, Decimal):
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        # A float here means someone parsed the file with floats: refuse rather than round.
-        raise ConfigError(f"price {value!r} is not an exact number")
-    return Decimal(value)
+    def rates(self, tier: str, input_tokens: int, when: datetime) -> Rates:
+        """The rates of a call at ``tier`` with ``input_tokens`` of input at ``when``."""
+        rules = self._rules
+        table = rules.bands
+        if rules.off_peak is not None and rules.off_peak.is_open(when):
+            assert rules.off_peak_bands is not None
+            table = rules.off_peak_bands
+        rows = table[tier]
+        return rows[bisect_left(rules.bounds, input_tokens)] if rules.bounds else rows[0]
 
 
 @dataclass(frozen=True, slots=True)
 class Quote:
     """The money side of one priced call, all in units of 10**-24 USD.
 
-    ``list_value - cost == saved_prompt_cache + saved_semantic_cache + saved_routing``.
+    ``list_value`` is the call at the requested model, standard tier, without caches (its
+    long-context rates by its own token counts; 0 cost and the whole list value saved on a
+    semantic cache hit), and exactly::
+
+        list_value - cost == saved_prompt_cache + saved_semantic_cache + saved_routing
+                             + saved_service_tier
+
+    ``saved_routing``: requested vs served model, both at standard tier without caches;
+    ``saved_service_tier``: the served model at standard vs at the call's tier, without
+    caches; ``saved_prompt_cache``: the rest. Savings are signed (a priority tier or a cache
+    write can cost more). ``approximated``: a rate the cost, list value or savings needed is
+    not in the map and the closest one was used (see :mod:`stream_processors._price_rules`).
     """
 
     cost: int
@@ -141,44 +188,123 @@ class PriceCatalog:
 
     def quote(self, event: UsageEvent | DecodedEvent) -> Quote:
         """Cost, list value and savings of one call, exactly per DESIGN §4."""
-        served = event.served_model or event.requested_model
-        served_price = self.lookup(served, event.provider)
-        requested_price = (
-            served_price
-            if served == event.requested_model
-            else self.lookup(event.requested_model, event.provider)
-        )
-        unknown = served_price is None or requested_price is None
-        sp = served_price or self.fallback
-        rp = requested_price or self.fallback
+        requested = event.requested_model
+        served = event.served_model or requested
+        prices = self._prices
+        sp = prices.get(served) or self.lookup(served, event.provider)
+        if served == requested:
+            rp = sp
+        else:
+            rp = prices.get(requested) or self.lookup(requested, event.provider)
+        unknown = sp is None or rp is None
+        if sp is None:
+            sp = self.fallback
+        if rp is None:
+            rp = self.fallback
 
-        inp, out = event.input_tokens, event.output_tokens
-        cached, written, reasoning = (
-            event.cached_input_tokens,
-            event.cache_write_tokens,
-            event.reasoning_tokens,
-        )
-        plain_out = out - reasoning
-        # List value: the same tokens at the requested model, no cache discount, no semantic cache.
-        list_value = inp * rp.input + plain_out * rp.output + reasoning * rp.reasoning
+        n = event.input_tokens
+        ain = event.input_audio_tokens
+        iin = event.input_image_tokens
+        out = event.output_tokens
+        reasoning = event.reasoning_tokens
+        aout = event.output_audio_tokens
+        iout = event.output_image_tokens
+        searches = event.web_search_requests
+        when = event.occurred_at
+        plain_in = n - ain - iin  # text input, cache reads and writes included
+        text_out = out - reasoning - aout - iout
+        counts = (plain_in, text_out, reasoning, ain, iin, aout, iout)
+        modal = ain or iin or aout or iout
+
+        # The requested model at standard tier without caches.
+        rr = rp._flat or rp.rates("standard", n, when)
+        list_value = rr[0] * plain_in + rr[6] * text_out + rr[7] * reasoning
+        if modal:
+            list_value += rr[4] * ain + rr[5] * iin + rr[8] * aout + rr[9] * iout
+        approx = False
+        if searches:
+            add, approx = _search_cost(rp._rules.search, event.search_context_size, searches)
+            list_value += add
+        flags = rr[10]
+        if flags & _TEXT or (modal and flags):
+            approx = approx or _flagged(flags, counts)
         if event.semantic_cache_hit:
-            return Quote(0, list_value, 0, list_value, 0, unknown)
-        cost = (
-            (inp - cached - written) * sp.input
-            + cached * sp.cache_read
-            + written * sp.cache_write
-            + plain_out * sp.output
-            + reasoning * sp.reasoning
-        )
-        served_uncached = inp * sp.input + plain_out * sp.output + reasoning * sp.reasoning
+            return Quote(0, list_value, 0, list_value, 0, unknown, 0, approx)
+
+        tier = event.service_tier
+        if sp is rp:
+            r = rr
+            std_uncached = list_value
+        else:
+            r = sp._flat or sp.rates("standard", n, when)
+            std_uncached = r[0] * plain_in + r[6] * text_out + r[7] * reasoning
+            if modal:
+                std_uncached += r[4] * ain + r[5] * iin + r[8] * aout + r[9] * iout
+            if searches:
+                add, flag = _search_cost(sp._rules.search, event.search_context_size, searches)
+                std_uncached += add
+                approx = approx or flag
+            approx = approx or _flagged(r[10], counts)
+        tier_uncached = std_uncached
+        if tier != "standard":
+            r = sp.rates(tier, n, when)
+            tier_uncached = r[0] * plain_in + r[6] * text_out + r[7] * reasoning
+            if modal:
+                tier_uncached += r[4] * ain + r[5] * iin + r[8] * aout + r[9] * iout
+            if searches:
+                search = sp._rules.search
+                tier_uncached += _search_cost(search, event.search_context_size, searches)[0]
+            approx = approx or _flagged(r[10], counts)
+        cost = tier_uncached
+        cached = event.cached_input_tokens
+        written = event.cache_write_tokens
+        if cached or written:
+            w1h = event.cache_write_1h_tokens
+            w5m = written - w1h
+            ri = r[0]
+            cost += (r[1] - ri) * cached + (r[2] - ri) * w5m + (r[3] - ri) * w1h
+            if r[10]:
+                cache_used = (CR if cached else 0) | (CW if w5m else 0) | (CW1H if w1h else 0)
+                approx = approx or bool(r[10] & cache_used)
         return Quote(
             cost=cost,
             list_value=list_value,
-            saved_prompt_cache=served_uncached - cost,
+            saved_prompt_cache=tier_uncached - cost,
             saved_semantic_cache=0,
-            saved_routing=list_value - served_uncached,
+            saved_routing=list_value - std_uncached,
             unknown_model=unknown,
+            saved_service_tier=std_uncached - tier_uncached,
+            approximated=approx,
         )
+
+
+_TEXT = IN | OUT | RS
+
+
+def _flagged(flags: int, counts: tuple[int, int, int, int, int, int, int]) -> bool:
+    """Whether a class of the call without caches (plain input, text output, reasoning,
+    input audio, input image, output audio, output image) has an approximated rate."""
+    if not flags:
+        return False
+    plain_in, text_out, reasoning, ain, iin, aout, iout = counts
+    return bool(
+        flags
+        & (
+            (IN if plain_in else 0)
+            | (OUT if text_out else 0)
+            | (RS if reasoning else 0)
+            | (AIN if ain else 0)
+            | (IIN if iin else 0)
+            | (AOUT if aout else 0)
+            | (IOUT if iout else 0)
+        )
+    )
+
+
+def _search_cost(search: Search, size: str | None, searches: int) -> tuple[int, bool]:
+    """Price of ``searches`` web searches at ``size`` (the model's default when None)."""
+    price, flagged = search.prices[search.default_size if size is None else _SIZE_INDEX[size]]
+    return price * (1 if search.per_prompt else searches), flagged
 
 
 @lru_cache(maxsize=8)
