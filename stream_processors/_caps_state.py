@@ -12,7 +12,7 @@ from math import gcd
 from typing import Any
 
 from schemas import MONEY_SCALE
-from stream_processors._caps_util import units_from_str
+from stream_processors._money import units_from_str
 from stream_processors._money import units_to_str as units_str
 
 NEVER = -(2**62)

@@ -13,78 +13,29 @@ wrong (Python's default context keeps 28 significant digits; a sum of 24-place c
 from __future__ import annotations
 
 import calendar
-import time
-from datetime import UTC, date, datetime, timedelta
-from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from schemas import MONEY_SCALE
+from stream_processors._money import SCALE, as_fraction, units_from_str
+from stream_processors._money import decimal_to_units as to_units
+from stream_processors._time import EPOCH, SECOND, epoch_s, rfc3339, rfc3339_dt
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-SECOND = timedelta(seconds=1)
-SCALE = 10**MONEY_SCALE
-_WIDE = Context(prec=120, traps=[Inexact, InvalidOperation, Overflow])
+__all__ = [
+    "EPOCH",
+    "SCALE",
+    "SECOND",
+    "billing_month_bounds",
+    "day_bounds",
+    "epoch_s",
+    "ratio",
+    "rfc3339",
+    "rfc3339_dt",
+    "to_units",
+    "units_from_str",
+    "week_bounds",
+]
 
-
-def epoch_s(when: datetime) -> int:
-    """Whole seconds since the epoch (floored), exact integer arithmetic (no float timestamp)."""
-    if when.tzinfo is None:
-        raise ValueError(f"event time must be timezone-aware, got {when!r}")
-    return (when - EPOCH) // SECOND
-
-
-_RFC3339: dict[int, str] = {}
-_RFC3339_MAX = 65_536
-
-
-def rfc3339(seconds: int) -> str:
-    """RFC 3339 UTC, e.g. ``2025-01-31T09:00:00Z``."""
-    # Cached: window bounds and "as of" times repeat across the users of a batch, and each
-    # user's enforcement record formats several of them.
-    text = _RFC3339.get(seconds)
-    if text is None:
-        if len(_RFC3339) >= _RFC3339_MAX:
-            _RFC3339.clear()
-        text = _RFC3339[seconds] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-    return text
-
-
-_last_dt: list[tuple[datetime, str]] = []
-
-
-def rfc3339_dt(when: datetime) -> str:
-    """RFC 3339 UTC of an aware datetime, microseconds kept when present."""
-    # The batch's detection time is formatted for every user of the batch: remember the last.
-    last = _last_dt[0] if _last_dt else None
-    if last is not None and last[0] is when:
-        return last[1]
-    text = when.astimezone(UTC).isoformat().removesuffix("+00:00") + "Z"
-    _last_dt[:] = [(when, text)]
-    return text
-
-
-def to_units(value: Decimal) -> int:
-    """USD as exact units of 10**-MONEY_SCALE; more decimal places than that is an error."""
-    scaled = value.scaleb(MONEY_SCALE, _WIDE)
-    units = int(scaled)
-    if units != scaled:
-        raise ValueError(f"{value} has more than {MONEY_SCALE} decimal places")
-    return units
-
-
-def units_from_str(text: str) -> int:
-    """Inverse of :func:`units_str`."""
-    return to_units(Decimal(text))
-
-
-def ratio(value: Decimal) -> tuple[int, int]:
-    """A non-negative decimal as an exact fraction ``num / den`` with ``den`` a power of ten."""
-    sign, digits, exponent = value.as_tuple()
-    assert isinstance(exponent, int) and not sign
-    num = int("".join(map(str, digits)) or "0")
-    if exponent >= 0:
-        return num * 10**exponent, 1
-    return num, 10**-exponent
+ratio = as_fraction
 
 
 def _local_epoch(day: date, seconds_of_day: int, zone: ZoneInfo) -> int:

@@ -60,9 +60,9 @@ import orjson
 
 from schemas import MONEY_SCALE, DeadLetter, Subscription, encode_event
 from schemas._wire import to_model
-from stream_processors._processor import NO_PLAN, PricedRecord, late_segment, micros_to_iso
-from stream_processors._processor import to_micros as _to_micros
+from stream_processors._processor import NO_PLAN, PricedRecord, late_segment
 from stream_processors._state import PartitionedState
+from stream_processors._time import micros_to_iso, to_micros
 from stream_processors.caps import CapEngine, CapEvent, Effects, UserCapState
 
 log = logging.getLogger(__name__)
@@ -313,6 +313,6 @@ class CapStage:
             "payload_b64": base64.b64encode(encode_event(to_model(rec.event))).decode(),
             "reason": f"cap engine: {reason}"[:2000],
             "stage": "caps",
-            "received_at": micros_to_iso(_to_micros(now)),
+            "received_at": micros_to_iso(to_micros(now)),
         }
         return orjson.dumps(letter)

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stream_processors import _caps_util
-from stream_processors._caps_util import rfc3339, rfc3339_dt
+from stream_processors import _time as _caps_util
+from stream_processors._time import rfc3339, rfc3339_dt
 
 _instants = st.datetimes(
     min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)

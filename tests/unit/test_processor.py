@@ -344,7 +344,7 @@ def test_rollups_sum_exactly_to_unique_events_whatever_order_and_batching(
     )
 )
 def test_iso_formatting_round_trips(when: datetime) -> None:
-    from stream_processors._processor import micros_to_iso, to_micros
+    from stream_processors._time import micros_to_iso, to_micros
 
     text = micros_to_iso(to_micros(when))
     assert datetime.fromisoformat(text) == when
