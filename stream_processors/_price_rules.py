@@ -23,7 +23,7 @@ family                                         models  rule
                                                272k)
 ``*_batches``, ``*_flex``, ``*_priority``   592, 312,  service tiers, alone and with thresholds
                                                   433
-``tiered_pricing``                                 51  all tokens at the tier the input falls in
+``tiered_pricing``                                 54  all tokens at the tier the input falls in
 ``input_cost_per_audio_token`` (+tiers, N)        134  input audio; absent: the input rate
 ``output_cost_per_audio_token``                    84  output audio; absent: the output rate
 ``input_cost_per_image_token`` (+batches)         127  input images; absent: the input rate
@@ -38,9 +38,11 @@ Left out, deliberately:
 - per-second (``*_per_second*``, ``cost_per_second``; 139 + 147 + 28 entries), per-character
   (``*_per_character*``, 52), per-image and per-pixel generation (``input_cost_per_image``,
   ``output_cost_per_image*``, ``*_per_pixel``; 99 + 346 + 68), per-page OCR and annotation,
-  per-query search/rerank endpoints (``input_cost_per_query``, 50), ``input_cost_per_request``,
-  video (``*_video_*``): not chat-call token prices, and the event carries no seconds,
-  characters, images, pages or video tokens to multiply them by;
+  per-query search/rerank endpoints (``input_cost_per_query``, 50), ``input_cost_per_request``
+  (4), ``input_cost_per_text_message`` (3), ``ocr_cost_per_credit`` (2),
+  ``guardrail_cost_per_unit`` (1), video (``*_video_*``; 16 + 8 token rates): not chat-call
+  token prices, or the event carries no seconds, characters, images, pages, messages or video
+  tokens to multiply them by;
 - regional and speed uplifts (``regional_processing_uplift_multiplier_*``,
   ``fedramp_uplift_multiplier``, ``regional_endpoint_uplift_multiplier``,
   ``provider_specific_entry``; 25 + 112 + 39 + 91): the event does not say where or how fast
@@ -49,6 +51,8 @@ Left out, deliberately:
   the event's cache reads are not split by modality, so they are text cache reads, as LiteLLM
   prices a usage without ``cached_tokens_details``;
 - ``cache_creation_input_token_cost_above_12hr*`` (12): the event has no 12-hour write class;
+- ``input_cost_per_token_cache_hit`` (43): DeepSeek's older name of the cache-read rate, which
+  the same entries carry as ``cache_read_input_token_cost``; LiteLLM does not read it;
 - ``explicit_cache_read_input_token_cost`` (5): needs to know the cache was explicit;
 - tiers the contract does not have (``_ultrafast``, ``_balanced``, ``_decisions``; 8, 10, 1);
 - ``google_maps_grounding_cost_per_query`` (49), ``code_interpreter_cost_per_session`` (2),

@@ -213,7 +213,6 @@ class PriceCatalog:
         when = event.occurred_at
         plain_in = n - ain - iin  # text input, cache reads and writes included
         text_out = out - reasoning - aout - iout
-        counts = (plain_in, text_out, reasoning, ain, iin, aout, iout)
         modal = ain or iin or aout or iout
 
         # The requested model at standard tier without caches.
@@ -227,7 +226,7 @@ class PriceCatalog:
             list_value += add
         flags = rr[10]
         if flags & _TEXT or (modal and flags):
-            approx = approx or _flagged(flags, counts)
+            approx = approx or _flagged(flags, plain_in, text_out, reasoning, ain, iin, aout, iout)
         if event.semantic_cache_hit:
             return Quote(0, list_value, 0, list_value, 0, unknown, 0, approx)
 
@@ -244,7 +243,7 @@ class PriceCatalog:
                 add, flag = _search_cost(sp._rules.search, event.search_context_size, searches)
                 std_uncached += add
                 approx = approx or flag
-            approx = approx or _flagged(r[10], counts)
+            approx = approx or _flagged(r[10], plain_in, text_out, reasoning, ain, iin, aout, iout)
         tier_uncached = std_uncached
         if tier != "standard":
             r = sp.rates(tier, n, when)
@@ -254,7 +253,7 @@ class PriceCatalog:
             if searches:
                 search = sp._rules.search
                 tier_uncached += _search_cost(search, event.search_context_size, searches)[0]
-            approx = approx or _flagged(r[10], counts)
+            approx = approx or _flagged(r[10], plain_in, text_out, reasoning, ain, iin, aout, iout)
         cost = tier_uncached
         cached = event.cached_input_tokens
         written = event.cache_write_tokens
@@ -281,12 +280,20 @@ class PriceCatalog:
 _TEXT = IN | OUT | RS
 
 
-def _flagged(flags: int, counts: tuple[int, int, int, int, int, int, int]) -> bool:
+def _flagged(
+    flags: int,
+    plain_in: int,
+    text_out: int,
+    reasoning: int,
+    ain: int,
+    iin: int,
+    aout: int,
+    iout: int,
+) -> bool:
     """Whether a class of the call without caches (plain input, text output, reasoning,
     input audio, input image, output audio, output image) has an approximated rate."""
     if not flags:
         return False
-    plain_in, text_out, reasoning, ain, iin, aout, iout = counts
     return bool(
         flags
         & (
