@@ -2,7 +2,7 @@
 
 See docs/DESIGN.md, "Caps, alerts and enforcement".
 
-The stream workers publish one :class:`~stream_processors.EnforcementRecord` per user to the
+The stream workers publish one :class:`~schemas.EnforcementRecord` per user to the
 compacted enforcement topic whenever the user's state changes. A gateway holds the whole topic
 in memory (a :class:`~producers.CompactedTopicView`: read from the start, then followed live in a
 background thread) and asks :meth:`CapGuard.check` before each model call: a dict lookup and a
@@ -36,9 +36,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
-import orjson
-
 from producers._view import CompactedTopicView
+from schemas import DecodedEnforcement, decode_enforcement
 from spendstream.settings import Settings
 
 Action = Literal["allow", "downgrade", "block"]
@@ -95,34 +94,30 @@ def parse_until(value: str | None) -> float | None:
     return float(calendar.timegm(time.strptime(value[:19], "%Y-%m-%dT%H:%M:%S")))
 
 
-def decide(record: Mapping[str, Any]) -> Decision:
+def decide(record: DecodedEnforcement) -> Decision:
     """The decision an enforcement record implies while its ``until`` has not passed."""
-    state = record.get("state")
-    reason = str(record.get("reason") or state or "ok")
-    until = parse_until(record.get("until"))
-    window = record.get("window")
+    state, reason, window, raw = record.state, record.reason, record.window, record.record
+    until = parse_until(record.until)
     if state == "blocked":
-        return Decision("block", reason, None, until, "blocked", window, record)
+        return Decision("block", reason, None, until, "blocked", window, raw)
     if state == "downgrade":
-        model = record.get("downgrade_to")
+        model = record.downgrade_to
         if not model:
             # A downgrade without a model cannot be served: refusing is the safe reading.
-            return Decision("block", "downgrade_without_model", None, until, state, window, record)
-        return Decision("downgrade", reason, str(model), until, state, window, record)
-    if state in ("ok", "warn"):
-        return Decision("allow", reason, None, until, str(state), window, record)
-    raise ValueError(f"unknown enforcement state {state!r}")
+            return Decision("block", "downgrade_without_model", None, until, state, window, raw)
+        return Decision("downgrade", reason, model, until, state, window, raw)
+    return Decision("allow", reason, None, until, state, window, raw)
 
 
-def decode_enforcement(value: bytes) -> _Entry:
-    """Decode one enforcement message; raises ``ValueError`` for anything unusable."""
-    record = orjson.loads(value)
-    if not isinstance(record, dict):
-        raise ValueError("an enforcement record must be a JSON object")
-    try:
-        decision = decide(record)
-    except (TypeError, KeyError) as exc:
-        raise ValueError(f"bad enforcement record: {exc}") from exc
+def _entry_of(value: bytes) -> _Entry:
+    """Decode one enforcement message into its decisions; ``ValueError`` for anything unusable.
+
+    The record is read through its contract (:func:`schemas.decode_enforcement`): a record whose
+    state is unknown, or whose ``reason``, ``until``, ``window`` or ``downgrade_to`` is neither
+    a string nor null, or whose ``until`` is not an RFC 3339 time, is refused; the view counts
+    it in ``rejected`` and keeps the user's previous record.
+    """
+    decision = decide(decode_enforcement(value))
     expired = None
     if decision.action != "allow" or decision.until is not None:
         expired = Decision(
@@ -132,7 +127,7 @@ def decode_enforcement(value: bytes) -> _Entry:
             decision.until,
             decision.state,
             decision.window,
-            record,
+            decision.record,
         )
     return _Entry(decision, expired, decision.until)
 
@@ -163,7 +158,7 @@ class CapGuard:
         else:
             raise ValueError("CapGuard needs settings, or both config and topic")
         self._view: CompactedTopicView[_Entry] = CompactedTopicView(
-            conf, name, decode_enforcement, poll_interval_s=poll_interval_s
+            conf, name, _entry_of, poll_interval_s=poll_interval_s
         )
         self._clock = clock
         self.topic = name

@@ -6,11 +6,14 @@ read it as a float by accident. Timestamps are RFC 3339 UTC strings.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, TypedDict
+from typing import Annotated, Any, Literal, TypedDict, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -119,6 +122,172 @@ class DeadLetter(TypedDict):
     reason: str
     stage: str
     received_at: str
+
+
+# What the cap engine emits (docs/DESIGN.md, "Caps, alerts and enforcement"). Alerts, overages
+# and credit draws carry a deterministic id built from the user, the window instance and the
+# threshold or event, so a store that sees a record twice (at-least-once delivery, a replay)
+# keeps one; an enforcement record is the user's latest state, versioned.
+
+EnforcementStateName = Literal["ok", "warn", "downgrade", "blocked"]
+EnforcementReason = Literal["ok", "threshold", "cap", "overage", "ceiling"]
+
+
+class AlertRecord(TypedDict):
+    """A threshold crossing or a break-even (topic ``usage.alerts``).
+
+    ``alert_id = f"{user_id}|{window_id}|{threshold}"``: once per (user, window instance,
+    threshold). ``window_id = f"{window}@{instance start}"``; for a rolling window the instance is
+    the epoch-aligned block of ``hours`` hours the crossing was detected in, and
+    ``window_start``/``window_end`` are the bounds of the rolling sum that crossed. A break-even
+    alert has ``kind = "break_even"``, ``window = "<plan>.break_even"``, ``threshold = 100``, the
+    billing month's inference cost as ``usage`` and the plan's monthly price as ``limit``.
+    """
+
+    alert_id: str
+    kind: Literal["threshold", "break_even"]
+    user_id: str
+    org_id: str
+    plan_id: str
+    window: str
+    window_id: str
+    window_kind: str
+    unit: str
+    threshold: int
+    usage: str
+    limit: str
+    window_start: str
+    window_end: str
+    event_id: str
+    event_time: str
+    detected_at: str
+
+
+class EnforcementRecord(TypedDict):
+    """The latest enforcement state of a user (topic ``usage.enforcement``, compacted).
+
+    ``state`` is the most severe over the windows of the user's current plan (ties: the one that
+    lasts longest); ``window``, ``usage``, ``limit``, ``remaining`` (allowance left, never
+    negative) and ``until`` describe the window that decided it. ``until`` is the window
+    instance's end, or for a rolling window the first moment its usage drops back below the
+    level that triggered the state (assuming no further usage); ``None`` when ``ok``.
+    ``version`` increases by one with every record of the user, for last-write-wins stores.
+    """
+
+    user_id: str
+    org_id: str
+    plan_id: str
+    state: EnforcementStateName
+    reason: EnforcementReason
+    window: str | None
+    window_id: str | None
+    unit: str | None
+    usage: str | None
+    limit: str | None
+    remaining: str | None
+    until: str | None
+    downgrade_to: str | None
+    as_of: str
+    version: int
+    updated_at: str
+
+
+ENFORCEMENT_STATES: frozenset[str] = frozenset(get_args(EnforcementStateName))
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedEnforcement:
+    """What a gateway reads of an :class:`EnforcementRecord`, checked field by field.
+
+    Only the fields a decision needs are read (see :func:`decode_enforcement`); ``record`` is
+    the whole record as published.
+    """
+
+    state: EnforcementStateName
+    reason: str
+    """The record's ``reason``; its ``state`` when the record gives none."""
+    until: str | None
+    window: str | None
+    downgrade_to: str | None
+    record: Mapping[str, Any]
+
+
+def decode_enforcement(value: bytes) -> DecodedEnforcement:
+    """Decode one message of the enforcement topic; ``ValueError`` for anything unusable.
+
+    A reason the contract does not list yet is kept as written, so a gateway older than its
+    workers still reads their records.
+    """
+    record = orjson.loads(value)
+    if not isinstance(record, dict):
+        raise ValueError("an enforcement record must be a JSON object")
+    state = record.get("state")
+    if state not in ENFORCEMENT_STATES:
+        raise ValueError(f"unknown enforcement state {state!r}")
+    reason, until, window, downgrade_to = (
+        _optional_text(record, name) for name in ("reason", "until", "window", "downgrade_to")
+    )
+    return DecodedEnforcement(state, reason or state, until, window, downgrade_to, record)
+
+
+def _optional_text(record: Mapping[str, Any], name: str) -> str | None:
+    value = record.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"bad enforcement record: {name} must be a string or null, got {value!r}")
+    return value
+
+
+class OverageRecord(TypedDict):
+    """Billable usage beyond an allowance, per event (topic ``usage.overages``).
+
+    ``overage_id = f"{event_id}|{window_id}"``. ``quantity`` is the part of the event beyond the
+    allowance that credits did not cover, in ``unit``; ``value`` is its price before the ceiling
+    and ``amount`` what is billed (``value`` less whatever the ceiling waived). Billing sums
+    ``amount``. Prices are exact: ``value`` is the increase of ``floor(cumulative overage *
+    unit_price)`` at MONEY_SCALE, so per-event values add up to the exact price of the sum.
+    """
+
+    overage_id: str
+    user_id: str
+    org_id: str
+    plan_id: str
+    window: str
+    window_id: str
+    window_start: str
+    window_end: str
+    unit: str
+    event_id: str
+    event_time: str
+    quantity: str
+    unit_price: str
+    value: str
+    amount: str
+    ceiling_usd: str | None
+    detected_at: str
+
+
+class CreditDrawRecord(TypedDict):
+    """Prepaid credit drawn to cover overage, per event (topic ``usage.overages``).
+
+    ``draw_id = f"{event_id}|{window_id}|credit"``. ``quantity`` (in ``unit``) is the part of the
+    event's overage the credits covered, ``amount`` the USD drawn, ``balance_after`` the wallet
+    after the draw. Per window instance, the sum of credit ``quantity`` plus overage ``quantity``
+    equals the usage beyond the allowance, exactly.
+    """
+
+    draw_id: str
+    user_id: str
+    org_id: str
+    plan_id: str
+    window: str
+    window_id: str
+    unit: str
+    event_id: str
+    event_time: str
+    quantity: str
+    amount: str
+    balance_after: str
+    detected_at: str
 
 
 PlanId = Annotated[str, StringConstraints(min_length=1, max_length=64)]

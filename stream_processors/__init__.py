@@ -8,14 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from stream_processors._caps_records import (
-    AlertRecord,
-    CreditDrawRecord,
-    EnforcementRecord,
-    LateUsage,
-    OverageRecord,
-    RejectedEvent,
-)
+from schemas import AlertRecord, CreditDrawRecord, EnforcementRecord, OverageRecord
+from stream_processors._caps_records import LateUsage, RejectedEvent
 from stream_processors._money import to_units, units_to_decimal, units_to_str
 from stream_processors._pricing import VENDORED_CATALOG, ModelPrice, PriceCatalog, Quote
 from stream_processors._processor import (
