@@ -104,7 +104,9 @@ Semantics (LiteLLM's unless said otherwise):
   halves only the flat base rates and prices cache reads without a cache-read rate at 0);
   a call with 0 input tokens on a ``tiered_pricing`` entry is in the first tier (LiteLLM has
   no tier for it and prices it at 0); the call's ``search_context_size`` is honoured for
-  Perplexity (LiteLLM always takes ``low`` there).
+  Perplexity (LiteLLM always takes ``low`` there); 1-hour writes of a flex or priority call
+  above a threshold, on an entry without that tier's rates, are at the standard long-context
+  1-hour rate like every other class (LiteLLM keeps the below-threshold 1-hour rate there).
 - **Web search.** ``search_context_cost_per_query[search_context_size_{size}]`` per search,
   size ``medium`` when unset (``low`` for Perplexity, as LiteLLM); Gemini and Vertex Gemini
   models bill one charge per grounded prompt unless ``web_search_billing_unit`` is
