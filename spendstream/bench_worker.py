@@ -70,7 +70,7 @@ def run_pure(
     This is the code the faust agent runs per batch: validate, dedupe, price, roll up, caps.
     """
     from stream_processors import SAMPLE_PLANS, CapEngine, PriceCatalog, UsageProcessor, load_plans
-    from stream_processors._enforce import CapStage
+    from stream_processors.caps import CapStage
 
     p = settings.processor
     seen, windows, marks, caps_state = states

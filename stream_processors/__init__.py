@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from schemas import AlertRecord, CreditDrawRecord, EnforcementRecord, OverageRecord
-from stream_processors._caps_records import LateUsage, RejectedEvent
 from stream_processors._money import to_units, units_to_decimal, units_to_str
 from stream_processors._pricing import VENDORED_CATALOG, ModelPrice, PriceCatalog, Quote
 from stream_processors._processor import (
@@ -26,6 +25,8 @@ from stream_processors.caps import (
     CapEngine,
     CapEvent,
     Effects,
+    LateUsage,
+    RejectedEvent,
     UserCapState,
     WindowUsage,
 )

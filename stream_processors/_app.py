@@ -3,7 +3,7 @@
 The agent is thin: it takes batches of events (from the :class:`~stream_processors._lane.InputLane`
 in a worker, from ``take_events`` in ``agent.test_context()``), hands their raw bytes to the pure
 :class:`~stream_processors.UsageProcessor`, the accepted (priced) events to the pure caps stage
-(:class:`~stream_processors._enforce.CapStage`), and publishes what they return. Outputs go to
+(:class:`~stream_processors.caps.CapStage`), and publishes what they return. Outputs go to
 the same partition number as their source message, so one user's data stays co-partitioned end
 to end whatever hash function a producer used.
 """
@@ -30,14 +30,13 @@ from faust.types.auth import SASLMechanism
 from producers._view import CompactedTopicView
 from schemas import Subscription
 from spendstream.settings import Settings
-from stream_processors._enforce import CapOutputs, CapStage
 from stream_processors._fastpath import use_fast_handover
 from stream_processors._gate import BrokerProbe, InputGate
 from stream_processors._lane import InputLane, use_lane
 from stream_processors._pipeline import BatchPipeline
 from stream_processors._pricing import PriceCatalog
 from stream_processors._processor import InRecord, SourceRecord, UsageProcessor
-from stream_processors.caps import CapEngine
+from stream_processors.caps import CapEngine, CapOutputs, CapStage
 from stream_processors.plans import SAMPLE_PLANS, PlanCatalog, load_plans
 
 log = logging.getLogger(__name__)
@@ -463,7 +462,7 @@ def build_app(
     :class:`~producers.CompactedTopicView` over the subscriptions topic, started with the app.
     ``plans`` is the plans catalog; by default ``settings.plans_file`` or the sample plans.
     ``on_batch`` (tests, benchmarks) sees every :class:`~stream_processors.BatchResult` and
-    ``on_caps`` every :class:`~stream_processors._enforce.CapOutputs`. ``in_process`` is for
+    ``on_caps`` every :class:`~stream_processors.caps.CapOutputs`. ``in_process`` is for
     ``agent.test_context()``: no librdkafka producer, faust's in-memory sends instead.
     """
     p = settings.processor
@@ -495,7 +494,7 @@ def build_app(
 
     seen_t, windows_t, marks_t = table("seen"), table("windows"), table("marks")
     seen_s, windows_s, marks_s = TableState(seen_t), TableState(windows_t), TableState(marks_t)
-    # One value per user: orjson of UserCapState.to_dict() (see stream_processors._enforce).
+    # One value per user: orjson of UserCapState.to_dict() (see stream_processors.caps.stage).
     caps_t = table("caps")
     processor = UsageProcessor(
         catalog,

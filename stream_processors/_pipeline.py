@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from stream_processors._enforce import CapOutputs, CapStage
 from stream_processors._isolation import SYSTEMIC, Poison, StageError, run_isolated
 from stream_processors._processor import BatchResult, SourceRecord, UsageProcessor, dead_letter
 from stream_processors._state import Revertible
+from stream_processors.caps import CapOutputs, CapStage
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from producers import load_subscriptions
 from schemas import CreditGrant, PlanPeriod, Subscription, UsageEvent
 from spendstream.errors import ConfigError
 from stream_processors import CapEngine, DictState, PricedRecord, Quote, parse_plans, to_units
-from stream_processors._enforce import CapStage
+from stream_processors.caps import CapStage
 
 pytestmark = pytest.mark.unit
 

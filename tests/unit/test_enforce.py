@@ -19,7 +19,7 @@ from stream_processors import (
     parse_plans,
     to_units,
 )
-from stream_processors._enforce import CapStage, cap_event
+from stream_processors.caps import CapStage, cap_event
 
 pytestmark = pytest.mark.unit
 

@@ -1,9 +1,10 @@
 """The caps stage of the worker: priced events in, alerts / enforcement / overages out.
 
-A thin, pure adapter between :class:`~stream_processors.UsageProcessor` (which returns the batch's
+What the worker runs per batch (through :class:`~stream_processors._pipeline.BatchPipeline`). A
+thin, pure adapter between :class:`~stream_processors.UsageProcessor` (which returns the batch's
 accepted events as :class:`~stream_processors.PricedRecord`) and the
-:class:`~stream_processors.CapEngine`: it groups a batch by user, reads each user's
-:class:`~stream_processors.UserCapState` once, applies the user's events with
+:class:`~stream_processors.caps.CapEngine`: it groups a batch by user, reads each user's
+:class:`~stream_processors.caps.UserCapState` once, applies the user's events with
 :meth:`CapEngine.apply_batch`, writes the state back once and encodes what the engine emitted.
 No Kafka, no clock: the faust agent (``_app.py``) passes ``now`` and publishes the outputs.
 
@@ -20,13 +21,13 @@ worker calls it when the record changes: a user blocked at the ceiling sends no 
 
 Wire decisions
 --------------
-* ``alerts`` (key = user_id): :class:`~stream_processors.AlertRecord` as JSON.
-* ``enforcement`` (compacted, key = user_id): :class:`~stream_processors.EnforcementRecord`.
+* ``alerts`` (key = user_id): :class:`~schemas.AlertRecord` as JSON.
+* ``enforcement`` (compacted, key = user_id): :class:`~schemas.EnforcementRecord`.
   Only the last record of a user per batch is published (the engine already emits at most one
   per :meth:`~CapEngine.apply_batch`): the topic is compacted, gateways only need the latest.
 * ``overages`` (key = user_id) carries two kinds of records, told apart by the added
-  ``"record"`` field: ``"overage"`` (:class:`~stream_processors.OverageRecord`, what billing
-  sums) and ``"credit_draw"`` (:class:`~stream_processors.CreditDrawRecord`). One topic because
+  ``"record"`` field: ``"overage"`` (:class:`~schemas.OverageRecord`, what billing
+  sums) and ``"credit_draw"`` (:class:`~schemas.CreditDrawRecord`). One topic because
   billing nets them per window instance and must see both in the user's order; a consumer that
   only bills filters on ``record == "overage"``.
 * Events the engine *rejects* (it could not apply them at all, e.g. money it cannot represent)
@@ -63,7 +64,11 @@ from schemas._wire import to_model
 from stream_processors._processor import NO_PLAN, PricedRecord, late_segment
 from stream_processors._state import PartitionedState
 from stream_processors._time import micros_to_iso, to_micros
-from stream_processors.caps import CapEngine, CapEvent, Effects, UserCapState
+from stream_processors.caps.effects import CapEvent, Effects
+from stream_processors.caps.engine import CapEngine
+from stream_processors.caps.state import UserCapState
+
+__all__ = ["CapOutputs", "CapStage", "SubscriptionLookup", "cap_event"]
 
 log = logging.getLogger(__name__)
 

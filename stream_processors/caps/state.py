@@ -1,13 +1,18 @@
 """Per-user cap state: window usage, fired thresholds, wallet; compact JSON-safe serialization.
 
 The state is plain data mutated only by :class:`~stream_processors.caps.CapEngine`. It is kept
-small because a faust Table writes it to its changelog topic on every update: fixed windows keep
-only the instances still open (plus grace), rolling windows a sparse map of sub-buckets.
+small because the worker writes it to the ``caps`` table (and its changelog topic) on every
+update: fixed windows keep only the instances still open (plus grace), rolling windows a sparse
+map of buckets.
+
+The serialized form (:meth:`UserCapState.to_dict`, its one-letter keys and their encodings) is
+what the changelog stores: a worker restores states written by earlier versions from it, so it
+changes only with :data:`FORMAT_VERSION`. Attribute names here are free to change; keys are not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from math import gcd
 from typing import Any
 
@@ -41,17 +46,17 @@ def list_to_mask(percents: list[int]) -> int:
     return mask
 
 
-def _enc(value: int, usd: bool) -> str | int:
+def _encode_amount(value: int, usd: bool) -> str | int:
     # USD units as a short decimal string ("0.0123"): 10**-24 units would be 23-digit integers,
     # too long and beyond orjson's 64-bit integers. Tokens and requests stay JSON integers.
     return units_str(value) if usd else value
 
 
-def _dec(value: str | int) -> int:
+def _decode_amount(value: str | int) -> int:
     return units_from_str(value) if isinstance(value, str) else int(value)
 
 
-class Instance:
+class WindowInstance:
     """One instance ``[start, end)`` of a fixed window (or a billing month for break-even)."""
 
     __slots__ = ("billed", "end", "fired", "start", "usage")
@@ -71,18 +76,19 @@ class FixedState:
 
     __slots__ = ("insts", "usd")
 
-    def __init__(self, usd: bool, insts: list[Instance] | None = None) -> None:
+    def __init__(self, usd: bool, insts: list[WindowInstance] | None = None) -> None:
         self.usd = usd
-        self.insts: list[Instance] = insts if insts is not None else []
+        self.insts: list[WindowInstance] = insts if insts is not None else []
+        """The instances held, ordered by start."""
 
-    def find(self, t: int) -> Instance | None:
+    def find(self, t: int) -> WindowInstance | None:
         """The instance containing ``t``, if it is held."""
         for inst in reversed(self.insts):  # the newest is the likeliest
             if inst.start <= t < inst.end:
                 return inst
         return None
 
-    def add(self, inst: Instance) -> None:
+    def add(self, inst: WindowInstance) -> None:
         """Insert keeping the order by start."""
         self.insts.append(inst)
         if len(self.insts) > 1 and self.insts[-2].start > inst.start:
@@ -102,9 +108,15 @@ class FixedState:
         usd = self.usd
         return {
             "i": [
-                [i.start, i.end, _enc(i.usage, usd), mask_to_list(i.fired), units_str(i.billed)]
+                [
+                    i.start,
+                    i.end,
+                    _encode_amount(i.usage, usd),
+                    mask_to_list(i.fired),
+                    units_str(i.billed),
+                ]
                 if i.billed
-                else [i.start, i.end, _enc(i.usage, usd), mask_to_list(i.fired)]
+                else [i.start, i.end, _encode_amount(i.usage, usd), mask_to_list(i.fired)]
                 for i in self.insts
             ]
         }
@@ -113,10 +125,10 @@ class FixedState:
     def from_obj(cls, obj: Any, usd: bool) -> FixedState:
         """Inverse of :meth:`to_obj`."""
         insts = [
-            Instance(
+            WindowInstance(
                 int(row[0]),
                 int(row[1]),
-                _dec(row[2]),
+                _decode_amount(row[2]),
                 list_to_mask(row[3]),
                 units_from_str(row[4]) if len(row) > 4 else 0,
             )
@@ -126,12 +138,13 @@ class FixedState:
 
 
 class RollingState:
-    """Sub-bucket sums of a rolling window plus the running sum at the current bucket.
+    """Bucket sums of a rolling window plus the running sum at the current bucket.
 
     ``buckets[j]`` is the usage of events with ``t // bucket_s == j`` (only non-zero buckets are
-    held). ``cur_sum`` is the sum of buckets ``(cur - M, cur]`` with ``M = span / bucket_s``: the
-    rolling usage at any time in bucket ``cur``. ``fired`` maps an epoch-aligned block of the
-    window's span to the bitmask of thresholds fired in it.
+    held). ``cur`` is the current bucket (the user's watermark's) and ``cur_sum`` the sum of
+    buckets ``(cur - bucket_count, cur]``: the rolling usage at any time in bucket ``cur``.
+    ``fired`` maps an epoch-aligned block of the window's span to the bitmask of thresholds
+    fired in it.
     """
 
     __slots__ = ("buckets", "cur", "cur_sum", "fired", "usd")
@@ -143,27 +156,27 @@ class RollingState:
         self.cur_sum = 0
         self.fired: dict[int, int] = {}
 
-    def advance(self, k: int, m: int) -> None:
-        """Move the running sum to bucket ``k`` (no bucket beyond ``cur`` exists yet)."""
+    def advance(self, bucket: int, bucket_count: int) -> None:
+        """Move the running sum to ``bucket`` (no bucket beyond ``cur`` exists yet)."""
         cur = self.cur
-        if k <= cur:
+        if bucket <= cur:
             return
-        if k - cur >= m or not self.buckets:
+        if bucket - cur >= bucket_count or not self.buckets:
             self.cur_sum = 0
         else:
             get = self.buckets.get
             total = self.cur_sum
-            for j in range(cur - m + 1, k - m + 1):
+            for j in range(cur - bucket_count + 1, bucket - bucket_count + 1):
                 total -= get(j, 0)
             self.cur_sum = total
-        self.cur = k
+        self.cur = bucket
 
-    def sum_at(self, k: int, m: int) -> int:
-        """Rolling usage in bucket ``k``: buckets ``(k - m, k]``."""
-        if k == self.cur:
+    def sum_at(self, bucket: int, bucket_count: int) -> int:
+        """Rolling usage in ``bucket``: buckets ``(bucket - bucket_count, bucket]``."""
+        if bucket == self.cur:
             return self.cur_sum
-        lo = k - m
-        return sum(v for j, v in self.buckets.items() if lo < j <= k)
+        lo = bucket - bucket_count
+        return sum(v for j, v in self.buckets.items() if lo < j <= bucket)
 
     def evict(self, min_bucket: int, min_block: int) -> None:
         """Drop buckets below ``min_bucket`` and fired blocks below ``min_block``."""
@@ -208,7 +221,7 @@ class RollingState:
         return out
 
     @classmethod
-    def from_obj(cls, obj: Any, usd: bool, m: int) -> RollingState:
+    def from_obj(cls, obj: Any, usd: bool, bucket_count: int) -> RollingState:
         """Inverse of :meth:`to_obj`; the running sum is recomputed, not stored."""
         state = cls(usd, int(obj["k"]))
         factor = 10 ** int(obj["s"]) if "s" in obj else 1
@@ -219,9 +232,13 @@ class RollingState:
             value = flat[index + 1]
             state.buckets[j] = units_from_str(value) if isinstance(value, str) else value * factor
         state.fired = {int(b): list_to_mask(f) for b, f in obj["f"]}
-        lo = state.cur - m
+        lo = state.cur - bucket_count
         state.cur_sum = sum(v for b, v in state.buckets.items() if lo < b <= state.cur)
         return state
+
+
+WindowState = FixedState | RollingState
+"""The state of one window of a user: fixed instances or rolling buckets."""
 
 
 class UserCapState:
@@ -233,8 +250,8 @@ class UserCapState:
     """
 
     __slots__ = (
-        "enf",
         "granted",
+        "last_enforcement",
         "months",
         "org_id",
         "topups",
@@ -257,11 +274,12 @@ class UserCapState:
         """How many of the subscription's credit grants were applied (they are append-only)."""
         self.version = 0
         """Number of enforcement records emitted so far."""
-        self.enf: tuple[Any, ...] | None = None
-        """What the last emitted enforcement record said (to emit only changes)."""
+        self.last_enforcement: tuple[Any, ...] | None = None
+        """What the last emitted enforcement record said (to emit only changes): state,
+        reason, window, until, downgrade model, plan."""
         self.months = FixedState(usd=True)
         """Billing months, for the break-even alert (usage = inference cost)."""
-        self.windows: dict[str, FixedState | RollingState] = {}
+        self.windows: dict[str, WindowState] = {}
         """Window key (``plan.window``) -> its state."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -279,8 +297,8 @@ class UserCapState:
             out["g"] = self.granted
         if self.version:
             out["n"] = self.version
-        if self.enf is not None:
-            out["e"] = list(self.enf)
+        if self.last_enforcement is not None:
+            out["e"] = list(self.last_enforcement)
         if self.months.insts:
             out["m"] = self.months.to_obj()["i"]
         if self.windows:
@@ -288,12 +306,14 @@ class UserCapState:
         return out
 
     @classmethod
-    def from_dict(cls, obj: dict[str, Any], spans: dict[str, tuple[bool, int]]) -> UserCapState:
+    def from_dict(
+        cls, obj: dict[str, Any], window_shapes: Mapping[str, tuple[bool, int]]
+    ) -> UserCapState:
         """Inverse of :meth:`to_dict`.
 
-        ``spans`` maps a window key to ``(is_usd, m)`` where ``m`` is the number of sub-buckets
-        of a rolling window (0 for a fixed window); windows of plans no longer in the catalog
-        are dropped.
+        ``window_shapes`` maps a window key to ``(in_usd, bucket_count)``, the number of
+        buckets of a rolling window (0 for a fixed window); windows of plans no longer in the
+        catalog are dropped.
         """
         if obj.get("v") != FORMAT_VERSION:
             raise ValueError(f"unsupported cap state format {obj.get('v')!r}")
@@ -303,14 +323,14 @@ class UserCapState:
         state.topups = [str(t) for t in obj.get("t", [])]
         state.granted = int(obj.get("g", 0))
         state.version = int(obj.get("n", 0))
-        state.enf = tuple(obj["e"]) if obj.get("e") is not None else None
+        state.last_enforcement = tuple(obj["e"]) if obj.get("e") is not None else None
         state.months = FixedState.from_obj({"i": obj.get("m", [])}, usd=True)
         for key, wobj in obj.get("x", {}).items():
-            if key not in spans:
+            if key not in window_shapes:
                 continue
-            usd, m = spans[key]
+            usd, bucket_count = window_shapes[key]
             if "i" in wobj:
                 state.windows[key] = FixedState.from_obj(wobj, usd)
             else:
-                state.windows[key] = RollingState.from_obj(wobj, usd, m)
+                state.windows[key] = RollingState.from_obj(wobj, usd, bucket_count)
         return state

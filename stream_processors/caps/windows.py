@@ -1,13 +1,21 @@
-"""Exact money units and window-instance arithmetic for the cap engine (pure, no I/O).
+"""Window kinds and their bounds in the subscriber's time zone; rolling-window buckets.
 
-Times are whole seconds since the Unix epoch (UTC). Every window boundary is a whole second
-(local midnights, the billing anchor truncated to the second, bucket edges), so an event at
-``t`` (sub-second precision) lies in ``[start, end)`` exactly when ``floor(t)`` does: flooring
-event times to the second loses nothing.
+See docs/DESIGN.md, "Plans". Times are whole seconds since the Unix epoch (UTC). Every window
+boundary is a whole second (local midnights, the billing anchor truncated to the second, bucket
+edges), so an event at ``t`` (sub-second precision) lies in ``[start, end)`` exactly when
+``floor(t)`` does: flooring event times to the second loses nothing.
 
-USD amounts are integers of ``10**-MONEY_SCALE`` USD ("units"), tokens and requests plain
-integers, so every sum and comparison is exact integer arithmetic with no decimal context to get
-wrong (Python's default context keeps 28 significant digits; a sum of 24-place costs exceeds it).
+*Fixed windows.* ``billing_month`` instances start at the subscription's ``billing_anchor`` local
+wall time in its time zone, every month on the anchor's day clamped to the month's length (anchor
+Jan 31 -> Feb 28/29 -> Mar 31); ``calendar_day`` at local midnight; ``week`` on local Monday 00:00
+(ISO).
+
+*Rolling windows.* A rolling window of ``N`` hours with buckets of ``B`` seconds (``M = N*3600/B``
+buckets) puts an event at ``t`` in bucket ``t // B``; the rolling usage at time ``t`` is the exact
+sum of all events in buckets ``t//B - M + 1 .. t//B``, i.e. over ``((t//B + 1)*B - N, (t//B +
+1)*B)``: the window ``(t - N, t]`` with both ends rounded up to a bucket edge. "Exact" means
+exactly this sum over the events, with no approximation beyond that rounding of the edges - a
+brute force over the events with the same bucketing gives the same number.
 """
 
 from __future__ import annotations
@@ -16,26 +24,17 @@ import calendar
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from stream_processors._money import SCALE, as_fraction, units_from_str
-from stream_processors._money import decimal_to_units as to_units
-from stream_processors._time import EPOCH, SECOND, epoch_s, rfc3339, rfc3339_dt
+from schemas import Subscription
+from stream_processors._time import EPOCH, SECOND
+from stream_processors.caps.state import RollingState
 
 __all__ = [
-    "EPOCH",
-    "SCALE",
-    "SECOND",
     "billing_month_bounds",
     "day_bounds",
-    "epoch_s",
-    "ratio",
-    "rfc3339",
-    "rfc3339_dt",
-    "to_units",
-    "units_from_str",
+    "instance_bounds",
+    "rolling_sum",
     "week_bounds",
 ]
-
-ratio = as_fraction
 
 
 def _local_epoch(day: date, seconds_of_day: int, zone: ZoneInfo) -> int:
@@ -70,7 +69,7 @@ def _month_start(year: int, month: int, anchor_day: int, anchor_tod: int, zone: 
     return _local_epoch(date(year, month, min(anchor_day, last)), anchor_tod, zone)
 
 
-def _shift(year: int, month: int, delta: int) -> tuple[int, int]:
+def _shift_month(year: int, month: int, delta: int) -> tuple[int, int]:
     index = year * 12 + (month - 1) + delta
     return index // 12, index % 12 + 1
 
@@ -88,7 +87,27 @@ def billing_month_bounds(seconds: int, anchor: datetime, zone: ZoneInfo) -> tupl
     year, month = day.year, day.month
     start = _month_start(year, month, anchor_day, anchor_tod, zone)
     if seconds < start:
-        year, month = _shift(year, month, -1)
+        year, month = _shift_month(year, month, -1)
         start = _month_start(year, month, anchor_day, anchor_tod, zone)
-    next_year, next_month = _shift(year, month, 1)
+    next_year, next_month = _shift_month(year, month, 1)
     return start, _month_start(next_year, next_month, anchor_day, anchor_tod, zone)
+
+
+def instance_bounds(kind: str, seconds: int, sub: Subscription, zone: ZoneInfo) -> tuple[int, int]:
+    """The instance ``[start, end)`` of a fixed window of ``kind`` that contains ``seconds``."""
+    if kind == "calendar_day":
+        return day_bounds(seconds, zone)
+    if kind == "week":
+        return week_bounds(seconds, zone)
+    return billing_month_bounds(seconds, sub.billing_anchor, zone)
+
+
+def rolling_sum(window: RollingState, bucket: int, bucket_count: int) -> int:
+    """Sum of buckets ``(bucket - bucket_count, bucket]``, by whichever is shorter: the range or
+    the map of held buckets."""
+    buckets = window.buckets
+    if len(buckets) <= bucket_count:
+        lo = bucket - bucket_count
+        return sum(v for j, v in buckets.items() if lo < j <= bucket)
+    get = buckets.get
+    return sum(get(j, 0) for j in range(bucket - bucket_count + 1, bucket + 1))
