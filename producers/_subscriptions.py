@@ -14,7 +14,7 @@ from spendstream.errors import ConfigError
 from spendstream.settings import Settings
 
 if TYPE_CHECKING:
-    from stream_processors.plans import PlanCatalog
+    from schemas.plans import PlanCatalog
 
 
 def encode_subscription(sub: Subscription) -> bytes:
@@ -50,7 +50,7 @@ def load_subscriptions(path: str | Path, *, plans: PlanCatalog | None = None) ->
     """
     from pydantic import ValidationError
 
-    from stream_processors.plans import exact_yaml
+    from schemas.plans import exact_yaml
 
     path = Path(path)
     try:

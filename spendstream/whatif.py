@@ -38,10 +38,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from schemas.plans import DowngradeAtCap, OverageAtCap, PlanCatalog
 from sinks import Store
 from spendstream.errors import ConfigError
 from stream_processors import PriceCatalog, units_to_decimal
-from stream_processors.plans import DowngradeAtCap, OverageAtCap, PlanCatalog
 
 _COST = """(
     toDecimal128({p}.in_price * (toInt64({e}.input_tokens) - toInt64({e}.cached_input_tokens)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from schemas import AlertRecord, CreditDrawRecord, EnforcementRecord, OverageRecord
+from schemas.plans import SAMPLE_PLANS, Plan, PlanCatalog, load_plans, parse_plans
 from stream_processors._money import to_units, units_to_decimal, units_to_str
 from stream_processors._pricing import VENDORED_CATALOG, ModelPrice, PriceCatalog, Quote
 from stream_processors._processor import (
@@ -30,7 +31,6 @@ from stream_processors.caps import (
     UserCapState,
     WindowUsage,
 )
-from stream_processors.plans import SAMPLE_PLANS, Plan, PlanCatalog, load_plans, parse_plans
 
 if TYPE_CHECKING:
     from stream_processors._app import build_app, faust_app

@@ -29,6 +29,7 @@ from faust.types.auth import SASLMechanism
 
 from producers._view import CompactedTopicView
 from schemas import Subscription
+from schemas.plans import SAMPLE_PLANS, PlanCatalog, load_plans
 from spendstream.settings import Settings
 from stream_processors._fastpath import use_fast_handover
 from stream_processors._gate import BrokerProbe, InputGate
@@ -37,7 +38,6 @@ from stream_processors._pipeline import BatchPipeline
 from stream_processors._pricing import PriceCatalog
 from stream_processors._processor import InRecord, SourceRecord, UsageProcessor
 from stream_processors.caps import CapEngine, CapOutputs, CapStage
-from stream_processors.plans import SAMPLE_PLANS, PlanCatalog, load_plans
 
 log = logging.getLogger(__name__)
 

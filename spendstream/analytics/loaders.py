@@ -15,14 +15,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sinks import Store
-from spendstream.errors import ConfigError
-from stream_processors.plans import (
+from schemas.plans import (
     DowngradeAtCap,
     OverageAtCap,
     PlanCatalog,
     RollingWindow,
 )
+from sinks import Store
+from spendstream.errors import ConfigError
 
 CURRENT_SCENARIO = "current"
 """The scenario id of the plans in force; the P&L views read this one."""
@@ -136,7 +136,7 @@ def load_plans_into(
 def load_current_plans(store: Store, plans_file: Path | None = None) -> int:
     """Load the plans in force (``plans_file``, default the sample catalog) as scenario
     ``current``; return the version. What the demo and ``clickhouse migrate`` users call."""
-    from stream_processors.plans import SAMPLE_PLANS, load_plans
+    from schemas.plans import SAMPLE_PLANS, load_plans
 
     path = plans_file or SAMPLE_PLANS
     return load_plans_into(store, load_plans(path), scenario=CURRENT_SCENARIO, source=str(path))

@@ -108,10 +108,10 @@ def register(app: typer.Typer) -> None:
         Revenue, cost, margin and cap outcomes per tier, computed in ClickHouse SQL with the
         plans and prices as query parameters (read-only: works while a sink owns the store).
         """
+        from schemas.plans import SAMPLE_PLANS, load_plans
         from spendstream.analytics.report import latest_month
         from spendstream.whatif import render, result_json, run_whatif
         from stream_processors import PriceCatalog
-        from stream_processors.plans import SAMPLE_PLANS, load_plans
 
         fmt = _format(fmt)
         settings = settings_or_exit()
@@ -167,8 +167,8 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Load a plans file into ClickHouse (tables plans, plan_windows) as a new snapshot."""
+        from schemas.plans import SAMPLE_PLANS, load_plans
         from spendstream.analytics import load_plans_into
-        from stream_processors.plans import SAMPLE_PLANS, load_plans
 
         settings = settings_or_exit()
         path = file or settings.plans_file or SAMPLE_PLANS

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Validate a subscriptions file against the plans and publish every record."""
         from producers import load_subscriptions, publish_subscriptions
-        from stream_processors.plans import SAMPLE_PLANS, load_plans
+        from schemas.plans import SAMPLE_PLANS, load_plans
 
         settings = settings_or_exit()
         source = path or settings.subscriptions_file

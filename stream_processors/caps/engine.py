@@ -29,6 +29,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from schemas import Subscription
+from schemas.plans import PlanCatalog
 from spendstream.errors import ConfigError
 from stream_processors._money import decimal_to_units
 from stream_processors._time import EPOCH, SECOND, epoch_s, rfc3339, rfc3339_dt
@@ -49,7 +50,6 @@ from stream_processors.caps.thresholds import (
     fire_rolling_thresholds,
 )
 from stream_processors.caps.windows import instance_bounds, rolling_sum
-from stream_processors.plans import PlanCatalog
 
 __all__ = ["DEFAULT_GRACE_S", "CapEngine"]
 

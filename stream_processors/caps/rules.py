@@ -1,6 +1,6 @@
 """The plans catalog compiled to integers for the cap engine's hot path.
 
-A plan (:class:`~stream_processors.plans.Plan`) is validated data with exact decimals; the engine
+A plan (:class:`~schemas.plans.Plan`) is validated data with exact decimals; the engine
 compares and sums integers only (USD as units of 10**-MONEY_SCALE, tokens and requests as
 counts), so each window is compiled once, when the engine is built, into a :class:`WindowRule`.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from schemas.plans import OverageAtCap, Plan, PlanWindow, RollingWindow
 from stream_processors._money import SCALE, as_fraction, decimal_to_units, units_to_str
-from stream_processors.plans import OverageAtCap, Plan, PlanWindow, RollingWindow
 
 __all__ = ["UNIT_INDEX", "PlanRules", "WindowRule", "amount_decimal", "amount_text"]
 

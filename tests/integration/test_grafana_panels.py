@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 
 from producers import UsageProducer, publish_subscriptions
+from schemas.plans import load_plans
 from sinks import Sink, open_store
 from spendstream.analytics import load_plans_into
 from spendstream.analytics.grafana import expand_macros, panel_specs
 from spendstream.runner import WorkerProcess, wait_for_lag_zero
 from spendstream.settings import Settings
 from spendstream.simulate import Simulator
-from stream_processors.plans import load_plans
 
 pytestmark = pytest.mark.integration
 

@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 
 from producers._subscriptions import encode_subscription
 from schemas import CreditGrant, PlanPeriod, Subscription
+from schemas.plans import parse_plans
 from sinks import ChdbStore
 from sinks._buffer import SUBSCRIPTIONS
 from spendstream.analytics import build_report, load_plans_into
 from spendstream.bench_sink import sample_priced_event
 from spendstream.whatif import run_whatif
-from stream_processors.plans import parse_plans
 
 pytestmark = pytest.mark.integration
 

@@ -21,6 +21,7 @@ from rich.console import Console
 import sinks._store
 from producers._subscriptions import encode_subscription
 from schemas import PlanPeriod, Subscription
+from schemas.plans import MAX_PLAN_AMOUNT, parse_plans
 from sinks import ChdbStore, load_migrations
 from sinks._buffer import SUBSCRIPTIONS
 from sinks._store import apply_migrations
@@ -28,7 +29,6 @@ from spendstream.analytics import build_report, load_plans_into, report_json
 from spendstream.analytics.html import render_html
 from spendstream.analytics.report import render
 from spendstream.bench_sink import sample_priced_event
-from stream_processors.plans import MAX_PLAN_AMOUNT, parse_plans
 
 pytestmark = pytest.mark.integration
 

@@ -27,12 +27,12 @@ from schemas import (
     PlanPeriod,
     Subscription,
 )
+from schemas.plans import SAMPLE_PLANS, load_plans
 from sinks._buffer import SINK_TABLES, SinkBuffer
 from spendstream.errors import InvalidEventError
 from stream_processors import CapEngine, DictState, InRecord, PriceCatalog, UsageProcessor
 from stream_processors._pipeline import BatchPipeline
 from stream_processors.caps import CapStage
-from stream_processors.plans import SAMPLE_PLANS, load_plans
 
 pytestmark = pytest.mark.unit
 

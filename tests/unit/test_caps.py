@@ -11,13 +11,13 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from schemas import Subscription
+from schemas.plans import PlanCatalog, load_plans, parse_plans
 from stream_processors._money import decimal_to_units as to_units
 from stream_processors._money import units_to_str as units_str
 from stream_processors._time import epoch_s, rfc3339
 from stream_processors.caps import CapEngine, CapEvent, Effects, UserCapState
 from stream_processors.caps.state import RollingState
 from stream_processors.caps.windows import billing_month_bounds, day_bounds, week_bounds
-from stream_processors.plans import PlanCatalog, load_plans, parse_plans
 
 pytestmark = pytest.mark.unit
 

@@ -14,12 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import Subscription
+from schemas.plans import parse_plans
 from stream_processors._money import SCALE
 from stream_processors._money import units_to_str as units_str
 from stream_processors._time import epoch_s, rfc3339
 from stream_processors.caps import CapEngine, CapEvent, Effects
 from stream_processors.caps.state import RollingState
-from stream_processors.plans import parse_plans
 
 pytestmark = pytest.mark.unit
 

@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import PlanPeriod, Subscription
+from schemas.plans import SAMPLE_PLANS, load_plans
 from stream_processors import CapEngine, DictState, InRecord, PriceCatalog, UsageProcessor
 from stream_processors._isolation import StageError, run_isolated
 from stream_processors._pipeline import BatchPipeline
 from stream_processors.caps import CapStage
-from stream_processors.plans import SAMPLE_PLANS, load_plans
 
 pytestmark = pytest.mark.unit
 

@@ -23,11 +23,11 @@ import orjson
 import pytest
 import yaml
 
+from schemas.plans import SAMPLE_PLANS, PlanCatalog, parse_plans
 from spendstream.simulate import Simulator
 from stream_processors import CapEngine, DictState, InRecord, PriceCatalog, UsageProcessor
 from stream_processors._pipeline import BatchPipeline
 from stream_processors.caps import CapStage
-from stream_processors.plans import SAMPLE_PLANS, PlanCatalog, parse_plans
 
 pytestmark = pytest.mark.unit
 

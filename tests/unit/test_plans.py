@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from spendstream.errors import ConfigError
-from stream_processors.plans import (
+from schemas.plans import (
     DEFAULT_THRESHOLDS,
     SAMPLE_PLANS,
     DowngradeAtCap,
@@ -18,6 +17,7 @@ from stream_processors.plans import (
     load_plans,
     parse_plans,
 )
+from spendstream.errors import ConfigError
 
 pytestmark = pytest.mark.unit
 
