@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from producers._config import producer_config
 from producers._spool import DiskSpool, SpoolRecord, SpoolStats
 from schemas import MAX_EVENT_BYTES, UsageEvent, event_from_obj, topics
-from schemas._wire import encode_dict
+from schemas.wire import encode_dict
 from spendstream.errors import BackpressureError, DeliveryError, InvalidEventError, KafkaError
 from spendstream.settings import Settings
 

@@ -120,7 +120,7 @@ def bare_rate(data: BenchInput) -> dict[str, Any]:
     """
     from confluent_kafka import Consumer
 
-    from schemas._wire import decode_usage
+    from schemas.wire import decode_usage
     from spendstream.errors import InvalidEventError
     from stream_processors import PriceCatalog
 
@@ -316,7 +316,7 @@ def quix_job(job: dict[str, Any]) -> None:  # pragma: no cover - runs in the chi
     from datetime import datetime
 
     quixstreams: Any = importlib.import_module("quixstreams")
-    from schemas._wire import decode_dict
+    from schemas.wire import decode_dict
     from spendstream.errors import InvalidEventError
     from stream_processors import PriceCatalog
 

@@ -27,7 +27,7 @@ from faust.sensors import Monitor
 from faust.types import TP
 from faust.types.auth import SASLMechanism
 
-from producers._view import CompactedTopicView
+from producers import CompactedTopicView
 from schemas import Subscription
 from schemas.plans import SAMPLE_PLANS, PlanCatalog, load_plans
 from spendstream.settings import Settings

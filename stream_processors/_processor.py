@@ -35,7 +35,7 @@ import msgspec
 import orjson
 
 from schemas import DeadLetter, PricedEvent, Rollup, Subscription
-from schemas._wire import DecodedEvent, decode_usage
+from schemas.wire import DecodedEvent, decode_usage
 from spendstream.errors import InvalidEventError
 from stream_processors._money import units_to_str
 from stream_processors._pricing import PriceCatalog, Quote

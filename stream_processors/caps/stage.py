@@ -60,7 +60,7 @@ from typing import Any
 import orjson
 
 from schemas import MONEY_SCALE, DeadLetter, Subscription, encode_event
-from schemas._wire import to_model
+from schemas.wire import to_model
 from stream_processors._processor import NO_PLAN, PricedRecord, late_segment
 from stream_processors._state import PartitionedState
 from stream_processors._time import micros_to_iso, to_micros
