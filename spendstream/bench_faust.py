@@ -112,9 +112,13 @@ def run_ceiling_job(settings: Settings, progress: Path, path: str) -> None:  # p
 
     from spendstream.worker import gc_tuned
     from stream_processors import faust_app
-    from stream_processors._app import input_lane, patch_consumers, use_fetch_wait
-    from stream_processors._fastpath import use_fast_handover
-    from stream_processors._lane import use_lane
+    from stream_processors._app import input_lane
+    from stream_processors._faust_patches import (
+        patch_consumers,
+        use_fast_handover,
+        use_fetch_wait,
+        use_lane,
+    )
 
     p = settings.processor
     app = faust_app(settings, app_id=f"{p.app_id}-faust-ceiling-{path}")

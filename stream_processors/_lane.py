@@ -5,14 +5,15 @@ conductor, an Event with its key and value deserialized, a put on the agent's qu
 the stream iterator, a step of ``take_events`` and an ack. In the faust-ceiling benchmark that
 path bounded a faust agent that does nothing at about 17k events/s on the development machine.
 
-:class:`InputLane` replaces it for the worker's input topic only. :func:`use_lane` makes a
+:class:`InputLane` replaces it for the worker's input topic only.
+:func:`stream_processors._faust_patches.use_lane` makes a
 consumer's fetch loop hand the input topic's messages straight to the lane (one list append),
 and the agent takes them in batches with :meth:`InputLane.take`: whatever arrived while the
 previous batch was processed goes at once (up to the batch size); on an idle lane, the first
 message is followed by up to ``within`` seconds for a full batch, as with ``take_events``. Every
 other topic (changelogs during recovery, for example) still goes through faust's conductor.
 
-The hand-over is per fetch, not per message: :func:`use_lane` wraps the consumer's
+The hand-over is per fetch, not per message: ``use_lane`` wraps the consumer's
 ``_wait_next_records`` (which returns the records aiokafka fetched, per partition) so that the
 input topic's records go to the lane as whole lists, straight from the fetch, before faust's
 ``getmany`` makes a ``Message`` of each and its fetch loop delivers each through two
@@ -42,10 +43,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["InputLane", "use_lane"]
+__all__ = ["InputLane"]
 
 
 class InputLane:
@@ -143,64 +144,3 @@ class InputLane:
         self.generation += 1
         self._space.set()
         return n
-
-
-def use_lane(consumer: Any, lane: InputLane) -> None:
-    """Make ``consumer``'s fetch loop hand ``lane.topic``'s records to ``lane``, a fetch at once.
-
-    Must run before the consumer's fetcher starts (faust reads ``callback`` once, when its
-    fetch loop starts); :func:`stream_processors._app.patch_consumers` does. Records of other
-    topics go through faust's own path; an input message that still reaches the callback
-    (none should) is put on the lane too.
-    """
-    original: Callable[[Any], Coroutine[Any, Any, None]] = consumer.callback
-    topic, put = lane.topic, lane.put
-
-    def callback(message: Any) -> Coroutine[Any, Any, None]:
-        return put(message) if message.topic == topic else original(message)
-
-    consumer.callback = callback
-    consumer._wait_next_records = _routing_fetch(consumer, lane)
-
-
-def _routing_fetch(
-    consumer: Any, lane: InputLane
-) -> Callable[[float], Coroutine[Any, Any, tuple[Any, Any]]]:
-    """``consumer._wait_next_records`` that moves the input topic's records to ``lane``.
-
-    What faust's ``getmany`` and fetch loop check per record is checked per partition here
-    (see the module docstring); the records of every other topic are returned to faust.
-    """
-    fetch = consumer._wait_next_records
-    topic = lane.topic
-
-    def stopped() -> bool:
-        return not consumer.flow_active
-
-    async def wait_next_records(timeout: float) -> tuple[Any, Any]:
-        records, active = await fetch(timeout)
-        if not records or not consumer.flow_active or consumer.should_stop:
-            return records, active  # faust seeks back when the flow is stopped
-        mine = [tp for tp in records if tp.topic == topic]
-        if not mine:
-            return records, active
-        app = consumer.app
-        generation = app.consumer_generation_id
-        buffered = consumer._buffered_partitions
-        read_offset = consumer._read_offset
-        for tp in mine:
-            batch = records.pop(tp)
-            if not batch or (active is not None and tp not in active and tp not in buffered):
-                continue
-            if app.consumer_generation_id != generation or not consumer.flow_active:
-                continue  # fetched before a rebalance: dropped, as faust's getmany does
-            after = read_offset[tp]
-            if after is not None and batch[0].offset < after:
-                batch = [r for r in batch if r.offset >= after]
-                if not batch:
-                    continue
-            if await lane.put_many(batch, stopped):
-                read_offset[tp] = batch[-1].offset
-        return records, active
-
-    return wait_next_records

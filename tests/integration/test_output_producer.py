@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from spendstream.settings import Settings
-from stream_processors._app import OutputProducer
+from stream_processors._output import OutputProducer
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ def test_a_message_that_cannot_be_delivered_stops_the_process(topics: Settings) 
         import asyncio, logging
         logging.basicConfig()
         from spendstream.settings import load_settings
-        from stream_processors._app import OutputProducer
+        from stream_processors._output import OutputProducer
         out = OutputProducer(load_settings())
         out.produce({topics.topics.priced!r}, b"k", b"fine", 0)
         out.produce({topics.topics.priced!r}, b"k", b"lost", 99)

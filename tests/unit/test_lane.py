@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from faust.types import TP
 
-from stream_processors._lane import InputLane, use_lane
+from stream_processors._faust_patches import use_lane
+from stream_processors._lane import InputLane
 
 
 def run(coro: Any) -> Any:
