@@ -35,9 +35,8 @@ MAX_TOKENS = 10**8
 """Upper bound on any token count of one call: ten times the largest context window in the
 vendored price map (10,485,760 tokens). With per-token prices bounded by
 :data:`MAX_PRICE_PER_TOKEN` (and searches by 1 USD each), one event costs at most 2,001,000 USD,
-so a user's billing month
-stays below what ``Decimal(38, 24)`` holds (10**14 USD) for 5 * 10**7 calls at that maximum
-(docs/DESIGN.md, "Accepted ranges")."""
+so a user's billing month stays below what ``Decimal(38, 24)`` holds (10**14 USD) for 5 * 10**7
+calls at that maximum (docs/DESIGN.md, "Accepted ranges")."""
 MAX_LATENCY_MS = 7 * 86_400_000
 """Upper bound on ``latency_ms`` (a week; the stored column is ``UInt32``)."""
 MAX_PRICE_PER_TOKEN = Decimal("0.01")
