@@ -24,5 +24,7 @@ ENFORCEMENT: Final = "usage.enforcement"
 """Compacted: the latest enforcement state per user, read by gateways."""
 SUBSCRIPTIONS: Final = "usage.subscriptions"
 """Compacted: which user is on which plan since when."""
+NOTIFY_DLQ: Final = "usage.notify.dlq"
+"""Notifications ``spendstream notify`` could not deliver to an endpoint, with the reason."""
 
 COMPACTED: Final = frozenset({ENFORCEMENT, SUBSCRIPTIONS})

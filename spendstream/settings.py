@@ -119,6 +119,7 @@ class TopicSettings(BaseModel):
     overages: str = topics.OVERAGES
     enforcement: str = topics.ENFORCEMENT
     subscriptions: str = topics.SUBSCRIPTIONS
+    notify_dlq: str = topics.NOTIFY_DLQ
     partitions: int = Field(default=6, ge=1, le=10_000)
     replication_factor: int = Field(default=1, ge=1, le=16)
 
@@ -281,6 +282,153 @@ class ProducerSettings(BaseModel):
     fsync: Literal["always", "batch", "never"] = "batch"
 
 
+NotifyKind = Literal["alert", "threshold", "break_even", "enforcement"]
+"""What a notify route matches: ``alert`` is both alert kinds (``threshold``, ``break_even``)."""
+
+
+class NotifyEndpoint(BaseModel):
+    """One HTTP endpoint that receives notifications as signed webhooks (Standard Webhooks)."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_]{0,62}$",
+        description="Names its consumer group, metrics label and secret (lowercase, digits, _).",
+    )
+    url: SecretStr = Field(
+        description="http(s) URL the notifications are POSTed to; kept secret because webhook "
+        "URLs often carry a token."
+    )
+    timeout_s: float = Field(default=15.0, gt=0, le=300, description="Per request.")
+    concurrency: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Requests in flight; 1 delivers in the order the records were published.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: SecretStr) -> SecretStr:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value.get_secret_value())
+            port = parts.port  # raises on a port that is not a number in range
+        except ValueError as exc:
+            raise ValueError(f"not a URL: {exc}") from exc
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        del port
+        return value
+
+
+class NotifyRoute(BaseModel):
+    """Records of ``kinds`` of users on ``plans`` in ``orgs`` (empty: any) go to ``endpoints``."""
+
+    model_config = {"extra": "forbid"}
+
+    kinds: list[NotifyKind] = Field(default=["alert", "enforcement"], min_length=1)
+    plans: list[str] = Field(default=[], description="Plan ids; empty: every plan.")
+    orgs: list[str] = Field(default=[], description="Org ids; empty: every org.")
+    endpoints: list[str] = Field(min_length=1, description="Names of endpoints.")
+
+
+class NotifySettings(BaseModel):
+    """``spendstream notify``: alerts and enforcement changes to HTTP endpoints.
+
+    Endpoints and routes come from ``endpoints``/``routes`` (JSON in the environment) or from
+    ``routes_file`` (YAML), not both; secrets only from here: ``signing_secret`` for every
+    endpoint, ``endpoint_secrets.<name>`` for one. A secret is ``whsec_`` + base64 of 24 to 64
+    random bytes; several separated by spaces sign with each (for rotation).
+    """
+
+    group_id: str = Field(
+        default="spendstream-notify",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Prefix of the consumer groups: one per endpoint, <group_id>.<endpoint>.",
+    )
+    routes_file: Path | None = Field(default=None, description="YAML: endpoints and routes.")
+    endpoints: list[NotifyEndpoint] = Field(default=[])
+    routes: list[NotifyRoute] = Field(default=[])
+    signing_secret: SecretStr | None = Field(default=None, description="whsec_...: default.")
+    endpoint_secrets: dict[str, SecretStr] = Field(
+        default={}, description="Endpoint name -> whsec_... (overrides signing_secret)."
+    )
+    max_attempts: int = Field(default=10, ge=1, le=100, description="Attempts per notification.")
+    retry_initial_s: float = Field(default=5.0, gt=0, le=3600)
+    retry_max_s: float = Field(
+        default=900.0, gt=0, le=86_400, description="Longest wait between two attempts."
+    )
+    max_pending: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Notifications read but not yet delivered, per endpoint; at this many the "
+        "endpoint's consumer pauses.",
+    )
+    commit_interval_s: float = Field(default=1.0, ge=0, le=60)
+    shutdown_grace_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=600,
+        description="On SIGTERM, how long deliveries in progress may finish before the rest "
+        "is left to the next start.",
+    )
+    start_from: Literal["earliest", "latest"] = Field(
+        default="earliest",
+        description="Where an endpoint's consumer group with no committed offset starts.",
+    )
+    session_timeout_s: float = Field(default=10.0, ge=6, le=300)
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Prometheus /metrics and /health; 0 = off."
+    )
+
+    @field_validator("signing_secret")
+    @classmethod
+    def _one_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            cls.check_secret(value)
+        return value
+
+    @field_validator("endpoint_secrets")
+    @classmethod
+    def _endpoint_secrets(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, secret in value.items():
+            try:
+                cls.check_secret(secret)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return value
+
+    @staticmethod
+    def check_secret(value: SecretStr) -> None:
+        """``ValueError`` unless ``value`` is one or more ``whsec_<base64 of 24-64 bytes>``."""
+        import base64
+        import binascii
+
+        secrets = value.get_secret_value().split()
+        if not secrets:
+            raise ValueError("a signing secret is empty")
+        for secret in secrets:
+            if not secret.startswith("whsec_"):
+                raise ValueError("a signing secret must start with whsec_")
+            try:
+                key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+            except binascii.Error:
+                raise ValueError("a signing secret must be whsec_ + base64") from None
+            if not 24 <= len(key) <= 64:
+                raise ValueError(f"a signing secret must hold 24 to 64 bytes, not {len(key)}")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NotifySettings:
+        if self.retry_initial_s > self.retry_max_s:
+            raise ValueError("retry_initial_s must not exceed retry_max_s")
+        if self.routes_file is not None and (self.endpoints or self.routes):
+            raise ValueError("give endpoints and routes either inline or in routes_file, not both")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything configurable, from the environment (``SPENDSTREAM_*``) or keyword arguments."""
 
@@ -298,6 +446,7 @@ class Settings(BaseSettings):
     processor: ProcessorSettings = ProcessorSettings()
     sink: SinkSettings = SinkSettings()
     producer: ProducerSettings = ProducerSettings()
+    notify: NotifySettings = NotifySettings()
     plans_file: Path | None = Field(default=None, description="Plans YAML; default: sample.")
     subscriptions_file: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
