@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas import UsageEvent
-from schemas._wire import DecodedEvent
+from schemas.wire import DecodedEvent
 from spendstream.errors import ConfigError
 from stream_processors._price_rules import (
     AIN,

@@ -333,7 +333,10 @@ def test_a_top_up_unblocks_a_user_at_the_overage_ceiling_and_is_drawn_first(
         worker.start()
         send(0, 4)  # 0.40 USD: 0.20 beyond the allowance, billed 0.10 up to the ceiling
         decision = wait_action("block", 90)
-        assert decision.action == "block" and decision.reason == "ceiling", (decision, worker.log_tail())
+        assert decision.action == "block" and decision.reason == "ceiling", (
+            decision,
+            worker.log_tail(),
+        )
 
         out = top_up("pay-1")
         assert "1 grant(s)" in out, out

@@ -264,7 +264,7 @@ def event_dicts(draw: st.DrawFn) -> dict[str, Any]:
         ),
     }
     obj = {k: v for k, v in obj.items() if v is not None or draw(st.booleans())}
-    if obj["reasoning_tokens"] == 0 and obj["cached_input_tokens"] == 0:
+    if obj["reasoning_tokens"] == obj["cached_input_tokens"] == obj["cache_write_1h_tokens"] == 0:
         for name in _DEFAULTED:
             if draw(st.booleans()):
                 obj.pop(name, None)
