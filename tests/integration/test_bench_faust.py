@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from spendstream.bench_faust import PATHS, faust_ceiling_rate
-from spendstream.bench_worker import BenchInput, bench_input
+from spendstream.bench.faust_ceiling import PATHS, faust_ceiling_rate
+from spendstream.bench.worker import BenchInput, bench_input
 from spendstream.settings import Settings
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spendstream.bench_producer import run_producer_bench
+from spendstream.bench.producer import run_producer_bench
 from spendstream.kafka_admin import topic_partitions
 from spendstream.settings import Settings
 

@@ -22,7 +22,7 @@ from schemas.plans import parse_plans
 from sinks import ChdbStore
 from sinks._buffer import SUBSCRIPTIONS
 from spendstream.analytics import build_report, load_plans_into
-from spendstream.bench_sink import sample_priced_event
+from spendstream.bench.sink import sample_priced_event
 from spendstream.whatif import run_whatif
 
 pytestmark = pytest.mark.integration

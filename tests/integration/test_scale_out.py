@@ -26,7 +26,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 from pipeline_support import Oracle, Pipeline, produce
 
-from spendstream.bench_worker import isolated
+from spendstream.bench.worker import isolated
 from spendstream.kafka_admin import ensure_topics
 from spendstream.runner import WorkerProcess, wait_for_lag_zero
 from spendstream.settings import Settings

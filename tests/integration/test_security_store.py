@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from sinks import ChdbStore, RemoteChdbStore, Sink
 from sinks._chdb import owner_file, read_owner
-from spendstream.bench_sink import sample_priced_event
+from spendstream.bench.sink import sample_priced_event
 from spendstream.cli import app
 from spendstream.errors import StoreError
 from spendstream.kafka_admin import ensure_topics

@@ -13,7 +13,7 @@ import pytest
 
 from sinks import ChdbStore, Sink
 from sinks._store import Columns
-from spendstream.bench_sink import sample_priced_event
+from spendstream.bench.sink import sample_priced_event
 from spendstream.errors import StoreError
 from spendstream.kafka_admin import ensure_topics
 from spendstream.settings import Settings

@@ -13,7 +13,7 @@ import pytest
 from sinks import ChdbStore
 from sinks._buffer import PRICED_EVENTS, Batch, SinkBuffer
 from sinks._sink import insert_isolating
-from spendstream.bench_sink import sample_priced_event
+from spendstream.bench.sink import sample_priced_event
 
 pytestmark = pytest.mark.integration
 

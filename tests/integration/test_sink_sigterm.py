@@ -25,7 +25,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from sinks import ChdbStore
-from spendstream.bench_sink import sample_priced_event
+from spendstream.bench.sink import sample_priced_event
 from spendstream.kafka_admin import ensure_topics
 from spendstream.settings import Settings
 

@@ -18,7 +18,7 @@ import pytest
 from sinks import ChdbStore, RemoteChdbStore, ServerStore, Store, load_migrations, open_store
 from sinks._buffer import PRICED_EVENTS
 from sinks._chdb import owner_file, read_owner
-from spendstream.bench_sink import sample_priced_event
+from spendstream.bench.sink import sample_priced_event
 from spendstream.errors import StoreError, StoreLockedError
 from spendstream.settings import Settings
 
@@ -153,7 +153,7 @@ OWNER_SCRIPT = textwrap.dedent(
     from pathlib import Path
     from sinks import ChdbStore
     from sinks._buffer import PRICED_EVENTS
-    from spendstream.bench_sink import sample_priced_event
+    from spendstream.bench.sink import sample_priced_event
     store = ChdbStore(Path(sys.argv[1]), command="test-owner")
     store.migrate()
     store.insert("priced_events", PRICED_EVENTS.to_arrow(

@@ -28,7 +28,7 @@ from sinks._store import apply_migrations
 from spendstream.analytics import build_report, load_plans_into, report_json
 from spendstream.analytics.html import render_html
 from spendstream.analytics.report import render
-from spendstream.bench_sink import sample_priced_event
+from spendstream.bench.sink import sample_priced_event
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spendstream.bench_worker import progress_rates
+from spendstream.bench.worker import progress_rates
 
 
 @pytest.mark.parametrize(

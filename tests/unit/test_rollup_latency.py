@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spendstream.bench_caps import max_by_second, rollup_latencies
+from spendstream.bench.caps import max_by_second, rollup_latencies
 
 W0, W1 = 0, 60_000_000
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from sinks._buffer import DEAD_LETTERS, PRICED_EVENTS, ROLLUPS, SinkBuffer, dedup_token
-from spendstream.bench_sink import sample_priced_event
+from spendstream.bench.sink import sample_priced_event
 from spendstream.errors import BackpressureError
 
 pytestmark = pytest.mark.unit

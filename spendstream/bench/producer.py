@@ -4,7 +4,7 @@ Both runs use the same producer configuration, the same events and a fresh topic
 timed from the first send until everything is acknowledged (flushed). The broker is warmed up
 first with unmeasured messages. Run it with::
 
-    python -m spendstream.bench_producer --n 200000
+    python -m spendstream.bench.producer --n 200000
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def _measure_on(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m spendstream.bench_producer --n 200000``: print the figures as JSON."""
+    """``python -m spendstream.bench.producer --n 200000``: print the figures as JSON."""
     import json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -76,11 +76,11 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
     results: dict[str, Any] = {"machine": machine()}
     steps: list[tuple[str, Callable[[], dict[str, Any]]]] = []
     if "producer" not in options.skip:
-        from spendstream.bench_producer import run_producer_bench
+        from spendstream.bench.producer import run_producer_bench
 
         steps.append(("producer", lambda: run_producer_bench(settings, options.producer_events)))
     if "worker" not in options.skip:
-        from spendstream.bench_worker import run_worker_bench
+        from spendstream.bench.worker import run_worker_bench
 
         steps.append(
             (
@@ -89,7 +89,7 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
             )
         )
     if "sink" not in options.skip:
-        from spendstream.bench_sink import run_sink_bench
+        from spendstream.bench.sink import run_sink_bench
 
         steps.append(("sink", lambda: run_sink_bench(settings, options.sink_rows)))
     if "caps" not in options.skip:
@@ -103,7 +103,7 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
                 )
             )
     if "baselines" not in options.skip:
-        from spendstream.bench_baselines import run_baselines
+        from spendstream.bench.baselines import run_baselines
 
         def baselines() -> dict[str, Any]:
             # Same events and users as the worker section: the input is deterministic, so its
@@ -118,7 +118,7 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
 
         steps.append(("baselines", baselines))
     if "state" not in options.skip:
-        from spendstream.bench_state import run_state_bench
+        from spendstream.bench.state import run_state_bench
 
         steps.append(("state", lambda: run_state_bench(settings, options.state_users, per_user=4)))
     needs_broker = any(name not in ("sink", "state") for name, _ in steps)
@@ -141,8 +141,8 @@ def caps_latency(settings: Settings, rate: int, seconds: float, workers: int = 1
     import uuid
     from pathlib import Path
 
-    from spendstream.bench_caps import run_caps_bench
-    from spendstream.bench_worker import isolated
+    from spendstream.bench.caps import run_caps_bench
+    from spendstream.bench.worker import isolated
     from spendstream.kafka_admin import delete_topics, ensure_topics, topic_partitions
     from spendstream.runner import WorkerProcess
 

@@ -61,7 +61,7 @@ def _sizes(state: _Values) -> tuple[int, int]:
 
 def run_state_bench(settings: Settings, users: int = 100_000, per_user: int = 3) -> dict[str, Any]:
     """Process ``users * per_user`` events of ``users`` users; measure every state."""
-    from spendstream.bench_worker import run_pure
+    from spendstream.bench.worker import run_pure
     from spendstream.simulate import Simulator
     from stream_processors import InRecord
 

@@ -34,7 +34,7 @@ from spendstream.runner import stop_process
 from spendstream.settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from spendstream.bench_worker import BenchInput
+    from spendstream.bench.worker import BenchInput
 
 _PROGRESS_ENV = "SPENDSTREAM_BENCH_FAUST_PROGRESS"
 _PATH_ENV = "SPENDSTREAM_BENCH_FAUST_PATH"
@@ -47,7 +47,7 @@ def faust_ceiling_rate(data: BenchInput, path: str = "lane") -> dict[str, Any]:
     ``path`` is ``lane`` (the worker's hand-over) or ``stream`` (faust's); each path consumes
     under a consumer group of its own.
     """
-    from spendstream.bench_worker import progress_rates
+    from spendstream.bench.worker import progress_rates
 
     if path not in PATHS:
         raise ValueError(f"path must be one of {', '.join(PATHS)}, not {path!r}")
@@ -64,7 +64,7 @@ def faust_ceiling_rate(data: BenchInput, path: str = "lane") -> dict[str, Any]:
     samples: list[tuple[float, int]] = []
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "spendstream.bench_faust"],
+            [sys.executable, "-m", "spendstream.bench.faust_ceiling"],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -4,7 +4,7 @@ Measures priced-event rows/s through what the sink does per record: wire JSON ->
 (decode, dedup bookkeeping) -> Arrow columns (drain) -> one batch insert through chDB's
 Python() table function. Kafka is not involved; this is the sink's own ceiling.
 
-    python -m spendstream.bench_sink --rows 500000
+    python -m spendstream.bench.sink --rows 500000
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def run_sink_bench(settings: Settings, rows: int, batch_rows: int | None = None)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m spendstream.bench_sink --rows N [--batch-rows N]``."""
+    """``python -m spendstream.bench.sink --rows N [--batch-rows N]``."""
     parser = argparse.ArgumentParser(description="priced-event insert throughput into chDB")
     parser.add_argument("--rows", type=int, default=500_000, help="priced events to insert")
     parser.add_argument("--batch-rows", type=int, default=None, help="rows per insert batch")

@@ -7,9 +7,10 @@ These figures put the worker's events/s in context:
 * **quix** (the peer framework): :func:`quix_rate`, the same job written idiomatically with
   quixstreams, run as a child process against the same broker and input topic, measured on its
   output topic as the worker is measured on its priced topic;
-* **faust ceiling**: :func:`spendstream.bench_faust.faust_ceiling_rate`, the worker's faust App
-  with an agent that only takes and counts the input batches: what faust itself costs, through
-  the worker's hand-over (the input lane) and through faust's own stream (``take_events``).
+* **faust ceiling**: :func:`spendstream.bench.faust_ceiling.faust_ceiling_rate`, the worker's
+  faust App with an agent that only takes and counts the input batches: what faust itself
+  costs, through the worker's hand-over (the input lane) and through faust's own stream
+  (``take_events``).
 
 quixstreams pins older confluent-kafka and pydantic than spendstream uses, so it is not
 installed next to the project: the job runs under the interpreter named by
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from spendstream.bench_worker import BenchInput
+    from spendstream.bench.worker import BenchInput
     from spendstream.settings import Settings
 
 QUIX_PYTHON_ENV = "SPENDSTREAM_BENCH_QUIX_PYTHON"
@@ -54,8 +55,8 @@ def run_baselines(
     (the input is deterministic); without it the worker is measured here on the same topic.
     Ratios are worker / baseline: below 1, the baseline is faster.
     """
-    from spendstream.bench_faust import faust_ceiling_rate
-    from spendstream.bench_worker import bench_input, measure_worker
+    from spendstream.bench.faust_ceiling import faust_ceiling_rate
+    from spendstream.bench.worker import bench_input, measure_worker
 
     with bench_input(settings, events, users, name="bench-base") as data:
         worker_source = "worker section" if worker_events_per_s is not None else "measured here"
@@ -208,7 +209,7 @@ def quix_python() -> tuple[str | None, str]:
         return None, f"${QUIX_PYTHON_ENV}={named} does not exist"
     if importlib.util.find_spec("quixstreams") is not None:
         return sys.executable, "this interpreter"
-    return None, f"no quixstreams here; set ${QUIX_PYTHON_ENV} (see spendstream.bench_baselines)"
+    return None, f"no quixstreams here; set ${QUIX_PYTHON_ENV} (see spendstream.bench.baselines)"
 
 
 def quix_rate(data: BenchInput) -> dict[str, Any]:
@@ -220,7 +221,7 @@ def quix_rate(data: BenchInput) -> dict[str, Any]:
     topic. The rate runs from the first sample with output to the last one, so start-up, topic
     creation and the group join are not counted.
     """
-    from spendstream.bench_worker import TopicSize, progress_rates
+    from spendstream.bench.worker import TopicSize, progress_rates
     from spendstream.runner import stop_process
 
     python, how = quix_python()
@@ -252,7 +253,7 @@ def quix_rate(data: BenchInput) -> dict[str, Any]:
     expected = len({orjson_event_id(v) for _, v in data.payloads})
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [python, "-m", "spendstream.bench_baselines"],
+            [python, "-m", "spendstream.bench.baselines"],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -11,7 +11,7 @@ event-to-rollup latency runs until the first rollup of its (user, window) that c
 back from the rollups topic: a user's events reach one partition in order, so the k-th event of
 a window is in the first upsert whose ``requests`` is at least k::
 
-    python -m spendstream.bench_caps --rate 10000 --duration 10 --users 2000
+    python -m spendstream.bench.caps --rate 10000 --duration 10 --users 2000
 """
 
 from __future__ import annotations
@@ -326,7 +326,7 @@ def run_caps_bench(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m spendstream.bench_caps``: print the figures as JSON."""
+    """``python -m spendstream.bench.caps``: print the figures as JSON."""
     import json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
