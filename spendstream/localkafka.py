@@ -37,6 +37,27 @@ if TYPE_CHECKING:
 KAFKA_DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy" / "kafka"
 """deploy/kafka: the pom, the broker config template and the log4j2 config."""
 DEFAULT_JARS_DIR = KAFKA_DEPLOY_DIR / "lib"
+
+
+def require_checkout() -> None:
+    """Refuse clearly when ``deploy/kafka`` is not beside the package (an installed wheel).
+
+    The local broker is a development tool of a spendstream checkout: it needs the pom that
+    resolves the broker jars and the broker's config templates, which are not installed.
+    """
+    missing = [
+        name
+        for name in ("pom.xml", "server.properties.template", "log4j2.properties")
+        if not (KAFKA_DEPLOY_DIR / name).is_file()
+    ]
+    if missing:
+        raise LocalKafkaError(
+            f"the local Kafka broker runs from a spendstream checkout: {KAFKA_DEPLOY_DIR} lacks "
+            f"{', '.join(missing)}. Clone the repository and run ./dev setup, or point "
+            "SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS at a Kafka cluster instead."
+        )
+
+
 MIN_JAVA = 17
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 20
@@ -136,6 +157,7 @@ class LocalKafka:
         Raises :class:`LocalKafkaError` when Java or Maven is missing, a port is taken by another
         process, or the broker does not come up within ``start_timeout_s``.
         """
+        require_checkout()
         java = self._java()
         deadline = time.monotonic() + self.start_timeout_s
         pid = self._our_pid()
@@ -191,6 +213,7 @@ class LocalKafka:
         """Resolve the broker jars with Maven into ``jars_dir`` unless they are already there."""
         if self._jars_present():
             return
+        require_checkout()
         others = sorted(
             p.name for p in self.jars_dir.glob("kafka_2.13-*.jar") if p.name != self._main_jar
         )

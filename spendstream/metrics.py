@@ -44,7 +44,8 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -58,8 +59,16 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from producers._spool import DiskSpool
+
+class DiskSpool(Protocol):
+    """What the metrics read of a producer's spool (``producers.DiskSpool``): the core does
+    not import the packages above it."""
+
+    @property
+    def path(self) -> Path: ...
+
+    def stats(self) -> Any: ...
+
 
 log = logging.getLogger(__name__)
 

@@ -143,3 +143,18 @@ def test_load_settings_lists_every_problem() -> None:
 def test_unknown_setting_is_rejected() -> None:
     with pytest.raises(ConfigError, match="SPENDSTREAM_KAFAK"):
         load_settings(kafak={"bootstrap_servers": "x:1"})
+
+
+def test_the_local_broker_outside_a_checkout_fails_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An installed wheel has no deploy/kafka: the launcher says what it needs, not a Maven log.
+    from spendstream import localkafka
+    from spendstream.errors import LocalKafkaError
+
+    monkeypatch.setattr(localkafka, "KAFKA_DEPLOY_DIR", tmp_path / "deploy" / "kafka")
+    kafka = localkafka.LocalKafka(data_dir=tmp_path / "data", jars_dir=tmp_path / "jars")
+    with pytest.raises(LocalKafkaError, match="runs from a spendstream checkout"):
+        kafka.up()
+    with pytest.raises(LocalKafkaError, match=r"pom\.xml"):
+        kafka.ensure_jars()
