@@ -289,7 +289,8 @@ NotifyKind = Literal["alert", "threshold", "break_even", "enforcement"]
 class NotifyEndpoint(BaseModel):
     """One HTTP endpoint that receives notifications as signed webhooks (Standard Webhooks)."""
 
-    model_config = {"extra": "forbid"}
+    # The URL may carry a token: an error names the field, never the value.
+    model_config = {"extra": "forbid", "hide_input_in_errors": True}
 
     name: str = Field(
         pattern=r"^[a-z][a-z0-9_]{0,62}$",
@@ -342,6 +343,8 @@ class NotifySettings(BaseModel):
     endpoint, ``endpoint_secrets.<name>`` for one. A secret is ``whsec_`` + base64 of 24 to 64
     random bytes; several separated by spaces sign with each (for rotation).
     """
+
+    model_config = {"hide_input_in_errors": True}  # errors about secrets never echo them
 
     group_id: str = Field(
         default="spendstream-notify",
