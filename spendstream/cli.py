@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "store",
     "report",
     "subscriptions",
+    "notify",
 )
 
 app = typer.Typer(
