@@ -16,6 +16,7 @@ from producers._producer import (
     DeliveryReport,
     ProducerStats,
     UsageProducer,
+    encode_for_send,
     validate_event,
 )
 from producers._spool import DiskSpool, SpoolFullError, SpoolIOError, SpoolRecord, SpoolStats
@@ -43,6 +44,7 @@ __all__ = [
     "SpoolRecord",
     "SpoolStats",
     "UsageProducer",
+    "encode_for_send",
     "encode_subscription",
     "grant_credit",
     "load_subscriptions",

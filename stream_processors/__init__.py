@@ -21,6 +21,7 @@ from stream_processors._processor import (
     late_segment,
 )
 from stream_processors._state import DictState, PartitionedState
+from stream_processors._time import to_micros
 from stream_processors.caps import (
     DEFAULT_GRACE_S,
     CapEngine,
@@ -33,7 +34,7 @@ from stream_processors.caps import (
 )
 
 if TYPE_CHECKING:
-    from stream_processors._app import build_app, faust_app
+    from stream_processors._app import build_app, faust_app, input_lane
 
 __all__ = [
     "DEFAULT_GRACE_S",
@@ -64,9 +65,11 @@ __all__ = [
     "WindowUsage",
     "build_app",
     "faust_app",
+    "input_lane",
     "late_segment",
     "load_plans",
     "parse_plans",
+    "to_micros",
     "to_units",
     "units_to_decimal",
     "units_to_str",
@@ -75,7 +78,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # faust is heavy and patches the event loop policy on import: load it only when asked.
-    if name in ("build_app", "faust_app"):
+    if name in ("build_app", "faust_app", "input_lane"):
         from stream_processors import _app
 
         return getattr(_app, name)

@@ -7,7 +7,7 @@ in a worker, from ``take_events`` in ``agent.test_context()``), hands their raw 
 the same partition number as their source message, so one user's data stays co-partitioned end
 to end whatever hash function a producer used. The commit protocol is
 :class:`~stream_processors._checkpoint.Checkpointer`'s; every faust internal the worker relies on
-is in :mod:`stream_processors._faust_patches`.
+is in :mod:`stream_processors.faust_patches`.
 """
 
 from __future__ import annotations
@@ -30,13 +30,6 @@ from schemas import Subscription
 from schemas.plans import SAMPLE_PLANS, PlanCatalog, load_plans
 from spendstream.settings import Settings
 from stream_processors._checkpoint import Checkpointer
-from stream_processors._faust_patches import (
-    LeanMonitor,
-    chain_producer_flush,
-    commit_offsets,
-    patch_worker_consumer,
-    require_tested_faust,
-)
 from stream_processors._gate import BrokerProbe, InputGate
 from stream_processors._lane import InputLane
 from stream_processors._output import FaustSends, OutputProducer
@@ -45,6 +38,13 @@ from stream_processors._pricing import PriceCatalog
 from stream_processors._processor import InRecord, SourceRecord, UsageProcessor
 from stream_processors._table_state import TableState
 from stream_processors.caps import CapEngine, CapOutputs, CapStage
+from stream_processors.faust_patches import (
+    LeanMonitor,
+    chain_producer_flush,
+    commit_offsets,
+    patch_worker_consumer,
+    require_tested_faust,
+)
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ the stream iterator, a step of ``take_events`` and an ack. In the faust-ceiling 
 path bounded a faust agent that does nothing at about 17k events/s on the development machine.
 
 :class:`InputLane` replaces it for the worker's input topic only.
-:func:`stream_processors._faust_patches.use_lane` makes a
+:func:`stream_processors.faust_patches.use_lane` makes a
 consumer's fetch loop hand the input topic's messages straight to the lane (one list append),
 and the agent takes them in batches with :meth:`InputLane.take`: whatever arrived while the
 previous batch was processed goes at once (up to the batch size); on an idle lane, the first

@@ -1,6 +1,6 @@
 """Partitioned state over a faust Table: explicit partitions, changelog writes batched, undo.
 
-See stream_processors._faust_patches for the faust internals this reads.
+See stream_processors.faust_patches for the faust internals this reads.
 """
 
 from __future__ import annotations

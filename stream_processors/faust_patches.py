@@ -63,7 +63,7 @@ def require_tested_faust(version: str | None = None) -> None:
     if not low <= major_minor < high:
         raise ConfigError(
             f"faust-streaming {found} is installed; the worker patches faust internals tested "
-            f"on {low[0]}.{low[1]}.x only (see stream_processors/_faust_patches.py): install "
+            f"on {low[0]}.{low[1]}.x only (see stream_processors/faust_patches.py): install "
             f"faust-streaming>={low[0]}.{low[1]},<{high[0]}.{high[1]}"
         )
 

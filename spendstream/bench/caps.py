@@ -30,7 +30,7 @@ from confluent_kafka import Consumer, TopicPartition
 from producers import UsageProducer, publish_subscriptions
 from schemas import PlanPeriod, Subscription
 from spendstream.settings import Settings, load_settings
-from stream_processors._time import to_micros
+from stream_processors import to_micros
 
 _TICK_S = 0.005
 

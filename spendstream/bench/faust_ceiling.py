@@ -111,9 +111,8 @@ def run_ceiling_job(settings: Settings, progress: Path, path: str) -> None:  # p
     import faust
 
     from spendstream.worker import gc_tuned
-    from stream_processors import faust_app
-    from stream_processors._app import input_lane
-    from stream_processors._faust_patches import (
+    from stream_processors import faust_app, input_lane
+    from stream_processors.faust_patches import (
         patch_consumers,
         use_fast_handover,
         use_fetch_wait,

@@ -18,8 +18,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from producers import UsageProducer, producer_config
-from producers._producer import encode_for_send
+from producers import UsageProducer, encode_for_send, producer_config
 from spendstream.errors import DeliveryError
 from spendstream.settings import Settings, load_settings
 from spendstream.simulate import Simulator

@@ -86,8 +86,7 @@ def run_sink_bench(settings: Settings, rows: int, batch_rows: int | None = None)
     Uses a fresh chDB folder under a temporary directory (never the settings' store, which a
     running sink may own). ``batch_rows`` defaults to ``settings.sink.batch_rows``.
     """
-    from sinks._buffer import PRICED_EVENTS, SinkBuffer, warm_up
-    from sinks._chdb import ChdbStore
+    from sinks import PRICED_EVENTS, ChdbStore, SinkBuffer, warm_up
 
     batch = batch_rows or max(settings.sink.batch_rows, 1)
     warm_up()  # as the sink does when it starts

@@ -173,8 +173,7 @@ def register(app: typer.Typer) -> None:
         one read statement with no INTO OUTFILE and no file or network table function. With the
         embedded store owned by a running sink, the query is answered by that owner.
         """
-        from sinks import open_store
-        from sinks._store import check_read_only
+        from sinks import check_read_only, open_store
 
         if fmt not in ("table", "json", "csv"):
             fail(f"--format must be table, json or csv, not {fmt!r}", code=2)

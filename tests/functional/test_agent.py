@@ -113,7 +113,7 @@ def test_a_record_that_raises_is_a_dead_letter_and_the_agent_goes_on() -> None:
 def test_worker_app_skips_faust_per_message_bookkeeping() -> None:
     from faust.types import TP
 
-    from stream_processors._faust_patches import LeanMonitor
+    from stream_processors.faust_patches import LeanMonitor
 
     settings = load_settings(kafka={"bootstrap_servers": "127.0.0.1:1"})
     worker = build_app(settings, subscriptions=SUBS.get, in_process=True)

@@ -15,7 +15,7 @@ import pytest
 
 from spendstream.errors import ConfigError
 from stream_processors._checkpoint import Checkpointer
-from stream_processors._faust_patches import require_tested_faust
+from stream_processors.faust_patches import require_tested_faust
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""The fetch loop's fast hand-over (stream_processors._faust_patches) against mode's wait_first.
+"""The fetch loop's fast hand-over (stream_processors.faust_patches) against mode's wait_first.
 
 A delivery that completes in one step must return at once without starting the suspension
 wait; one that suspends must behave exactly as under faust's own ``wait_first``: it finishes
@@ -13,7 +13,7 @@ from typing import Any
 
 from mode import Service
 
-from stream_processors._faust_patches import Resumed, fast_wait_first
+from stream_processors.faust_patches import Resumed, fast_wait_first
 
 
 class Loop(Service):

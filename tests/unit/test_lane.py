@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from faust.types import TP
 
-from stream_processors._faust_patches import use_lane
 from stream_processors._lane import InputLane
+from stream_processors.faust_patches import use_lane
 
 
 def run(coro: Any) -> Any:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from stream_processors._faust_patches import rewinding_seek as _rewinding_seek
+from stream_processors.faust_patches import rewinding_seek as _rewinding_seek
 
 EVENTS = "usage.events"
 
