@@ -338,6 +338,11 @@ class ChdbStore:
                     raise StoreError(
                         f"cannot open a read-only session on {self.path}: {_first_line(exc)}"
                     ) from exc
+                # Queries name tables as users know them (`FROM priced_events`): the configured
+                # database is the session's default. Before the first migration it does not
+                # exist yet; qualified names still work then.
+                with contextlib.suppress(Exception):
+                    self._ro.query(f"USE `{self.database}`", "CSV")
             return self._ro
 
     def _serve(self, command: str) -> None:

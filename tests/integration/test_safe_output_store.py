@@ -55,3 +55,11 @@ def test_query_csv_and_json_from_the_engine(runner: CliRunner) -> None:
     assert json.loads(result.output) == [
         {"user_id": "\x1b[31mred[/x]", "model": "user\u202egnp.exe", "cost": "-1.5", "note": "=1+1"}
     ]
+
+
+def test_queries_name_tables_as_users_know_them(runner: CliRunner) -> None:
+    # The configured database is the default: `FROM priced_events` once failed "Unknown table".
+    assert runner.invoke(app, ["clickhouse", "migrate"]).exit_code == 0
+    result = runner.invoke(app, ["query", "SELECT count() AS n FROM priced_events", "-f", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == [{"n": 0}]
