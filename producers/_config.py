@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,30 @@ PRODUCER_DEFAULTS: Mapping[str, Any] = {
 }
 
 
+class _TransientRetries(logging.Filter):
+    """Demote librdkafka's "... retrying" lines to DEBUG.
+
+    A producer on a broker that has just started logs warnings such as ``GETPID ... Coordinator
+    load in progress: retrying`` for a second or two; librdkafka retries by itself and they
+    mean nothing to a user (they were the first lines a newcomer saw in the demo). Failures
+    that last still reach ``error_cb`` and the delivery reports.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and "retrying" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return record.levelno >= self._floor(record)
+
+    @staticmethod
+    def _floor(record: logging.LogRecord) -> int:
+        return logging.getLogger(record.name).getEffectiveLevel()
+
+
+LIBRDKAFKA_LOG = logging.getLogger("spendstream.librdkafka")
+"""Where librdkafka's own log lines go (instead of raw ``%4|...`` lines on stderr)."""
+LIBRDKAFKA_LOG.addFilter(_TransientRetries())
+
+
 def producer_config(
     settings: Settings | None = None,
     config: Mapping[str, Any] | None = None,
@@ -40,4 +65,5 @@ def producer_config(
         conf.update(config)
     if "bootstrap.servers" not in conf:
         conf.update(Settings().kafka.confluent_config())
+    conf.setdefault("logger", LIBRDKAFKA_LOG)
     return conf
