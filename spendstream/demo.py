@@ -60,6 +60,8 @@ class DemoOptions:
     duplicates: float = 0.01
     malformed: float = 0.002
     drain_timeout_s: float = 300.0
+    notify: bool = False
+    """Also run ``spendstream notify`` against a local receiver and count what it got."""
 
 
 def run_demo(settings: Settings, options: DemoOptions, console: Console) -> dict[str, Any]:
@@ -77,6 +79,7 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> dict
     sink_thread: threading.Thread | None = None
     stop_sink = threading.Event()
     store = None
+    notifier: Any = None
     try:
         if settings.kafka.is_local_default:
             local = LocalKafka.from_settings(settings)
@@ -106,6 +109,11 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> dict
         sink_thread = threading.Thread(target=sink.run, args=(stop_sink,), name="sink", daemon=True)
         sink_thread.start()
         console.print("[green]✓[/] sink started")
+        if options.notify:
+            from spendstream.notify.receiver import LocalNotify
+
+            notifier = LocalNotify(settings, group_id=f"{settings.processor.app_id}-demo-notify")
+            console.print(f"[green]✓[/] notify started, to {notifier.receiver.url}")
 
         sim = Simulator(
             options.users,
@@ -139,15 +147,23 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> dict
                 settings, settings.sink.group_id, sink_topics, options.drain_timeout_s
             )
         console.print("[green]✓[/] sink drained (lag 0)")
+        if notifier is not None:
+            with console.status("waiting for notify to deliver every notification…"):
+                notifier.drain(options.drain_timeout_s)
 
         report = print_report(store, settings, console)
         report["caps"] = print_caps(store, settings, console)
+        if notifier is not None:
+            report["notifications"] = notifier.receiver.counts()
+            console.print(notifier.summary(), markup=False, highlight=False)
         console.print(
             "more: [bold]spendstream report[/] (tier P&L, heaviest users, savings; --html FILE "
             "for plots), [bold]spendstream whatif --plans deploy/whatif_sample_plans.yaml[/]"
         )
         return report
     finally:
+        if notifier is not None:
+            notifier.close()
         if worker is not None:
             worker.stop()
         if sink_thread is not None and sink is not None:

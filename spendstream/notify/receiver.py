@@ -1,4 +1,5 @@
-"""A webhook receiver on 127.0.0.1 that verifies, deduplicates and counts (``demo --notify``).
+"""A webhook receiver on 127.0.0.1 that verifies, deduplicates and counts, and the notify
+service wired to it (what ``spendstream demo`` shows of notifications).
 
 It shows the receiving side of the contract: check the signature on the raw body
 (:func:`~spendstream.notify.signing.verify`), answer 401 when it fails, and keep one
@@ -7,12 +8,18 @@ notification per ``webhook-id`` (a redelivery after a restart repeats the id).
 
 from __future__ import annotations
 
+import base64
+import os
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from pydantic import SecretStr
+
+from spendstream.notify.records import EVENT_TYPES
 from spendstream.notify.signing import ID_HEADER, WebhookVerificationError, verify
+from spendstream.settings import NotifyEndpoint, NotifyRoute, Settings
 
 
 class LocalReceiver:
@@ -88,3 +95,57 @@ class LocalReceiver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LocalNotify:
+    """The notify service in a thread, delivering every kind to a :class:`LocalReceiver`
+    (``spendstream demo`` with notifications): start, :meth:`drain`, :meth:`summary`,
+    :meth:`close`."""
+
+    def __init__(self, settings: Settings, *, group_id: str) -> None:
+        """Start the receiver and notify (one endpoint ``local``, a fresh secret)."""
+        from spendstream.notify.service import NotifyService
+
+        secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+        self.receiver = LocalReceiver(secret)
+        notify = settings.notify.model_copy(
+            update={
+                "group_id": group_id,
+                "routes_file": None,
+                "endpoints": [NotifyEndpoint(name="local", url=SecretStr(self.receiver.url))],
+                "routes": [NotifyRoute(endpoints=["local"])],
+                "signing_secret": SecretStr(secret),
+                "endpoint_secrets": {},
+            }
+        )
+        self.settings = settings.model_copy(update={"notify": notify})
+        self.service = NotifyService(self.settings)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self.service.run, args=(self._stop,), name="notify", daemon=True
+        )
+        self._thread.start()
+
+    def drain(self, timeout_s: float) -> None:
+        """Wait until every record on the alerts and enforcement topics is delivered (and
+        committed)."""
+        from spendstream.runner import wait_for_lag_zero
+
+        runner = self.service.runners["local"]
+        wait_for_lag_zero(self.settings, runner.group_id, list(runner.topics), timeout_s)
+
+    def summary(self) -> str:
+        """One line: notifications per type, where they went, what was refused or repeated."""
+        counts = self.receiver.counts()
+        kinds = ", ".join(f"{counts.get(t, 0)} {t}" for t in EVENT_TYPES.values())
+        return (
+            f"notifications to {self.receiver.url} (signed, verified): {kinds}; "
+            f"{self.receiver.repeats} repeat(s) dropped by webhook-id, "
+            f"{self.receiver.refused} refused"
+        )
+
+    def close(self) -> None:
+        """Stop notify (committing what was delivered) and the receiver."""
+        self._stop.set()
+        self._thread.join(timeout=60)
+        self.receiver.close()

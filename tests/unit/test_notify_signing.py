@@ -283,3 +283,31 @@ def test_an_enforcement_change_is_identified_by_user_and_version() -> None:
 def test_records_without_a_notification_are_refused(role: Any, value: bytes, error: str) -> None:
     with pytest.raises(ValueError, match=error):
         notification(role, value)
+
+
+def test_the_local_receiver_counts_once_per_id_and_refuses_forgeries() -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    from spendstream.notify.receiver import LocalReceiver
+
+    def post(url: str, body: bytes, headers: dict[str, str]) -> int:
+        request = urllib.request.Request(url, body, headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    made = notification("alerts", orjson.dumps(ALERT))
+    now = int(time.time())
+    with LocalReceiver(SPEC_SECRET) as receiver:
+        headers = sign(secret_keys(SPEC_SECRET), made.webhook_id, now, made.body)
+        assert post(receiver.url, made.body, headers) == 204
+        assert post(receiver.url, made.body, headers) == 204  # a redelivery: same id
+        forged = sign(secret_keys(OTHER_SECRET), made.webhook_id, now, made.body)
+        assert post(receiver.url, made.body, forged) == 401
+        assert post(receiver.url, made.body + b" ", headers) == 401
+        assert receiver.counts() == {"alert.threshold": 1}
+        assert (receiver.repeats, receiver.refused) == (1, 2)
