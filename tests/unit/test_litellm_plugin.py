@@ -957,3 +957,47 @@ def test_the_module_handler_is_made_on_first_access_only() -> None:
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["True", "True", "True", "True", "True"]
+
+
+# -- the example proxy config -----------------------------------------------------------------
+
+EXAMPLE = ROOT / "deploy" / "litellm" / "config.yaml"
+
+
+def test_the_example_config_loads_the_handler_and_its_models_are_metered(
+    tmp_path: Path, callbacks: list[Any]
+) -> None:
+    import yaml
+    from litellm.proxy.types_utils.utils import get_instance_fn
+
+    from schemas.plans import DowngradeAtCap, load_plans
+    from stream_processors import PriceCatalog
+
+    config = yaml.safe_load(EXAMPLE.read_text())
+    (entry,) = config["litellm_settings"]["callbacks"]
+    assert isinstance(get_instance_fn(entry, config_file_path=str(EXAMPLE)), SpendstreamLogger)
+
+    names = [m["model_name"] for m in config["model_list"]]
+    targets = {
+        w.at_cap.model
+        for p in load_plans().plans
+        for w in p.windows
+        if isinstance(w.at_cap, DowngradeAtCap)
+    }
+    assert targets and targets <= set(names)  # every downgrade can be served
+
+    capture = Capture()
+    callbacks.append(capture)
+    router = litellm.Router(model_list=config["model_list"])
+
+    async def every_model() -> list[dict[str, Any]]:
+        for name in names:
+            await router.acompletion(model=name, messages=MESSAGES, user="user-000042")
+        return await capture.wait_for(len(names))
+
+    catalog = PriceCatalog.load()
+    for kwargs in asyncio.run(every_model()):
+        event = validate_event(usage_event_fields(kwargs["standard_logging_object"]))
+        assert event.user_id == "user-000042" and event.input_tokens > 0
+        assert catalog.lookup(event.requested_model, event.provider) is not None, event
+        assert catalog.lookup(event.model, event.provider) is not None, event
