@@ -666,12 +666,13 @@ def test_a_full_queue_drops_and_counts_without_waiting(tmp_path: Path) -> None:
         settings(tmp_path), producer_config={"queue.buffering.max.messages": 1}
     )
     try:
+        handler.record(logged(VALID))  # creates the producer
         began = time.monotonic()
-        for i in range(3):
-            handler.record(logged({**VALID, "startTime": START + i}))
-        assert time.monotonic() - began < 0.5  # no 50 ms poll per refused event
+        for i in range(10):
+            handler.record(logged({**VALID, "startTime": START + i + 1}))
+        assert time.monotonic() - began < 0.3  # no 50 ms poll for room per refused event
         stats = handler.stats()
-        assert (stats.sent, stats.dropped, stats.invalid) == (1, 2, 0)
+        assert (stats.sent, stats.dropped, stats.invalid) == (1, 10, 0)
         assert stats.last_error is not None and "full" in stats.last_error
     finally:
         shut(handler)
