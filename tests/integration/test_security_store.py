@@ -207,6 +207,7 @@ def test_query_without_an_owner_is_read_only_by_the_engine(
     for name, value in migrated.to_env().items():
         monkeypatch.setenv(name, value)
     if guard == "off":
+        monkeypatch.setattr("sinks.check_read_only", _noop_check)
         monkeypatch.setattr("sinks._store.check_read_only", _noop_check)
         monkeypatch.setattr("sinks._chdb.check_read_only", _noop_check)
     out = tmp_path / "out.csv"
@@ -271,6 +272,7 @@ def test_query_through_the_owner_is_read_only_by_the_engine(
     monkeypatch.setenv("SPENDSTREAM_STATE_DIR", str(path.parent))
     monkeypatch.setenv("SPENDSTREAM_CLICKHOUSE__EMBEDDED_PATH", str(path))
     if guard == "off":
+        monkeypatch.setattr("sinks.check_read_only", _noop_check)
         monkeypatch.setattr("sinks._store.check_read_only", _noop_check)
         monkeypatch.setattr("sinks._chdb.check_read_only", _noop_check)
     out = tmp_path / "out.csv"
