@@ -563,14 +563,22 @@ class SpendstreamLogger(CustomLogger):
     async def async_log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
-        """As :meth:`log_success_event`; never waits."""
+        """As :meth:`log_success_event`, off the event loop's way (see :meth:`_ready`)."""
+        await self._ready()
         self.record(kwargs)
 
     async def async_log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
-        """As :meth:`log_failure_event`; never waits."""
+        """As :meth:`log_failure_event`, off the event loop's way (see :meth:`_ready`)."""
+        await self._ready()
         self.record(kwargs)
+
+    async def _ready(self) -> None:
+        # Opening a spool reads back what it holds: done in a thread, so the first logged
+        # call waits for it, not every request the loop is serving.
+        if self._producer is None and not self._closed:
+            await asyncio.to_thread(self._producer_or_none)
 
     def record(self, kwargs: Mapping[str, Any]) -> None:
         """Send the usage event of the call LiteLLM logged with ``kwargs``. Never raises."""
@@ -777,7 +785,7 @@ class SpendstreamLogger(CustomLogger):
             if self._guard is not None and self._guard_stuck():
                 # The guard's reader gives up when it cannot reach the broker at start.
                 log.warning("spendstream: the enforcement guard never reached Kafka; restarting it")
-                self._guard.close()
+                threading.Thread(target=self._guard.close, daemon=True).start()
                 self._guard = None
             if self._guard is not None:
                 return self._guard

@@ -917,6 +917,22 @@ def test_without_a_reachable_broker_requests_pass_after_the_start_wait(
     assert time.monotonic() - began < 2.0  # waited once, at most guard_wait_s
 
 
+def test_a_guard_that_never_reached_the_broker_is_started_again(
+    tmp_path: Path, callbacks: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import producers.litellm as plugin
+
+    monkeypatch.setattr(plugin, "_RETRY_AFTER_FAILURE_S", 0.2)
+    handler = SpendstreamLogger(settings(tmp_path), LiteLLMOptions(guard_wait_s=0))
+    proxy = proxy_with(handler, callbacks)
+    pre_call(proxy, request(), "blocked")
+    first = handler._guard
+    assert first is not None and first.staleness_s() is None
+    time.sleep(0.3)
+    pre_call(proxy, request(), "blocked")
+    assert handler._guard is not None and handler._guard is not first
+
+
 # -- loading ----------------------------------------------------------------------------------
 
 
