@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -84,6 +85,14 @@ def register(app: typer.Typer) -> None:
             logging.basicConfig(
                 level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
             )
+        if settings.log_level != "DEBUG":
+            # aiokafka narrates every group join at INFO, and logs the coordinator a young
+            # broker has not elected yet at ERROR although it asks again at once.
+            kafka_log = logging.getLogger("aiokafka")
+            kafka_log.setLevel(logging.WARNING)
+            logging.getLogger("aiokafka.consumer.group_coordinator").addFilter(
+                lambda record: "GroupCoordinatorNotAvailable" not in record.getMessage()
+            )
         from spendstream.notify.service import NotifyService
 
         stop = threading.Event()
@@ -106,5 +115,6 @@ def register(app: typer.Typer) -> None:
             finally:
                 for close in closers:
                     close()
+            console.print_json(json.dumps(service.health()["details"], default=str))
         except SpendstreamError as exc:
             fail_on(exc)

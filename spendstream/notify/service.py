@@ -416,6 +416,8 @@ class EndpointRunner:
             if lease is not None:
                 lease.revoke()
         self._tracker.forget(tps)
+        self.stats.pending = self._tracker.pending()
+        self.stats.assigned = len(self._leases)
 
     async def _finish(self, workers: list[asyncio.Task[None]]) -> None:
         try:
@@ -433,7 +435,6 @@ class EndpointRunner:
     async def on_revoked(self, revoked: Iterable[Any]) -> None:
         """Finish (within the grace period) and commit what the partitions hold."""
         await self._settle([(tp.topic, tp.partition) for tp in revoked])
-        self.stats.assigned = len(self._leases)
 
     def on_assigned(self, assigned: Iterable[Any]) -> None:
         """Start a fresh lease per partition: reading resumes from the committed offset."""
