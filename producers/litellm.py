@@ -397,8 +397,8 @@ def usage_event_fields(
     fields: dict[str, Any] = {
         "event_id": _event_id(slo),
         "occurred_at": (end or start or datetime.now(UTC)).isoformat(),
-        "org_id": _first(slo, opts.org_path) or opts.default_org_id,
-        "user_id": _first(slo, opts.user_path) or opts.default_user_id,
+        "org_id": _first(slo, opts.org_path) or opts.default_org_id or None,
+        "user_id": _first(slo, opts.user_path) or opts.default_user_id or None,
         "api_key_id": _text(meta.get("user_api_key_hash")),
         "gateway": opts.gateway,
         "request_id": _text(slo.get("litellm_call_id")),
@@ -730,7 +730,7 @@ class SpendstreamLogger(CustomLogger):
             return None
         view = request_view(user_api_key_dict, data)
         user = _first(view, self.options.user_path) or self.options.default_user_id
-        if user is None:
+        if not user:
             return None
         decision = await self.decide(user)
         if decision is None:
