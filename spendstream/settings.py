@@ -143,6 +143,7 @@ class TopicSettings(BaseModel):
                 "overages",
                 "enforcement",
                 "subscriptions",
+                "notify_dlq",
             )
         }
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-import typer
 from rich.console import Console
 from rich.text import Text
 
@@ -30,7 +29,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
         highlight=False,
         soft_wrap=True,
     )
-    raise typer.Exit(code)
+    # SystemExit, not typer.Exit: the entry point also fails outside the click context.
+    raise SystemExit(code)
 
 
 def settings_or_exit() -> Settings:

@@ -24,6 +24,12 @@ def register(app: typer.Typer) -> None:
         drain_timeout: float = typer.Option(
             300.0, "--drain-timeout", min=1, help="Seconds to wait for the pipeline to drain."
         ),
+        notify: bool = typer.Option(
+            True,
+            "--notify/--no-notify",
+            help="Also deliver alerts and enforcement changes as signed webhooks to a local "
+            "receiver (spendstream notify) and count what it got.",
+        ),
     ) -> None:
         """Run the whole pipeline locally and print a per-tier report.
 
@@ -39,7 +45,12 @@ def register(app: typer.Typer) -> None:
 
         settings = settings_or_exit()
         options = DemoOptions(
-            users=users, duration_s=duration, rate=rate, seed=seed, drain_timeout_s=drain_timeout
+            users=users,
+            duration_s=duration,
+            rate=rate,
+            seed=seed,
+            drain_timeout_s=drain_timeout,
+            notify=notify,
         )
         try:
             with sigterm_as_interrupt():

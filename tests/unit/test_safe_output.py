@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -230,16 +229,16 @@ def test_query_refusal_with_markup_in_it_prints_no_traceback(cli: CliRunner) -> 
 def test_fail_prints_markup_like_messages_literally(
     message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(typer.Exit) as exited:
+    with pytest.raises(SystemExit) as exited:
         fail(message, code=3)
-    assert exited.value.exit_code == 3
+    assert exited.value.code == 3
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_fail_escapes_control_characters_but_keeps_line_breaks(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    with pytest.raises(typer.Exit):
+    with pytest.raises(SystemExit):
         fail("bad user \x1b[31mid\u202e\nsecond problem")
     assert capsys.readouterr().err == "error: bad user \\x1b[31mid\\u202e\nsecond problem\n"
 
