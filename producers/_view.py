@@ -114,18 +114,31 @@ class CompactedTopicView(Generic[V]):
             "auto.offset.reset": "earliest",
             "enable.partition.eof": True,
         }
-        try:
-            consumer = Consumer(conf)
-            meta = consumer.list_topics(self.topic, timeout=10)
-            tmeta = meta.topics.get(self.topic)
-            if tmeta is None or tmeta.error is not None:
-                raise KafkaError(f"topic {self.topic!r} does not exist")
-            parts = sorted(tmeta.partitions)
-            consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
-        except (CKafkaException, KafkaError) as exc:
-            self._error = exc
-            log.error("view of %s failed to start: %s", self.topic, exc)
-            return
+        # The start is retried until it works or the view is closed: a broker that is not up
+        # yet (or a topic not created yet) must not leave the view empty for good, with
+        # nobody reading the topic while the process looks fine.
+        attempt = 0
+        while True:
+            consumer = None
+            try:
+                consumer = Consumer(conf)
+                meta = consumer.list_topics(self.topic, timeout=10)
+                tmeta = meta.topics.get(self.topic)
+                if tmeta is None or tmeta.error is not None:
+                    raise KafkaError(f"topic {self.topic!r} does not exist")
+                parts = sorted(tmeta.partitions)
+                consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
+                self._error = None
+                break
+            except (CKafkaException, KafkaError) as exc:
+                self._error = exc
+                if consumer is not None:
+                    consumer.close()
+                attempt += 1
+                if attempt == 1 or attempt % 20 == 0:
+                    log.error("view of %s cannot start (%s); retrying", self.topic, exc)
+                if self._stop.wait(min(0.5 * attempt, 5.0)):
+                    return
         pending_eof = set(parts)
         try:
             while not self._stop.is_set():
