@@ -14,6 +14,7 @@ Settings are validated once at start-up; :func:`load_settings` turns every probl
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -479,6 +480,10 @@ class Settings(BaseSettings):
                 return
             if isinstance(value, SecretStr):
                 env[key] = value.get_secret_value()
+            elif isinstance(value, list | tuple | dict | set | frozenset | BaseModel):
+                # Complex values travel as JSON, as pydantic-settings reads them back (str()
+                # would write Python reprs, with secrets masked).
+                env[key] = json.dumps(_revealed(value))
             else:
                 env[key] = str(value)
 
@@ -489,6 +494,21 @@ class Settings(BaseSettings):
     def masked(self) -> dict[str, Any]:
         """The effective settings as plain data, secrets shown as ``**********``."""
         return self.model_dump(mode="json")
+
+
+def _revealed(value: Any) -> Any:
+    """``value`` as JSON-ready data with every secret revealed (for :meth:`Settings.to_env`)."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, BaseModel):
+        return {name: _revealed(getattr(value, name)) for name in type(value).model_fields}
+    if isinstance(value, dict):
+        return {str(k): _revealed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_revealed(v) for v in value]
+    if isinstance(value, Path | Decimal):
+        return str(value)
+    return value
 
 
 def describe_validation_error(exc: ValidationError, prefix: str = "SPENDSTREAM_") -> str:

@@ -158,3 +158,28 @@ def test_the_local_broker_outside_a_checkout_fails_clearly(
         kafka.up()
     with pytest.raises(LocalKafkaError, match=r"pom\.xml"):
         kafka.ensure_jars()
+
+
+def test_settings_reach_a_child_process_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lists, nested models and secret maps travel as JSON with secrets revealed: str() wrote
+    # Python reprs with secrets masked, which a child process could not read back.
+    from spendstream.settings import load_settings
+
+    secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    settings = load_settings(
+        notify={
+            "endpoints": [{"name": "ops", "url": "https://hooks.example/t?token=s3cret"}],
+            "routes": [{"endpoints": ["ops"], "kinds": ["alert"]}],
+            "endpoint_secrets": {"ops": secret},
+        }
+    )
+    for name in [n for n in __import__("os").environ if n.startswith("SPENDSTREAM_")]:
+        monkeypatch.delenv(name)
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    again = load_settings()
+    assert (
+        again.notify.endpoints[0].url.get_secret_value() == "https://hooks.example/t?token=s3cret"
+    )
+    assert again.notify.endpoint_secrets["ops"].get_secret_value() == secret
+    assert again.notify.routes == settings.notify.routes
