@@ -43,7 +43,7 @@ import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
-from spendstream.errors import ConfigError, KafkaError, SpendstreamError
+from spendstream.errors import KafkaError, SpendstreamError
 from spendstream.notify import metrics as m
 from spendstream.notify.delivery import Attempt, RetryPolicy, attempt
 from spendstream.notify.records import Notification, NotifyDeadLetter, notification
@@ -579,12 +579,8 @@ class NotifyService:
         """Check the routes (:class:`ConfigError` listing every problem) and the topics."""
         self.settings = settings
         self.table = table if table is not None else load_routes(settings)
-        others = settings.topics.names()
-        if settings.topics.notify_dlq in others.values():
-            raise ConfigError(
-                f"the notify dead-letter topic {settings.topics.notify_dlq!r} is also the "
-                "topic of another role: set SPENDSTREAM_TOPICS__NOTIFY_DLQ to a name of its own"
-            )
+        # The dead-letter topic is one of TopicSettings' roles: settings refuse it at start-up
+        # when it names the topic of another role.
         self.dead_letters = DeadLetterWriter(settings)
         rng = rng or random.Random()
         self.runners = {
