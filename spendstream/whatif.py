@@ -97,17 +97,20 @@ _EVENT_COLUMNS = """
     output_audio_tokens, output_image_tokens, toString(service_tier), web_search_requests,
     search_context_size, semantic_cache_hit"""
 
-EVENTS_SQL = f"""
-SELECT {_EVENT_COLUMNS}
-FROM {{db}}.priced_events FINAL
-WHERE occurred_at >= fromUnixTimestamp64Micro({{since_us:Int64}}, 'UTC')
-    AND occurred_at < addMonths(toDateTime64({{month:Date}}, 6, 'UTC'), 1)
-    AND ({{org:String}} = '' OR org_id = {{org:String}})
+EVENTS_SQL = (
+    "SELECT"
+    + _EVENT_COLUMNS
+    + """
+FROM {db}.priced_events FINAL
+WHERE occurred_at >= fromUnixTimestamp64Micro({since_us:Int64}, 'UTC')
+    AND occurred_at < addMonths(toDateTime64({month:Date}, 6, 'UTC'), 1)
+    AND ({org:String} = '' OR org_id = {org:String})
     AND (user_id, toUnixTimestamp64Micro(occurred_at), event_id)
-        > ({{after_user:String}}, {{after_us:Int64}}, {{after_event:String}})
+        > ({after_user:String}, {after_us:Int64}, {after_event:String})
 ORDER BY user_id, occurred_at, event_id
-LIMIT {{limit:UInt32}}
+LIMIT {limit:UInt32}
 """
+)
 """One chunk of the stored events, after the key ``(user, time, event)`` of the last one read.
 ``{db}`` is the validated database name; everything else is a bound parameter."""
 

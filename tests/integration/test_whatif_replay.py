@@ -55,7 +55,9 @@ def scaled_plans(usd: Decimal, tokens: Decimal, requests: Decimal, ceiling: Deci
     for plan in raw["plans"]:
         for window in plan["windows"]:
             value = Decimal(str(window["allowance"])) * factor[window["unit"]]
-            window["allowance"] = format(max(value, Decimal(1)) if window["unit"] != "usd" else value, "f")
+            window["allowance"] = format(
+                max(value, Decimal(1)) if window["unit"] != "usd" else value, "f"
+            )
             cap = window["at_cap"]
             if cap.get("ceiling_usd") is not None:
                 cap["ceiling_usd"] = format(Decimal(str(cap["ceiling_usd"])) * ceiling, "f")
@@ -68,7 +70,7 @@ PLANS_B = scaled_plans(Decimal("0.005"), Decimal("0.002"), Decimal("0.06"), Deci
 
 def simulation() -> tuple[list[dict[str, Any]], list[Subscription]]:
     sim = Simulator(150, seed=7, start=START, rate=EVENTS / (12 * 86400), rhythm=False)
-    events = []
+    events: list[dict[str, Any]] = []
     for event in sim.events():
         if len(events) >= EVENTS:
             break
@@ -125,9 +127,7 @@ class Run:
     seen: Counter[str] = field(default_factory=Counter)
 
 
-def run_pipeline(
-    plans: PlanCatalog, events: list[dict[str, Any]], subs: list[Subscription]
-) -> Run:
+def run_pipeline(plans: PlanCatalog, events: list[dict[str, Any]], subs: list[Subscription]) -> Run:
     by_user = {s.user_id: s for s in subs}
     states = [DictState() for _ in range(4)]
     processor = UsageProcessor(
@@ -209,7 +209,9 @@ def run_pipeline(
         partition = zlib.crc32(key) % PARTITIONS
         arrived = int(when.timestamp() * 1000) + 5
         batch.append(
-            InRecord("usage.events", partition, offsets[partition], key, orjson.dumps(event), arrived)
+            InRecord(
+                "usage.events", partition, offsets[partition], key, orjson.dumps(event), arrived
+            )
         )
         offsets[partition] += 1
         users.add(user)
@@ -267,7 +269,10 @@ def test_the_replay_under_b_equals_the_pipeline_under_b(
     # every window of plans B set a state at least once (all four kinds, all three actions)
     for plan in PLANS_B:
         for window in plan.windows:
-            assert any(k.startswith(f"{plan.id}.{plan.id}.{window.name}:") for k in run_b.seen), (plan.id, window.name)
+            assert any(k.startswith(f"{plan.id}.{plan.id}.{window.name}:") for k in run_b.seen), (
+                plan.id,
+                window.name,
+            )
     assert any(k.endswith(":blocked") and "enterprise.monthly" in k for k in run_b.seen), "ceiling"
 
 
