@@ -1,355 +1,554 @@
-"""What-if replay: the stored usage of one month re-run under alternative plans and/or prices.
+"""What-if replay: one month of stored usage re-run through the worker's own cap engine and pricer.
 
-``spendstream whatif --plans ALT.yaml [--prices ALT.json] [--period 2026-11] [--org ORG]``
-computes, per tier and in ClickHouse SQL (:data:`WHATIF_SQL`), subscription revenue, overage
-revenue, inference cost, margin and cap outcomes twice: with the plans and prices in force
-("current") and with the alternative, and prints them side by side. Plans and prices reach SQL
-as array query parameters, never as SQL text, so the replay is read-only and runs through the
-owner of the embedded store while a sink or the demo holds it.
+``spendstream whatif --plans ALT.yaml [--prices ALT.json] [--batch-share pro=0.3]
+[--period 2026-11] [--org ORG]`` replays the stored events of a month twice, under the plans
+and prices in force ("current") and under the alternative, and prints per tier subscription
+revenue, overage revenue, credits drawn, inference cost, margin and cap outcomes side by side.
 
-The replay model (what it can and cannot know):
+How it replays (docs/DESIGN.md, "Caps, alerts and enforcement"):
 
-* Revenue: each subscription period prorated to the second over the month at the scenario's
-  monthly price (as in the P&L views), plus the overage the scenario would bill.
-* Cost: the stored cost of each event, or, for served models the ``--prices`` sheet lists, the
-  same tokens re-priced with it (docs/DESIGN.md, "Exact money"; a semantic-cache hit stays free).
-* Caps: every fixed window (billing_month, calendar_day, week) of the event's plan is replayed
-  per user and window instance in event-time order: an event whose window usage *before* it is
-  at or over the allowance is blocked (cost 0) or downgraded (its tokens priced at the
-  downgrade model, when a price for it is known, else its cost stays). Usage served by a
-  window's exempt models does not count there. Then the overage window bills, per event, the
-  increase of ``floor(overage so far x unit_price)`` up to the ceiling (as the caps stage
-  does); events after the ceiling is billed are blocked. Credits are not replayed: overage
-  revenue is the gross overage value (credits drawn plus overage billed).
-* Limits: windows are computed in UTC (billing months from the billing anchor instant);
-  rolling-hour windows are not replayed; a window only sees the month and the month before it
-  (enough for any billing month that overlaps the period); a replay sees only requests that
-  were served, so it cannot add the demand that a stricter current cap refused.
+* **Read.** ``priced_events FINAL`` of the month, plus a warm-up of 32 days before it (so that
+  every billing-month, week and day window open at the start of the month has the usage it had),
+  streamed in ``(user_id, occurred_at, event_id)`` order in chunks of :data:`CHUNK_ROWS` rows
+  (keyset pagination, parameters bound, read-only store). The subscriptions of each chunk's
+  users come from the ``subscriptions`` table (time zone, billing anchor, plan schedule,
+  credit grants). Only the usage of the month is counted; the warm-up only builds cap state.
+* **Replay.** Each user's events go, in event-time order, through
+  :class:`~stream_processors.caps.CapEngine` (one :meth:`~CapEngine.apply` per event) under the
+  scenario's plans, like the worker. Before each event the replay asks what a gateway would
+  (:class:`producers.CapGuard`'s rules: the user's latest enforcement record, released once its
+  ``until`` has passed): a **blocked** request is not served (costs nothing, counts nowhere); a
+  **downgraded** one is served by the downgrade model and re-priced with
+  :class:`~stream_processors.PriceCatalog` (the requested model kept, so its list value stays).
+  Credit grants are applied before the user's first event at or after their ``granted_at``.
+* **Prices.** An event the scenario does not change keeps its stored cost, unless the scenario
+  has its own price sheet (``--prices``: LiteLLM-format overrides on top of the configured
+  catalog), which re-prices every event from its stored fields (all token classes, service
+  tier, web searches, semantic cache hit). ``--batch-share TIER=FRACTION`` re-prices a stable
+  share of a tier's events (a hash of ``event_id`` below the fraction) at the batch tier.
+* **Revenue.** Subscription revenue prorated to the second over the UTC month as the P&L views
+  do (SQL over ``subscription_months``, at the scenario's monthly prices), plus the overage
+  billed and the credit drawn that the engine emits for the month's events.
+
+What it cannot know: the store holds only the requests that were served under the current
+caps. A request the current caps refused never reached the store, so an alternative with looser
+caps cannot add it; and a user's reaction to other caps (sending less, buying credit) is not
+modelled. A window that opened more than 32 days before the month (none of the fixed kinds do)
+would miss usage, and a warm-up event's own block depends on windows it can see.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import date
-from decimal import Decimal
-from typing import Any
+import hashlib
+import heapq
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
+from typing import Any, NamedTuple
 
 from rich.console import Console
 from rich.table import Table
 
-from schemas.plans import DowngradeAtCap, OverageAtCap, PlanCatalog
+from schemas import MONEY_SCALE, CreditGrant, PlanPeriod, Subscription
+from schemas._wire import DecodedEvent
+from schemas.plans import PlanCatalog
 from sinks import Store
 from spendstream.errors import ConfigError
 from stream_processors import PriceCatalog, units_to_decimal
+from stream_processors.caps import CapEngine, CapEvent, Effects, UserCapState
 
-_COST = """(
-    toDecimal128({p}.in_price * (toInt64({e}.input_tokens) - toInt64({e}.cached_input_tokens)
-        - toInt64({e}.cache_write_tokens)), 24)
-    + {p}.cr_price * {e}.cached_input_tokens
-    + {p}.cw_price * {e}.cache_write_tokens
-    + toDecimal128({p}.out_price * (toInt64({e}.output_tokens)
-        - toInt64({e}.reasoning_tokens)), 24)
-    + {p}.rs_price * {e}.reasoning_tokens)"""
+__all__ = [
+    "CHUNK_ROWS",
+    "COMPARED",
+    "EVENTS_SQL",
+    "SUBSCRIPTION_REVENUE_SQL",
+    "Replayer",
+    "Scenario",
+    "StoredEvent",
+    "WhatIfResult",
+    "batch_selected",
+    "parse_batch_share",
+    "render",
+    "result_json",
+    "run_whatif",
+]
 
+CHUNK_ROWS = 20_000
+"""Rows per read: the replay holds one chunk and the state of one user at a time."""
 
-def _price_cte(prefix: str) -> str:
-    return f"""(
-    SELECT t.1 AS model, toDecimal128(t.2, 24) AS in_price, toDecimal128(t.3, 24) AS cr_price,
-        toDecimal128(t.4, 24) AS cw_price, toDecimal128(t.5, 24) AS out_price,
-        toDecimal128(t.6, 24) AS rs_price
-    FROM (SELECT arrayJoin(arrayZip({{{prefix}_model:Array(String)}}, {{{prefix}_in:Array(String)}},
-        {{{prefix}_cr:Array(String)}}, {{{prefix}_cw:Array(String)}},
-        {{{prefix}_out:Array(String)}}, {{{prefix}_rs:Array(String)}})) AS t)
-)"""
+WARM_UP = timedelta(days=32)
+"""How far before the month the replay reads to rebuild the cap state at its start: a billing
+month is at most 31 days long, plus the widest time-zone offset."""
 
+HEAVIEST = 5
+"""Heaviest users (by inference cost) listed per tier and scenario."""
 
-WHATIF_SQL = (
-    """
-WITH
-plans_p AS (
+LIMITS = (
+    "A replay sees only requests that were served under the current caps: demand the current "
+    "caps refused is not in the store, so looser alternative caps cannot add it back."
+)
+
+_EVENT_COLUMNS = """
+    user_id, event_id, toUnixTimestamp64Micro(occurred_at) AS t_us, org_id, provider,
+    toString(requested_model), toString(served_model), toString(plan_id), toString(cost),
+    input_tokens, cached_input_tokens, cache_write_tokens, cache_write_1h_tokens,
+    input_audio_tokens, input_image_tokens, output_tokens, reasoning_tokens,
+    output_audio_tokens, output_image_tokens, toString(service_tier), web_search_requests,
+    search_context_size, semantic_cache_hit"""
+
+EVENTS_SQL = (
+    "SELECT"
+    + _EVENT_COLUMNS
+    + """
+FROM {db}.priced_events FINAL
+WHERE occurred_at >= fromUnixTimestamp64Micro({since_us:Int64}, 'UTC')
+    AND occurred_at < addMonths(toDateTime64({month:Date}, 6, 'UTC'), 1)
+    AND ({org:String} = '' OR org_id = {org:String})
+    AND (user_id, toUnixTimestamp64Micro(occurred_at), event_id)
+        > ({after_user:String}, {after_us:Int64}, {after_event:String})
+ORDER BY user_id, occurred_at, event_id
+LIMIT {limit:UInt32}
+"""
+)
+"""One chunk of the stored events, after the key ``(user, time, event)`` of the last one read.
+``{db}`` is the validated database name; everything else is a bound parameter."""
+
+SUBSCRIPTIONS_SQL = """
+SELECT user_id, toString(org_id), toString(timezone), toUnixTimestamp64Micro(billing_anchor),
+    plan_ids, arrayMap(x -> toUnixTimestamp64Micro(x), effective_ats), credit_ids,
+    arrayMap(x -> toString(x), credit_amounts),
+    arrayMap(x -> toUnixTimestamp64Micro(x), credit_granted_ats)
+FROM {db}.subscriptions FINAL
+WHERE user_id IN {users:Array(String)}
+"""
+
+SUBSCRIPTION_REVENUE_SQL = """
+SELECT
+    s.plan_id AS tier,
+    sum(toDecimal128(s.active_s, 24) / s.month_s) AS subscribers,
+    sum(toDecimal256(pl.monthly_price, 24) * s.active_s / s.month_s) AS subscription_revenue
+FROM {db}.subscription_months AS s
+LEFT JOIN (
     SELECT t.1 AS plan_id, toDecimal128(t.2, 24) AS monthly_price
     FROM (SELECT arrayJoin(arrayZip({p_id:Array(String)}, {p_price:Array(String)})) AS t)
-),
-windows_p AS (
-    SELECT t.1 AS plan_id, t.2 AS window, t.3 AS kind, t.4 AS unit,
-        toDecimal128(t.5, 24) AS allowance, t.6 AS action, t.7 AS dg_model,
-        toDecimal128OrZero(t.8, 24) AS unit_price,
-        if(t.9 = '', NULL, toDecimal128OrZero(t.9, 24)) AS ceiling,
-        arrayFilter(m -> m != '', splitByChar('|', t.10)) AS exempt
-    FROM (SELECT arrayJoin(arrayZip({w_plan:Array(String)}, {w_name:Array(String)},
-        {w_kind:Array(String)}, {w_unit:Array(String)}, {w_allowance:Array(String)},
-        {w_action:Array(String)}, {w_model:Array(String)}, {w_unit_price:Array(String)},
-        {w_ceiling:Array(String)}, {w_exempt:Array(String)})) AS t)
-    WHERE t.3 != 'rolling_hours'
-),
-rp AS """
-    + _price_cte("r")
-    + """,
-dp AS """
-    + _price_cte("d")
-    + """,
-ev AS (
-    SELECT
-        e.event_id AS event_id, e.user_id AS user_id, toString(e.plan_id) AS plan_id,
-        e.occurred_at AS occurred_at, toString(e.served_model) AS served_model,
-        e.input_tokens AS input_tokens, e.cached_input_tokens AS cached_input_tokens,
-        e.cache_write_tokens AS cache_write_tokens, e.output_tokens AS output_tokens,
-        e.reasoning_tokens AS reasoning_tokens, e.semantic_cache_hit AS hit,
-        if(hit OR rp.model = '', e.cost, """
-    + _COST.format(p="rp", e="e")
-    + """) AS cost0,
-        s.billing_anchor AS anchor
-    FROM (
-        SELECT * FROM {db}.priced_events FINAL
-        WHERE occurred_at >= addMonths(toDateTime64({month:Date}, 6, 'UTC'), -1)
-            AND occurred_at < addMonths(toDateTime64({month:Date}, 6, 'UTC'), 1)
-            AND ({org:String} = '' OR org_id = {org:String})
-    ) AS e
-    LEFT JOIN rp ON rp.model = toString(e.served_model)
-    LEFT JOIN (SELECT user_id, billing_anchor FROM {db}.subscriptions FINAL) AS s
-        ON s.user_id = e.user_id
-),
-ev_w AS (
-    SELECT
-        ev.*, w.window AS window, w.kind AS kind, w.unit AS unit, w.allowance AS allowance,
-        w.action AS action, w.dg_model AS dg_model, w.unit_price AS unit_price,
-        w.ceiling AS ceiling, has(w.exempt, ev.served_model) AS exempt,
-        multiIf(
-            kind = 'calendar_day', toDateTime64(toStartOfDay(occurred_at), 6, 'UTC'),
-            kind = 'week', toDateTime64(toMonday(occurred_at), 6, 'UTC'),
-            addMonths(anchor, dateDiff('month', anchor, occurred_at)
-                - (addMonths(anchor, dateDiff('month', anchor, occurred_at)) > occurred_at))
-        ) AS instance
-    FROM ev INNER JOIN windows_p AS w ON w.plan_id = ev.plan_id
-),
-capped AS (
-    SELECT
-        event_id, user_id,
-        max(NOT exempt AND action = 'block' AND used_before >= allowance) AS blocked,
-        argMinIf(dg_model, window,
-            NOT exempt AND action = 'downgrade' AND used_before >= allowance) AS dg_to
-    FROM (
-        SELECT *, running - usage AS used_before
-        FROM (
-            SELECT event_id, user_id, window, action, dg_model, allowance, exempt,
-                if(exempt, toDecimal128(0, 24), multiIf(unit = 'usd', cost0,
-                    unit = 'tokens', toDecimal128(input_tokens + output_tokens, 24),
-                    toDecimal128(1, 24))) AS usage,
-                sum(usage) OVER (PARTITION BY user_id, window, instance
-                    ORDER BY occurred_at, event_id
-                    ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS running
-            FROM ev_w WHERE action != 'overage'
-        )
-    )
-    GROUP BY event_id, user_id
-),
-ev2 AS (
-    SELECT
-        ev.event_id AS event_id, ev.user_id AS user_id, ev.plan_id AS plan_id,
-        ev.occurred_at AS occurred_at, c.blocked AS blocked,
-        c.dg_to != '' AND NOT c.blocked AS downgraded,
-        multiIf(c.blocked, toDecimal128(0, 24),
-            downgraded AND NOT ev.hit AND dp.model != '', """
-    + _COST.format(p="dp", e="ev")
-    + """,
-            ev.cost0) AS cost1
-    FROM ev
-    LEFT JOIN capped AS c ON c.event_id = ev.event_id AND c.user_id = ev.user_id
-    LEFT JOIN dp ON dp.model = c.dg_to
-),
-ov AS (
-    SELECT
-        event_id, user_id,
-        toDecimal128(multiplyDecimal(greatest(running - allowance, toDecimal128(0, 24)),
-            unit_price, 24), 24) AS v_after,
-        toDecimal128(multiplyDecimal(greatest(running - usage - allowance, toDecimal128(0, 24)),
-            unit_price, 24), 24) AS v_before,
-        ceiling IS NOT NULL AND v_before >= assumeNotNull(ceiling) AS over_ceiling,
-        if(ceiling IS NULL, v_after, least(v_after, assumeNotNull(ceiling)))
-            - if(ceiling IS NULL, v_before, least(v_before, assumeNotNull(ceiling))) AS amount,
-        running > allowance AS over
-    FROM (
-        SELECT ew.event_id AS event_id, ew.user_id AS user_id, ew.allowance AS allowance,
-            ew.unit_price AS unit_price, ew.ceiling AS ceiling,
-            if(ew.exempt, toDecimal128(0, 24), multiIf(ew.unit = 'usd', e2.cost1,
-                ew.unit = 'tokens', toDecimal128(ew.input_tokens + ew.output_tokens, 24),
-                toDecimal128(1, 24))) AS usage,
-            sum(usage) OVER (PARTITION BY ew.user_id, ew.window, ew.instance
-                ORDER BY ew.occurred_at, ew.event_id
-                ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS running
-        FROM ev_w AS ew
-        INNER JOIN ev2 AS e2 ON e2.event_id = ew.event_id AND e2.user_id = ew.user_id
-        WHERE ew.action = 'overage' AND NOT e2.blocked
-    )
-),
-fe AS (
-    SELECT
-        ev2.plan_id AS plan_id, ev2.user_id AS user_id,
-        ev2.blocked OR ov.over_ceiling AS blocked,
-        ev2.downgraded AND NOT ov.over_ceiling AS downgraded,
-        if(ov.over_ceiling, toDecimal128(0, 24), ev2.cost1) AS cost,
-        ov.amount AS overage, ov.over AS over
-    FROM ev2
-    LEFT JOIN ov ON ov.event_id = ev2.event_id AND ov.user_id = ev2.user_id
-    WHERE ev2.occurred_at >= toDateTime64({month:Date}, 6, 'UTC')
-),
-usage_t AS (
-    SELECT
-        plan_id,
-        countIf(NOT blocked) AS requests,
-        sum(toDecimal256(cost, 24)) AS inference_cost,
-        sum(toDecimal256(overage, 24)) AS overage_revenue,
-        countIf(blocked) AS requests_blocked,
-        countIf(downgraded) AS requests_downgraded,
-        uniqExactIf(user_id, blocked OR downgraded OR over) AS users_capped,
-        uniqExactIf(user_id, overage > 0) AS users_overage
-    FROM fe
-    GROUP BY plan_id
-),
-subs_t AS (
-    SELECT
-        s.plan_id AS plan_id,
-        sum(toDecimal128(s.active_s, 24) / s.month_s) AS subscribers,
-        sum(toDecimal256(pl.monthly_price, 24) * s.active_s / s.month_s)
-            AS subscription_revenue
-    FROM {db}.subscription_months AS s
-    LEFT JOIN plans_p AS pl ON pl.plan_id = s.plan_id
-    WHERE s.month = {month:Date} AND ({org:String} = '' OR s.org_id = {org:String})
-    GROUP BY plan_id
-)
-SELECT
-    plan_id AS tier,
-    subscribers,
-    subscription_revenue,
-    overage_revenue,
-    subscription_revenue + overage_revenue AS revenue,
-    requests,
-    inference_cost,
-    revenue - inference_cost AS gross_margin,
-    if(revenue = 0, NULL,
-        divideDecimal(gross_margin * 100, revenue, 4)) AS margin_pct,
-    users_capped,
-    requests_blocked,
-    requests_downgraded,
-    users_overage
-FROM subs_t
-FULL OUTER JOIN usage_t USING (plan_id)
-ORDER BY indexOf(['free', 'pro', 'team', 'enterprise'], tier) = 0,
-    indexOf(['free', 'pro', 'team', 'enterprise'], tier), tier
+) AS pl ON pl.plan_id = s.plan_id
+WHERE s.month = {month:Date} AND ({org:String} = '' OR s.org_id = {org:String})
+GROUP BY tier
 """
-)
-"""The replay, one row per tier. ``{db}`` is the validated database name; everything else is a
-query parameter (see :func:`scenario_parameters`)."""
-
-MODELS_SQL = """
-SELECT DISTINCT toString(served_model)
-FROM {db}.priced_events
-WHERE occurred_at >= addMonths(toDateTime64({{month:Date}}, 6, 'UTC'), -1)
-    AND occurred_at < addMonths(toDateTime64({{month:Date}}, 6, 'UTC'), 1)
-"""
+"""Subscription revenue per tier, prorated as the P&L views do, at a scenario's prices."""
 
 COMPARED = (
     "subscribers",
     "subscription_revenue",
     "overage_revenue",
+    "credits_drawn",
     "revenue",
+    "requests",
     "inference_cost",
     "gross_margin",
     "margin_pct",
-    "users_capped",
+    "users_alerted",
+    "users_blocked",
+    "users_downgraded",
+    "users_overage",
     "requests_blocked",
     "requests_downgraded",
-    "users_overage",
+    "alerts",
+    "enforcement_changes",
 )
 """The columns printed current vs alternative."""
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EXACT = Context(prec=120, traps=[Inexact, InvalidOperation, Overflow])
+_TIER_ORDER = ("free", "pro", "team", "enterprise")
 
-def _text(value: Decimal) -> str:
-    return format(value, "f")
+
+class StoredEvent(NamedTuple):
+    """One stored priced event, as the replay reads it (``cost`` in units of 10^-24 USD)."""
+
+    user_id: str
+    event_id: str
+    t_us: int
+    org_id: str
+    provider: str | None
+    requested_model: str
+    served_model: str
+    plan_id: str
+    cost: int
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    cache_write_1h_tokens: int
+    input_audio_tokens: int
+    input_image_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    output_audio_tokens: int
+    output_image_tokens: int
+    service_tier: str
+    web_search_requests: int
+    search_context_size: str | None
+    semantic_cache_hit: bool
 
 
-def _price_params(prefix: str, prices: Mapping[str, Any]) -> dict[str, list[str]]:
-    """Parallel arrays of a price sheet (``prices``: model -> ModelPrice in 1e-24 units)."""
-    out: dict[str, list[str]] = {
-        f"{prefix}_{k}": [] for k in ("model", "in", "cr", "cw", "out", "rs")
-    }
-    for model in sorted(prices):
-        p = prices[model]
-        out[f"{prefix}_model"].append(model)
-        for key, units in (
-            ("in", p.input),
-            ("cr", p.cache_read),
-            ("cw", p.cache_write),
-            ("out", p.output),
-            ("rs", p.reasoning),
-        ):
-            out[f"{prefix}_{key}"].append(_text(units_to_decimal(units)))
+def _units(text: str) -> int:
+    """Decimal text with at most 24 places -> integer units, without a decimal context."""
+    whole, _, frac = text.partition(".")
+    if len(frac) > MONEY_SCALE:
+        raise ValueError(f"{text} has more than {MONEY_SCALE} decimal places")
+    sign = -1 if whole.startswith("-") else 1
+    scale: int = 10**MONEY_SCALE
+    return sign * (abs(int(whole or "0")) * scale + int(frac.ljust(MONEY_SCALE, "0")))
+
+
+def _stored(row: Sequence[Any]) -> StoredEvent:
+    values = list(row)
+    values[8] = _units(str(values[8]))
+    for i in (2, *range(9, 19), 20):
+        values[i] = int(values[i])
+    values[22] = values[22] in (True, 1, "true", "1")
+    return StoredEvent(*values)
+
+
+def parse_batch_share(items: Iterable[str]) -> dict[str, Decimal]:
+    """``["pro=0.3", ...]`` -> ``{"pro": Decimal("0.3")}``; a fraction outside [0, 1] is refused."""
+    out: dict[str, Decimal] = {}
+    for item in items:
+        tier, sep, text = item.partition("=")
+        try:
+            share = Decimal(text.strip())
+        except InvalidOperation:
+            share = Decimal(-1)
+        if not sep or not tier.strip() or not share.is_finite() or not 0 <= share <= 1:
+            raise ConfigError(
+                f"--batch-share takes TIER=FRACTION with 0 <= FRACTION <= 1: {item!r}"
+            )
+        out[tier.strip()] = share
     return out
 
 
-def downgrade_models(plans: PlanCatalog) -> set[str]:
-    """Every downgrade target of ``plans``."""
-    return {
-        w.at_cap.model for p in plans for w in p.windows if isinstance(w.at_cap, DowngradeAtCap)
-    }
+def batch_selected(event_id: str, share: Decimal) -> bool:
+    """Whether ``event_id`` is in the ``share`` of its tier moved to the batch tier.
 
-
-def scenario_parameters(
-    plans: PlanCatalog,
-    *,
-    month: date,
-    org: str = "",
-    reprice: Mapping[str, Any] | None = None,
-    downgrade_prices: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Query parameters of :data:`WHATIF_SQL` for one scenario.
-
-    ``reprice``: served model -> ModelPrice of the models whose stored cost is replaced;
-    ``downgrade_prices``: model -> ModelPrice of downgrade targets.
+    A stable 64-bit hash of the id compared with the share, in integers: the same events are
+    chosen on every run and machine, and a larger share keeps every event a smaller one chose.
     """
+    if share <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big")
+    num, den = share.as_integer_ratio()
+    return h * den < num * 2**64
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What a replay runs under: plans, and optionally its own prices and batch shares.
+
+    ``prices`` re-prices events the scenario changes (downgrades, batch shares);
+    ``reprice_all`` re-prices every event with it instead of keeping the stored cost.
+    """
+
+    plans: PlanCatalog
+    prices: PriceCatalog
+    reprice_all: bool = False
+    batch_share: Mapping[str, Decimal] = field(default_factory=dict)
+
+
+@dataclass
+class TierTotals:
+    """One tier's replayed figures (money in units of 10^-24 USD)."""
+
+    requests: int = 0
+    requests_blocked: int = 0
+    requests_downgraded: int = 0
+    inference_cost: int = 0
+    overage_revenue: int = 0
+    credits_drawn: int = 0
+    alerts: int = 0
+    enforcement_changes: int = 0
+    users_alerted: set[str] = field(default_factory=set)
+    users_blocked: set[str] = field(default_factory=set)
+    users_downgraded: set[str] = field(default_factory=set)
+    users_overage: set[str] = field(default_factory=set)
+    heaviest: list[tuple[int, str]] = field(default_factory=list)
+    """A min-heap of (cost, user) of the heaviest users."""
+
+
+class Replayer:
+    """Replays users' stored events under one scenario and accumulates per-tier totals.
+
+    Feed it user by user (:meth:`replay_user`); it keeps nothing of a user after their turn
+    but the totals.
+    """
+
+    def __init__(self, scenario: Scenario, month: date, *, grace_s: int = 300) -> None:
+        self.scenario = scenario
+        self.engine = CapEngine(scenario.plans, grace_s=grace_s)
+        start = datetime(month.year, month.month, 1, tzinfo=UTC)
+        end = datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
+        self.start_us = (start - _EPOCH) // timedelta(microseconds=1)
+        self.end_us = (end - _EPOCH) // timedelta(microseconds=1)
+        self.tiers: dict[str, TierTotals] = {}
+        self.events = 0
+        self._detected = start
+
+    def _tier(self, plan_id: str) -> TierTotals:
+        totals = self.tiers.get(plan_id)
+        if totals is None:
+            totals = self.tiers[plan_id] = TierTotals()
+        return totals
+
+    def replay_user(self, sub: Subscription | None, events: Iterable[StoredEvent]) -> None:
+        """Replay one user's events (in event-time order) through the engine."""
+        scenario, engine, catalog = self.scenario, self.engine, self.scenario.plans
+        state: UserCapState | None = None
+        grants = list(sub.credits) if sub is not None else []
+        applied_grants = 0
+        gateway = _Gateway()
+        user_cost: dict[str, int] = {}
+        user_id = ""
+        for ev in events:
+            self.events += 1
+            user_id, t_us, tier = ev.user_id, ev.t_us, ev.plan_id
+            totals = self._tier(tier) if self.start_us <= t_us < self.end_us else None
+            capped = sub is not None and tier in catalog
+            when = _EPOCH + timedelta(microseconds=t_us)
+            effects = Effects()
+            if capped and sub is not None:
+                if state is None:
+                    state = engine.new_state(user_id, sub.org_id)
+                # A grant bought by now was applied when its record arrived, before this request.
+                while applied_grants < len(grants) and grants[applied_grants].granted_at <= when:
+                    grant = grants[applied_grants]
+                    engine.top_up(state, sub, grant.credit_id, grant.amount_usd, when, effects)
+                    applied_grants += 1
+                gateway.update(effects)
+            decision = gateway.decide(t_us // 1_000_000) if capped else "allow"
+            if decision == "block":
+                if totals is not None:
+                    totals.requests_blocked += 1
+                    totals.users_blocked.add(user_id)
+                    self._account(effects, totals)
+                continue
+            served = ev.served_model or ev.requested_model
+            provider = ev.provider
+            changed = False
+            if decision == "downgrade" and gateway.downgrade_to is not None:
+                changed = served != gateway.downgrade_to
+                served, provider = gateway.downgrade_to, None
+                if totals is not None:
+                    totals.requests_downgraded += 1
+                    totals.users_downgraded.add(user_id)
+            service_tier = ev.service_tier
+            share = scenario.batch_share.get(tier)
+            if share and service_tier != "batch" and batch_selected(ev.event_id, share):
+                service_tier, changed = "batch", True
+            cost = ev.cost
+            if changed or scenario.reprice_all:
+                cost = scenario.prices.quote(_usage(ev, served, provider, service_tier)).cost
+            if totals is not None:
+                totals.requests += 1
+                totals.inference_cost += cost
+                user_cost[tier] = user_cost.get(tier, 0) + cost
+            if state is not None and sub is not None:
+                cap = CapEvent(
+                    ev.event_id,
+                    user_id,
+                    when,
+                    Decimal(cost).scaleb(-MONEY_SCALE, _EXACT),
+                    ev.input_tokens + ev.output_tokens,
+                    served,
+                    1,
+                    cost,
+                    tier,
+                )
+                engine.apply(state, sub, cap, self._detected, effects)
+                gateway.update(effects)
+            if totals is not None:
+                self._account(effects, totals)
+        for tier, cost in user_cost.items():
+            heap = self._tier(tier).heaviest
+            if len(heap) < HEAVIEST:
+                heapq.heappush(heap, (cost, user_id))
+            elif (cost, user_id) > heap[0]:
+                heapq.heapreplace(heap, (cost, user_id))
+
+    @staticmethod
+    def _account(effects: Effects, totals: TierTotals) -> None:
+        """What the engine emitted for one of the month's events, to that event's tier."""
+        for alert in effects.alerts:
+            totals.alerts += 1
+            totals.users_alerted.add(alert["user_id"])
+        for overage in effects.overages:
+            totals.overage_revenue += _units(overage["amount"])
+            totals.users_overage.add(overage["user_id"])
+        for draw in effects.credit_draws:
+            totals.credits_drawn += _units(draw["amount"])
+        totals.enforcement_changes += len(effects.enforcement)
+
+
+class _Gateway:
+    """What a gateway decides from the user's latest enforcement record (CapGuard's rules)."""
+
+    __slots__ = ("action", "downgrade_to", "until_s")
+
+    def __init__(self) -> None:
+        self.action = "allow"
+        self.until_s: int | None = None
+        self.downgrade_to: str | None = None
+
+    def update(self, effects: Effects) -> None:
+        if not effects.enforcement:
+            return
+        record = effects.enforcement[-1]
+        state, self.downgrade_to = record["state"], record["downgrade_to"]
+        if state == "blocked" or (state == "downgrade" and not self.downgrade_to):
+            self.action = "block"
+        elif state == "downgrade":
+            self.action = "downgrade"
+        else:
+            self.action = "allow"
+        until = record["until"]
+        self.until_s = None if until is None else _epoch_s(until)
+
+    def decide(self, t_s: int) -> str:
+        # Released once the deciding window's end has passed, as CapGuard does.
+        return self.action if self.until_s is None or t_s < self.until_s else "allow"
+
+
+def _epoch_s(text: str) -> int:
+    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return (when - _EPOCH) // timedelta(seconds=1)
+
+
+def _usage(ev: StoredEvent, served: str, provider: str | None, service_tier: str) -> DecodedEvent:
+    """The stored fields as the event the pricer takes (only what prices a call is needed)."""
+    return DecodedEvent(
+        event_id=ev.event_id,
+        occurred_at=_EPOCH + timedelta(microseconds=ev.t_us),
+        org_id=ev.org_id or "-",
+        user_id=ev.user_id,
+        gateway="whatif",
+        provider=provider,
+        requested_model=ev.requested_model,
+        served_model=served,
+        input_tokens=ev.input_tokens,
+        cached_input_tokens=ev.cached_input_tokens,
+        cache_write_tokens=ev.cache_write_tokens,
+        cache_write_1h_tokens=ev.cache_write_1h_tokens,
+        input_audio_tokens=ev.input_audio_tokens,
+        input_image_tokens=ev.input_image_tokens,
+        output_tokens=ev.output_tokens,
+        reasoning_tokens=ev.reasoning_tokens,
+        output_audio_tokens=ev.output_audio_tokens,
+        output_image_tokens=ev.output_image_tokens,
+        service_tier=service_tier,  # type: ignore[arg-type]
+        web_search_requests=ev.web_search_requests,
+        search_context_size=ev.search_context_size,  # type: ignore[arg-type]
+        semantic_cache_hit=ev.semantic_cache_hit,
+    )
+
+
+def _subscription(row: Sequence[Any]) -> Subscription:
+    def at(us: Any) -> datetime:
+        return _EPOCH + timedelta(microseconds=int(us))
+
+    user, org, zone, anchor, plan_ids, effective, credit_ids, amounts, granted = row
+    return Subscription(
+        user_id=user,
+        org_id=org,
+        timezone=zone,
+        billing_anchor=at(anchor),
+        plans=[
+            PlanPeriod(plan_id=p, effective_at=at(e))
+            for p, e in zip(plan_ids, effective, strict=True)
+        ],
+        credits=[
+            CreditGrant(credit_id=c, amount_usd=Decimal(a), granted_at=at(g))
+            for c, a, g in zip(credit_ids, amounts, granted, strict=True)
+        ],
+    )
+
+
+def stored_events(
+    store: Store, month: date, org: str = "", chunk: int = CHUNK_ROWS
+) -> Iterator[list[StoredEvent]]:
+    """The month's events and the warm-up before it, chunk by chunk in (user, time, id) order."""
+    sql = EVENTS_SQL.replace("{db}", store.database)
+    since = datetime(month.year, month.month, 1, tzinfo=UTC) - WARM_UP
     params: dict[str, Any] = {
+        "since_us": (since - _EPOCH) // timedelta(microseconds=1),
         "month": month.isoformat(),
         "org": org,
-        "p_id": [p.id for p in plans],
-        "p_price": [_text(p.monthly_price) for p in plans],
+        "after_user": "",
+        "after_us": -(2**62),
+        "after_event": "",
+        "limit": chunk,
     }
-    cols: dict[str, list[str]] = {
-        k: []
-        for k in (
-            "w_plan",
-            "w_name",
-            "w_kind",
-            "w_unit",
-            "w_allowance",
-            "w_action",
-            "w_model",
-            "w_unit_price",
-            "w_ceiling",
-            "w_exempt",
-        )
-    }
-    for plan in plans:
-        for w in plan.windows:
-            cap = w.at_cap
-            if any("|" in m for m in w.exempt_models):
-                raise ConfigError(f"plan {plan.id} window {w.name}: a model name contains '|'")
-            cols["w_plan"].append(plan.id)
-            cols["w_name"].append(w.name)
-            cols["w_kind"].append(w.kind)
-            cols["w_unit"].append(w.unit)
-            cols["w_allowance"].append(_text(w.allowance))
-            cols["w_action"].append(cap.action)
-            cols["w_model"].append(cap.model if isinstance(cap, DowngradeAtCap) else "")
-            over = isinstance(cap, OverageAtCap)
-            cols["w_unit_price"].append(_text(cap.unit_price) if over else "")  # type: ignore[union-attr]
-            ceiling = cap.ceiling_usd if isinstance(cap, OverageAtCap) else None
-            cols["w_ceiling"].append("" if ceiling is None else _text(ceiling))
-            cols["w_exempt"].append("|".join(sorted(w.exempt_models)))
-    params.update(cols)
-    params.update(_price_params("r", reprice or {}))
-    params.update(_price_params("d", downgrade_prices or {}))
-    return params
+    while True:
+        _, rows = store.query(sql, params)
+        if not rows:
+            return
+        events = [_stored(r) for r in rows]
+        yield events
+        if len(rows) < chunk:
+            return
+        last = events[-1]
+        params.update(after_user=last.user_id, after_us=last.t_us, after_event=last.event_id)
+
+
+def _subscriptions(store: Store, users: Sequence[str]) -> dict[str, Subscription]:
+    _, rows = store.query(SUBSCRIPTIONS_SQL.replace("{db}", store.database), {"users": list(users)})
+    return {str(r[0]): _subscription(r) for r in rows}
+
+
+def replay(
+    store: Store,
+    replayers: Sequence[Replayer],
+    month: date,
+    org: str = "",
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Stream the stored events once and replay each user under every scenario."""
+    pending: list[StoredEvent] = []
+    for chunk in stored_events(store, month, org):
+        users = sorted({e.user_id for e in chunk})
+        subs = _subscriptions(store, users)
+        # The last user of a chunk may continue in the next one: keep them for it.
+        rows = pending + chunk
+        tail_user = chunk[-1].user_id
+        cut = len(rows)
+        while cut > 0 and rows[cut - 1].user_id == tail_user:
+            cut -= 1
+        pending = rows[cut:]
+        if len(chunk) < CHUNK_ROWS:
+            cut, pending = len(rows), []
+        _replay_rows(rows[:cut], subs, replayers, store, progress)
+    if pending:
+        _replay_rows(pending, {}, replayers, store, progress)
+
+
+def _replay_rows(
+    rows: Sequence[StoredEvent],
+    subs: dict[str, Subscription],
+    replayers: Sequence[Replayer],
+    store: Store,
+    progress: Callable[[int], None] | None,
+) -> None:
+    start = 0
+    while start < len(rows):
+        user = rows[start].user_id
+        end = start
+        while end < len(rows) and rows[end].user_id == user:
+            end += 1
+        if user not in subs:
+            subs.update(_subscriptions(store, [user]))
+        for replayer in replayers:
+            replayer.replay_user(subs.get(user), rows[start:end])
+        if progress is not None:
+            progress(end - start)
+        start = end
 
 
 @dataclass
@@ -360,6 +559,8 @@ class WhatIfResult:
     org: str
     current: list[dict[str, Any]]
     alternative: list[dict[str, Any]]
+    events: int = 0
+    limits: str = LIMITS
 
     def tiers(self) -> list[str]:
         """Tiers in either scenario, current order first."""
@@ -372,64 +573,95 @@ class WhatIfResult:
         return next((r for r in rows if r["tier"] == tier), {})
 
 
-def _lookup(catalogs: Iterable[PriceCatalog | None], models: Iterable[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for model in models:
-        for catalog in catalogs:
-            price = catalog.lookup(model) if catalog is not None else None
-            if price is not None:
-                out[model] = price
-                break
-    return out
+def _margin_pct(margin: int, revenue: int) -> Decimal | None:
+    """``margin * 100 / revenue`` truncated toward zero to 4 places, as the P&L views do."""
+    if revenue == 0:
+        return None
+    q = abs(margin) * 100 * 10**4 // abs(revenue)
+    sign = -1 if (margin < 0) != (revenue < 0) else 1
+    return Decimal(sign * q).scaleb(-4)
+
+
+def tier_rows(
+    replayer: Replayer, subscription: Mapping[str, tuple[Decimal, Decimal]]
+) -> list[dict[str, Any]]:
+    """Per-tier result rows of a replay, with subscription revenue per tier (subscribers, USD)."""
+    names = set(replayer.tiers) | set(subscription)
+    rows = []
+    for tier in sorted(names, key=lambda t: (t not in _TIER_ORDER, _order(t), t)):
+        totals = replayer.tiers.get(tier, TierTotals())
+        subscribers, sub_revenue = subscription.get(tier, (Decimal(0), Decimal(0)))
+        sub_units = int(sub_revenue.scaleb(MONEY_SCALE))
+        revenue = sub_units + totals.overage_revenue + totals.credits_drawn
+        margin = revenue - totals.inference_cost
+        rows.append(
+            {
+                "tier": tier,
+                "subscribers": subscribers,
+                "subscription_revenue": sub_revenue,
+                "overage_revenue": units_to_decimal(totals.overage_revenue),
+                "credits_drawn": units_to_decimal(totals.credits_drawn),
+                "revenue": units_to_decimal(revenue),
+                "requests": totals.requests,
+                "inference_cost": units_to_decimal(totals.inference_cost),
+                "gross_margin": units_to_decimal(margin),
+                "margin_pct": _margin_pct(margin, revenue),
+                "users_alerted": len(totals.users_alerted),
+                "users_blocked": len(totals.users_blocked),
+                "users_downgraded": len(totals.users_downgraded),
+                "users_overage": len(totals.users_overage),
+                "requests_blocked": totals.requests_blocked,
+                "requests_downgraded": totals.requests_downgraded,
+                "alerts": totals.alerts,
+                "enforcement_changes": totals.enforcement_changes,
+                "heaviest_users": [
+                    {"user_id": u, "inference_cost": units_to_decimal(c)}
+                    for c, u in sorted(totals.heaviest, reverse=True)
+                ],
+            }
+        )
+    return rows
+
+
+def _order(tier: str) -> int:
+    return _TIER_ORDER.index(tier) if tier in _TIER_ORDER else len(_TIER_ORDER)
+
+
+def subscription_revenue(
+    store: Store, plans: PlanCatalog, month: date, org: str = ""
+) -> dict[str, tuple[Decimal, Decimal]]:
+    """Tier -> (prorated subscribers, subscription revenue) at ``plans``' monthly prices."""
+    _, rows = store.query(
+        SUBSCRIPTION_REVENUE_SQL.replace("{db}", store.database),
+        {
+            "month": month.isoformat(),
+            "org": org,
+            "p_id": [p.id for p in plans],
+            "p_price": [format(p.monthly_price, "f") for p in plans],
+        },
+    )
+    return {str(r[0]): (Decimal(r[1]), Decimal(r[2])) for r in rows}
 
 
 def run_whatif(
     store: Store,
-    current_plans: PlanCatalog,
-    alt_plans: PlanCatalog | None,
+    current: Scenario,
+    alternative: Scenario,
     *,
     month: date,
     org: str = "",
-    current_prices: PriceCatalog | None = None,
-    alt_prices: PriceCatalog | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> WhatIfResult:
-    """Replay ``month`` under the current scenario and the alternative one.
-
-    The alternative is ``alt_plans`` (default: the current plans) with ``alt_prices`` (a
-    price sheet; models it lists are re-priced, others keep their stored cost). Downgrade
-    targets are priced from ``alt_prices`` then ``current_prices`` (the current scenario
-    from ``current_prices`` only).
-    """
-    sql = WHATIF_SQL.replace("{db}", store.database)
-    alt_plans = alt_plans or current_plans
-    current = store.query(
-        sql,
-        scenario_parameters(
-            current_plans,
-            month=month,
-            org=org,
-            downgrade_prices=_lookup([current_prices], downgrade_models(current_plans)),
-        ),
+    """Replay ``month`` (of ``org``) once, under both scenarios; ``progress`` gets event counts."""
+    replayers = [Replayer(current, month), Replayer(alternative, month)]
+    replay(store, replayers, month, org, progress)
+    return WhatIfResult(
+        month,
+        org,
+        tier_rows(replayers[0], subscription_revenue(store, current.plans, month, org)),
+        tier_rows(replayers[1], subscription_revenue(store, alternative.plans, month, org)),
+        events=replayers[0].events,
     )
-    reprice: dict[str, Any] = {}
-    if alt_prices is not None:
-        _, rows = store.query(MODELS_SQL.format(db=store.database), {"month": month.isoformat()})
-        reprice = _lookup([alt_prices], [str(r[0]) for r in rows])
-    alternative = store.query(
-        sql,
-        scenario_parameters(
-            alt_plans,
-            month=month,
-            org=org,
-            reprice=reprice,
-            downgrade_prices=_lookup([alt_prices, current_prices], downgrade_models(alt_plans)),
-        ),
-    )
-
-    def dicts(result: tuple[list[str], list[tuple[Any, ...]]]) -> list[dict[str, Any]]:
-        return [dict(zip(result[0], r, strict=True)) for r in result[1]]
-
-    return WhatIfResult(month, org, dicts(current), dicts(alternative))
 
 
 def _fmt(column: str, value: Any) -> str:
@@ -475,7 +707,15 @@ def render(result: WhatIfResult, console: Console) -> None:
         for col in COMPARED:
             a, b = cur.get(col), alt.get(col)
             table.add_row(col.replace("_", " "), _fmt(col, a), _fmt(col, b), _delta(col, a, b))
+        heavy = [
+            ", ".join(
+                f"{h['user_id']} {h['inference_cost']:,.2f}" for h in r.get("heaviest_users", [])
+            )
+            for r in (cur, alt)
+        ]
+        table.add_row("heaviest users", safe_text(heavy[0]), safe_text(heavy[1]), "")
         console.print(table)
+    console.print(safe_text(f"{result.events:,} stored events replayed. {result.limits}"))
 
 
 def result_json(result: WhatIfResult) -> dict[str, Any]:
@@ -484,11 +724,15 @@ def result_json(result: WhatIfResult) -> dict[str, Any]:
     def value(v: Any) -> Any:
         if isinstance(v, Decimal):
             return format(v.normalize(), "f") if v else "0"
+        if isinstance(v, list):
+            return [{k: value(x) for k, x in item.items()} for item in v]
         return v
 
     return {
         "month": result.month.isoformat()[:7],
         "org": result.org or None,
+        "events_replayed": result.events,
+        "limits": result.limits,
         "tiers": [
             {
                 "tier": tier,

@@ -177,6 +177,10 @@ class PriceCatalog:
         fallback = ModelPrice(fb_in, fb_out, fb_in, fb_in, fb_out)
         return cls(prices, fallback)
 
+    def with_overrides(self, overrides: Path) -> PriceCatalog:
+        """A copy with the entries of another LiteLLM-format file added or replaced."""
+        return PriceCatalog({**self._prices, **_load_file(overrides)}, self.fallback)
+
     def lookup(self, model: str, provider: str | None = None) -> ModelPrice | None:
         """The price of ``model`` (also tried as ``provider/model`` and without a prefix)."""
         price = self._prices.get(model)

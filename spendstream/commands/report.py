@@ -92,12 +92,21 @@ def register(app: typer.Typer) -> None:
     def whatif(
         plans: Path = typer.Option(..., "--plans", help="Alternative plans YAML."),
         prices: Path | None = typer.Option(
-            None, "--prices", help="Alternative price sheet (LiteLLM JSON) for re-pricing."
+            None,
+            "--prices",
+            help="Alternative prices (LiteLLM JSON, overrides on the configured catalog): "
+            "every event of the alternative is re-priced with them.",
         ),
         current_plans: Path | None = typer.Option(
             None,
             "--current-plans",
             help="The plans in force (default: SPENDSTREAM_PLANS_FILE, else the sample).",
+        ),
+        batch_share: list[str] = typer.Option(
+            [],
+            "--batch-share",
+            help="TIER=FRACTION: in the alternative, that share of the tier's requests (a "
+            "stable hash of event_id) runs at the batch service tier. Repeatable.",
         ),
         period: str | None = PERIOD,
         org: str = ORG,
@@ -105,23 +114,41 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Replay a month's stored usage under alternative plans/prices; current vs alternative.
 
-        Revenue, cost, margin and cap outcomes per tier, computed in ClickHouse SQL with the
-        plans and prices as query parameters (read-only: works while a sink owns the store).
+        Each user's events go, in event-time order, through the worker's cap engine and price
+        catalog under each scenario (blocked requests cost nothing, downgraded ones are
+        re-priced). Read-only: works while a sink owns the store. It sees only the requests
+        that were served under the current caps.
         """
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
         from schemas.plans import SAMPLE_PLANS, load_plans
         from spendstream.analytics.report import latest_month
-        from spendstream.whatif import render, result_json, run_whatif
+        from spendstream.whatif import (
+            LIMITS,
+            Scenario,
+            parse_batch_share,
+            render,
+            result_json,
+            run_whatif,
+        )
         from stream_processors import PriceCatalog
 
         fmt = _format(fmt)
         settings = settings_or_exit()
         try:
             month = _period(period)
+            shares = parse_batch_share(batch_share)
             current = load_plans(current_plans or settings.plans_file or SAMPLE_PLANS)
             alternative = load_plans(plans)
             cfg = settings.processor
             catalog = PriceCatalog.load(cfg.price_catalog, cfg.price_overrides)
-            alt_prices = PriceCatalog.load(prices) if prices is not None else None
+            alt_prices = catalog.with_overrides(prices) if prices is not None else catalog
             missing = sorted(set(current.ids()) - set(alternative.ids()))
             if missing:
                 err_console.print(
@@ -133,21 +160,32 @@ def register(app: typer.Typer) -> None:
                 )
             store = _open(readonly=True)
             try:
-                result = run_whatif(
-                    store,
-                    current,
-                    alternative,
-                    month=month or latest_month(store, org),
-                    org=org,
-                    current_prices=catalog,
-                    alt_prices=alt_prices,
-                )
+                month = month or latest_month(store, org)
+                with Progress(
+                    TextColumn("replaying"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("events"),
+                    TimeElapsedColumn(),
+                    console=err_console,
+                    transient=True,
+                ) as bar:
+                    task = bar.add_task("replay", total=None)
+                    result = run_whatif(
+                        store,
+                        Scenario(current, catalog),
+                        Scenario(alternative, alt_prices, prices is not None, shares),
+                        month=month,
+                        org=org,
+                        progress=lambda n: bar.advance(task, n),
+                    )
             finally:
                 store.close()
         except SpendstreamError as exc:
             fail_on(exc)
         if fmt == "json":
             typer.echo(json.dumps(result_json(result), indent=2))
+            err_console.print(safe_text(LIMITS))
         else:
             render(result, console)
 

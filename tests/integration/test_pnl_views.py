@@ -23,7 +23,8 @@ from sinks import ChdbStore
 from sinks._buffer import SUBSCRIPTIONS
 from spendstream.analytics import build_report, load_plans_into
 from spendstream.bench.sink import sample_priced_event
-from spendstream.whatif import run_whatif
+from spendstream.whatif import Scenario, run_whatif
+from stream_processors import PriceCatalog, units_to_decimal
 
 pytestmark = pytest.mark.integration
 
@@ -401,20 +402,29 @@ ALT["plans"][1] = {
 
 
 def test_whatif_one_changed_plan_by_hand(store: ChdbStore) -> None:
-    result = run_whatif(store, parse_plans(PLANS), parse_plans(ALT), month=NOV)
+    catalog = PriceCatalog.load()
+    result = run_whatif(
+        store, Scenario(parse_plans(PLANS), catalog), Scenario(parse_plans(ALT), catalog), month=NOV
+    )
     cur_free, alt_free = result.row("current", "free"), result.row("alternative", "free")
     # daily requests cap 3: u1's 4th call on Nov 2 is blocked in both
     for row in (cur_free, alt_free):
         assert row["requests"] == 4 and row["requests_blocked"] == 1
         assert row["inference_cost"] == D("0.08")  # 3 x 0.01 + 0.05
-        assert row["users_capped"] == 1 and row["margin_pct"] is None
+        assert row["users_blocked"] == 1 and row["margin_pct"] is None
 
     cur = result.row("current", "pro")
     # monthly 1 USD, downgrade, gpt-4o-mini exempt: u2 reaches 1.1 after e21; e22 is served by
     # the exempt model; e23 (semantic hit, free) comes after the cap: downgraded, still free.
     assert cur["subscription_revenue"] == D(50)
     assert cur["inference_cost"] == D("3.3")
-    assert (cur["requests_blocked"], cur["requests_downgraded"], cur["users_capped"]) == (0, 1, 1)
+    # a gateway downgrades every request while the state is downgrade: e22 (already on the
+    # cheap model, its cost unchanged) and e23
+    assert (cur["requests_blocked"], cur["requests_downgraded"], cur["users_downgraded"]) == (
+        0,
+        2,
+        1,
+    )
     assert cur["margin_pct"] == D("93.4")
 
     alt = result.row("alternative", "pro")
@@ -426,16 +436,17 @@ def test_whatif_one_changed_plan_by_hand(store: ChdbStore) -> None:
     assert alt["inference_cost"] == D("3.1")  # 0.5 + 0.6 + 2.0
     assert alt["gross_margin"] == D("59.4")
     assert alt["margin_pct"] == D("95.04")
-    assert alt["users_capped"] == 1 and alt["requests_downgraded"] == 0
+    assert alt["users_blocked"] == 1 and alt["requests_downgraded"] == 0
 
     for side in ("current", "alternative"):
         team = result.row(side, "team")
         # 2 USD allowance from the Nov 11 anchor: 1.5, 2.5, 3.0 -> overage 0, 0.5, 1.0
-        # x 1.5 = 0, 0.75, 1.5 -> ceiling 1: billed 0, 0.75, 0.25
-        assert team["overage_revenue"] == D("1.0")
-        assert team["revenue"] == D("21.0")
+        # x 1.5 = 0, 0.75, 1.5 -> values 0, 0.75, 0.75, all paid by the 5 USD of credit
+        # granted on Nov 12 09:00 (before the first event), so nothing is billed
+        assert (team["overage_revenue"], team["credits_drawn"]) == (0, D("1.5"))
+        assert team["revenue"] == D("21.5")
         assert team["inference_cost"] == D("3.0")
-        assert team["users_overage"] == 1 and team["requests_blocked"] == 0
+        assert team["requests_blocked"] == 0
 
 
 def test_cli_report_json_and_html(
@@ -478,25 +489,28 @@ def test_cli_report_json_and_html(
     assert "62.50" in out.output and "tier pro" in out.output
 
 
-def test_whatif_reprices_listed_models_only(store: ChdbStore, tmp_path: Path) -> None:
-    from stream_processors import PriceCatalog
+def test_whatif_reprices_every_event_with_the_sheet(store: ChdbStore, tmp_path: Path) -> None:
+    from schemas import event_from_obj
 
     sheet = tmp_path / "prices.json"
     sheet.write_text(
         '{"gpt-4o": {"input_cost_per_token": "0.000001", "output_cost_per_token": "0.000002"}}'
     )
+    catalog = PriceCatalog.load()
+    plans = parse_plans(PLANS)
+    alt = catalog.with_overrides(sheet)
     result = run_whatif(
-        store, parse_plans(PLANS), None, month=NOV, alt_prices=PriceCatalog.load(sheet)
+        store, Scenario(plans, catalog), Scenario(plans, alt, reprice_all=True), month=NOV
     )
 
     def repriced(n: int) -> Decimal:
-        # no cache price in the sheet: cached input at the input price; no reasoning tokens
         row = next(e for e in EVENTS if e["event_id"] == f"e{n}")
-        return row["input_tokens"] * D("0.000001") + row["output_tokens"] * D("0.000002")
+        return units_to_decimal(alt.quote(event_from_obj(row)).cost)
 
-    # pro: e20, e21 and u3's e30 are gpt-4o (re-priced); e22 was served by gpt-4o-mini (not in
-    # the sheet: keeps 0.2); e23 is a semantic-cache hit (stays free)
-    expected = repriced(20) + repriced(21) + D("0.2") + repriced(30)
+    # pro: e20, e21 and u3's e30 are gpt-4o (the sheet's price); e22 was served by gpt-4o-mini
+    # (the configured catalog's price now, not the stored 0.2); e23 is a semantic-cache hit
+    expected = repriced(20) + repriced(21) + repriced(22) + repriced(30)
+    assert repriced(23) == 0
     assert result.row("current", "pro")["inference_cost"] == D("3.3")
     assert result.row("alternative", "pro")["inference_cost"] == expected
     assert result.row("alternative", "pro")["subscription_revenue"] == D(50)

@@ -390,7 +390,6 @@ _ALLOWED = {
     "first": "only in an error message",
     "kind": "only in an error message",
     "_IDENT": "a regular expression for identifiers (DESCRIBE TABLE t), not SQL text",
-    "prefix": "whatif.py: a constant ('rp'/'dp') naming {rp_model:Array(String)} placeholders",
 }
 
 
