@@ -320,7 +320,7 @@ def test_money_columns_are_wide_and_names_unchanged(store: ChdbStore) -> None:
     for view, source in views.items():
         wide = _columns(store, source.format(db="spendstream"))
         narrow = _columns(store, source.format(db="narrow"))
-        # the same columns in the same order; 008 adds the price model's, named here
+        # the same columns in the same order; 007 adds the price model's, named here
         assert [c for c in wide if c in narrow] == list(narrow), view
         assert set(wide) - set(narrow) <= PRICE_MODEL_COLUMNS, view
         for name in (*MONEY, *WIDE, "saved_service_tier"):
@@ -349,8 +349,7 @@ def test_a_store_migrated_before_gets_the_wide_views(
 
     monkeypatch.undo()
     assert apply_migrations("upgraded", execute, store.query) == [
-        "007_wide_sums.sql",
-        "008_price_model.sql",
+        "007_price_model_and_wide_sums.sql",
     ]
     _, rows = store.query(sql)
     assert rows == [

@@ -1,16 +1,38 @@
--- 008: what a call's price depends on, stored with each priced event, and the savings split
--- gaining its fourth cause (docs/DESIGN.md, "Exact money").
+-- 007: what a call's price depends on, stored with each priced event, and the usage and P&L
+-- views of 002 and 005 re-created so that no money sum can wrap and the savings split has its
+-- fourth cause (docs/DESIGN.md, "Exact money" and "Storage").
 --
 -- priced_events gains the contract's token classes (1-hour cache writes, audio and image
 -- tokens), the service tier and web searches of the call, the saving of the service tier
 -- (list value at standard tier minus the cost at the tier the call ran in, signed: priority
 -- costs more) and whether the price was approximated (a rate the price map does not define for
 -- the combination, priced at the closest one). Rows landed before keep the defaults: standard
--- tier, nothing approximated, no saving of that kind.
+-- tier, nothing approximated, no saving of that kind. The usage views also count batch and
+-- approximated requests.
 --
--- The usage and P&L views are those of 007 (every money sum in Decimal(76, 24)) with the new
--- saving next to the three others, so list_value - cost is still the sum of the savings, and
--- the usage views count batch and approximated requests (readers select columns by name).
+-- Money is stored as Decimal(38, 24). ClickHouse's sum() of a Decimal(38, 24) returns a
+-- Decimal(38, 24) and wraps silently once the total leaves its 128-bit range (about
+-- 1.7 * 10^14 USD), and so does a Decimal(38, 24) product (monthly_price * active_s wraps for
+-- a plan above about 6 * 10^7 USD a month; gross_margin * 100 for a margin above about
+-- 1.7 * 10^12 USD). One stored value stays in range (a priced event costs at most 2 * 10^6
+-- USD), but sums of many do not. Every money sum and product here is therefore taken in
+-- Decimal(76, 24) (toDecimal256(x, 24)): the same 24 decimals, so every value and every
+-- truncation is what 002 and 005 compute where they did not wrap, with room for about
+-- 5.7 * 10^51 USD, far beyond 2^64 events at the largest cost.
+--
+-- The outputs stay Decimal(76, 24), not narrowed back to Decimal(38, 24): a total above
+-- 10^14 USD is a true total of valid events, and toDecimal128 would turn it into an error that
+-- fails the whole query (every tier and month of a report or dashboard), while the OrNull /
+-- OrZero conversions would lose it silently. Readers get exact decimals either way: chDB
+-- results are JSON with decimals quoted as strings, clickhouse-connect returns Decimal.
+--
+-- Token sums stay UInt64: one call counts at most 10^8 tokens of each kind, so a group wraps
+-- only after 1.8 * 10^11 calls of that size in one hour or day, plan and model. UInt128 would
+-- reach JSON readers as an unquoted number past 64 bits, which some parse as a float.
+--
+-- Same view names, and the columns of 002 and 005 in their order (the service-tier saving
+-- beside the other savings, the counts at the end); the reasoning of those files (plain views
+-- over FINAL, never over rollups; revenue and tier definitions) is unchanged.
 ALTER TABLE ${db}.priced_events
     ADD COLUMN IF NOT EXISTS cache_write_1h_tokens UInt64 DEFAULT 0 AFTER reasoning_tokens,
     ADD COLUMN IF NOT EXISTS input_audio_tokens UInt64 DEFAULT 0 AFTER cache_write_1h_tokens,
