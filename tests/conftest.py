@@ -25,6 +25,8 @@ import pytest
 
 from spendstream.settings import Settings, TopicSettings
 
+pytest_plugins = ["litellm_support"]  # the LiteLLM plug-in tests' shared fixture
+
 EXTERNAL_ENV = "SPENDSTREAM_TEST_KAFKA_BOOTSTRAP"
 TEST_ENV_PREFIX = "SPENDSTREAM_TEST_"
 MARKED_DIRS = ("unit", "functional", "integration", "fault")

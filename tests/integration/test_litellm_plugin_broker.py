@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -55,27 +54,6 @@ from stream_processors import PriceCatalog, units_to_decimal  # noqa: E402
 pytestmark = pytest.mark.integration
 
 MESSAGES = [{"role": "user", "content": "hello"}]
-CALLBACK_LISTS = (
-    "callbacks",
-    "input_callback",
-    "success_callback",
-    "failure_callback",
-    "_async_success_callback",
-    "_async_failure_callback",
-)
-
-
-@pytest.fixture
-def callbacks() -> Iterator[list[Any]]:
-    """``litellm.callbacks``, empty for one test; every callback list restored afterwards."""
-    saved = {name: getattr(litellm, name) for name in CALLBACK_LISTS}
-    for name in CALLBACK_LISTS:
-        setattr(litellm, name, [])
-    try:
-        yield litellm.callbacks
-    finally:
-        for name, value in saved.items():
-            setattr(litellm, name, value)
 
 
 def events_on(settings: Settings, count: int, timeout_s: float = 30.0) -> list[UsageEvent]:

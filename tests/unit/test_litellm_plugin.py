@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -520,30 +519,6 @@ class Capture(CustomLogger):
             assert time.monotonic() < deadline, f"LiteLLM logged {len(self.logged)} of {count}"
             await asyncio.sleep(0.02)
         return self.logged
-
-
-# LiteLLM copies its callbacks into these lists on first use, one logger per class.
-CALLBACK_LISTS = (
-    "callbacks",
-    "input_callback",
-    "success_callback",
-    "failure_callback",
-    "_async_success_callback",
-    "_async_failure_callback",
-)
-
-
-@pytest.fixture
-def callbacks() -> Iterator[list[Any]]:
-    """``litellm.callbacks``, empty for one test; every callback list restored afterwards."""
-    saved = {name: getattr(litellm, name) for name in CALLBACK_LISTS}
-    for name in CALLBACK_LISTS:
-        setattr(litellm, name, [])
-    try:
-        yield litellm.callbacks
-    finally:
-        for name, value in saved.items():
-            setattr(litellm, name, value)
 
 
 MESSAGES = [{"role": "user", "content": "hello"}]
