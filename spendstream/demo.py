@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from spendstream.commands._safe import safe_text
@@ -105,6 +106,12 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> dict
 
         worker = WorkerProcess(settings, settings.state_dir / "worker.log")
         console.print(f"[green]✓[/] worker started (pid {worker.proc.pid}, log {worker.log_path})")
+        with console.status("worker: joining its group and restoring its state…"):
+            ready = worker.wait_state_ready(timeout_s=options.drain_timeout_s)
+        if ready is None:
+            console.print("[yellow]![/] the worker has not reported its state ready; going on")
+        else:
+            console.print(f"[green]✓[/] worker {escape(ready)}", highlight=False)
         sink = Sink(settings, store)
         sink_thread = threading.Thread(target=sink.run, args=(stop_sink,), name="sink", daemon=True)
         sink_thread.start()

@@ -191,6 +191,11 @@ class _Watched(Collector):
         self._lock = threading.Lock()
         self._sinks: list[weakref.ref[Any]] = []
         self._spools: list[weakref.ref[DiskSpool]] = []
+        self._restores: list[weakref.ref[Any]] = []
+
+    def add_restore(self, progress: Any) -> None:
+        with self._lock:
+            self._restores.append(weakref.ref(progress))
 
     def add_sink(self, counters: Any) -> None:
         with self._lock:
@@ -212,6 +217,40 @@ class _Watched(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._collect_sinks(self._live(self._sinks))
         yield from self._collect_spools(self._live(self._spools))
+        yield from self._collect_restores(self._live(self._restores))
+
+    @staticmethod
+    def _collect_restores(restores: list[Any]) -> Iterator[Metric]:
+        if not restores:
+            return
+        recovering = GaugeMetricFamily(
+            "spendstream_worker_recovering",
+            "1 while the worker restores state from its changelogs (it prices nothing then).",
+        )
+        left = GaugeMetricFamily(
+            "spendstream_worker_restore_records_left",
+            "Changelog records the running restore has still to read, per table.",
+            labels=["table"],
+        )
+        restored = GaugeMetricFamily(
+            "spendstream_worker_restore_records",
+            "Changelog records read by the last or running restore.",
+        )
+        seconds = GaugeMetricFamily(
+            "spendstream_worker_restore_seconds",
+            "Duration of the last or running restore.",
+        )
+        snaps = [r.snapshot() for r in restores]
+        recovering.add_metric([], float(any(s["recovering"] for s in snaps)))
+        totals: dict[str, int] = {}
+        for snap in snaps:
+            for table, n in snap["records_left"].items():
+                totals[table] = totals.get(table, 0) + n
+        for table, n in sorted(totals.items()):
+            left.add_metric([table], float(n))
+        restored.add_metric([], float(sum(s["records_restored"] for s in snaps)))
+        seconds.add_metric([], max(float(s["seconds"]) for s in snaps))
+        yield from (recovering, left, restored, seconds)
 
     @staticmethod
     def _collect_sinks(sinks: list[Any]) -> Iterator[Metric]:
@@ -304,6 +343,11 @@ REGISTRY.register(_WATCHED)
 def watch_sink(counters: Any) -> None:
     """Report a :class:`~sinks.SinkCounters` (summed over live sinks) at every scrape."""
     _WATCHED.add_sink(counters)
+
+
+def watch_restore(progress: Any) -> None:
+    """Publish a worker's restore progress (a ``RestoreProgress``) while it lives."""
+    _WATCHED.add_restore(progress)
 
 
 def watch_spool(spool: DiskSpool) -> None:

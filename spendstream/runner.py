@@ -46,6 +46,7 @@ class WorkerProcess:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
+        self._start_size = self._log.tell()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "spendstream", "worker"],
             stdout=self._log,
@@ -64,6 +65,24 @@ class WorkerProcess:
                 f"the worker exited with code {code}; last lines of {self.log_path}:\n"
                 + "\n".join(tail)
             )
+
+    def wait_state_ready(self, timeout_s: float = 120.0) -> str | None:
+        """Wait until the worker logged that its state is restored; return that line.
+
+        ``None`` if it did not within ``timeout_s`` (the worker goes on; the caller decides).
+        The log is read from where this process started writing it.
+        """
+        start = self._start_size
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with self.log_path.open("rb") as f:
+                f.seek(start)
+                for line in f.read().decode(errors="replace").splitlines():
+                    if "restored:" in line and "changelog records" in line:
+                        return line.split("] ")[-1].strip()
+            time.sleep(0.2)
+        return None
 
     def kill(self) -> None:
         """SIGKILL: a crash, for fault tests."""

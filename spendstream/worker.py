@@ -64,7 +64,12 @@ def run_worker(settings: Settings, *, loglevel: str | None = None) -> None:
 
     built = build_app(settings, on_batch=on_batch, on_caps=on_caps)
     app, view = built.app, built.subscriptions
-    closers = _serve_worker_metrics(settings, built.stats, last_batch)
+    closers = _serve_worker_metrics(
+        settings,
+        built.stats,
+        last_batch,
+        None if built.recovery is None else built.recovery.progress,
+    )
     if view is not None:
         view.start(wait_s=60)
     level = (loglevel or settings.log_level).lower()
@@ -90,12 +95,14 @@ def worker_stalled(lag: int | None, idle_s: float, stall_after_s: float) -> bool
 
 
 def _serve_worker_metrics(
-    settings: Settings, stats: Any, last_batch: list[float]
+    settings: Settings, stats: Any, last_batch: list[float], restore: Any = None
 ) -> list[Callable[[], None]]:
     """``/metrics`` + ``/health`` and a lag probe of the worker's group, if a port is set.
 
     Healthy while the group's lag can be read (the broker answers); details carry the lag,
-    the batch count and the seconds since the last batch.
+    the batch count, the seconds since the last batch and the state restore (``recovering``
+    with the changelog records left per table). A restoring worker is healthy, not stalled:
+    restarting it would only start the restore again.
     """
     port = settings.processor.metrics_port
     if not port:
@@ -108,15 +115,22 @@ def _serve_worker_metrics(
     )
 
     stall_after_s = settings.processor.stall_after_s
+    if restore is not None:
+        metrics.watch_restore(restore)
 
     def health() -> dict[str, Any]:
         idle_s = time.monotonic() - last_batch[0]
+        restoring = restore is not None and restore.active
+        if restoring:
+            last_batch[0] = time.monotonic()  # the stall clock starts after the restore
         details: dict[str, Any] = {
             "batches": stats.batches,
             "seconds_since_batch": round(idle_s, 3),
             "lag": probe.total,
             "poison_records": stats.counters.get("poison", 0),
         }
+        if restore is not None:
+            details["state"] = restore.snapshot()
         if probe.error is not None:
             details["kafka_error"] = probe.error
         stalled = worker_stalled(probe.total, idle_s, stall_after_s)

@@ -12,13 +12,17 @@ is in :mod:`stream_processors.faust_patches`.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import ssl
+import tempfile
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -36,7 +40,7 @@ from stream_processors._output import FaustSends, OutputProducer
 from stream_processors._pipeline import BatchPipeline
 from stream_processors._pricing import PriceCatalog
 from stream_processors._processor import InRecord, SourceRecord, UsageProcessor
-from stream_processors._table_state import TableState
+from stream_processors._store import DurableState, LocalStore, Recovery, changelog_topics
 from stream_processors.caps import CapEngine, CapOutputs, CapStage
 from stream_processors.faust_patches import (
     LeanMonitor,
@@ -86,6 +90,10 @@ class WorkerApp:
     subscriptions: CompactedTopicView[Subscription] | None
     caps: CapStage
     """The caps stage (its ``state`` is the ``caps`` table, its ``engine`` the plans)."""
+    store: LocalStore
+    """The local state (one RocksDB per input partition)."""
+    recovery: Recovery | None = None
+    """Restores assigned partitions (``None`` in-process: nothing to restore from)."""
 
 
 def broker_credentials(settings: Settings) -> Any:
@@ -132,6 +140,8 @@ def faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
         app_id or p.app_id,
         broker=bootstrap,
         broker_credentials=broker_credentials(settings),
+        # The worker's state is not in faust tables (stream_processors._store): faust keeps
+        # only its own metadata here, and has no tables to restore or stand by for.
         store="memory://",
         # faust's own folder (table metadata); by default it lands in the current directory.
         datadir=str(settings.state_dir / "faust"),
@@ -146,11 +156,6 @@ def faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
         producer_max_batch_size=256 * 1024,
         stream_buffer_maxsize=max(4 * p.batch_size, 4096),
         broker_commit_every=max(p.batch_size, 1000),
-        table_cleanup_interval=3600.0,
-        # Standby replicas buy faster fail-over with several workers; the memory store keeps
-        # them in the same dict as the active state, and a standby promoted to active has
-        # been seen to miss recent changelog writes (a lost window after a SIGKILL in the
-        # fault suite). A promoted partition is recovered from its changelog instead.
         table_standby_replicas=0,
         broker_session_timeout=p.session_timeout_s,
         broker_heartbeat_interval=max(p.session_timeout_s / 10, 0.5),
@@ -203,14 +208,24 @@ def build_app(
         )
         subscriptions = view.get
 
-    def table(name: str) -> Any:
-        # key_type=str -> JSON-encoded keys restored as str; value_type=bytes -> raw values.
-        return app.Table(name, partitions=t.partitions, key_type=str, value_type=bytes)
+    # Durable local state (stream_processors._store): one RocksDB per input partition holding
+    # every table, backed by faust-format changelog topics. In-process tests have no
+    # changelog: their partitions open on first use.
+    if in_process:
+        # No changelog to restore from: a state kept past the process would be wrong.
+        root = Path(tempfile.mkdtemp(prefix="spendstream-state-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+    else:
+        root = settings.state_dir / "store" / p.app_id
+    store = LocalStore(root, auto_open=in_process)
+    changelogs = changelog_topics(p.app_id)
 
-    seen_t, windows_t, marks_t = table("seen"), table("windows"), table("marks")
-    seen_s, windows_s, marks_s = TableState(seen_t), TableState(windows_t), TableState(marks_t)
+    def table(name: str, *, hour_index: bool = False) -> DurableState:
+        return DurableState(store, name, changelogs[name], hour_index=hour_index)
+
+    seen_s, windows_s, marks_s = table("seen", hour_index=True), table("windows"), table("marks")
     # One value per user: orjson of UserCapState.to_dict() (see stream_processors.caps.stage).
-    caps_t = table("caps")
+    caps_s = table("caps")
     processor = UsageProcessor(
         catalog,
         subscriptions,
@@ -226,7 +241,7 @@ def build_app(
     caps = CapStage(
         CapEngine(plans, grace_s=p.grace_s),
         subscriptions,
-        caps_s := TableState(caps_t),
+        caps_s,
         events_topic=t.events,
     )
     stats = WorkerStats()
@@ -235,6 +250,18 @@ def build_app(
     # A worker takes its input from the lane, and commits its offsets itself: faust neither
     # tracks nor commits them (acks=False). In-process tests feed the agent's stream instead.
     lane = None if in_process else input_lane(settings)
+    recovery = (
+        None
+        if in_process
+        else Recovery(
+            store,
+            [seen_s, windows_s, marks_s, caps_s],
+            settings.kafka.confluent_config(),
+            changelogs,
+            partitions=t.partitions,
+            replication=t.replication_factor,
+        )
+    )
     events = app.topic(t.events, key_serializer="raw", value_serializer="raw", acks=lane is None)
     # Each input partition's records in offset order, none skipped (see stream_processors._gate).
     # In-process tests have no broker to ask and no faust fetcher to race with.
@@ -257,6 +284,9 @@ def build_app(
                 del processed_upto[part]
         held.clear()
         held.update(assigned)
+        if recovery is not None:
+            # Processing waits for the restore (see _process_batches).
+            recovery.assign({p for topic, p in assigned if topic == t.events})
 
     async def commit(offsets: Mapping[Any, int]) -> None:
         await commit_offsets(app.consumer, offsets)
@@ -278,6 +308,9 @@ def build_app(
                 if dropped:
                     stats.counters["input_dropped_at_rebalance"] += dropped
                 await checkpoint.revoke()
+                if recovery is not None:
+                    # Durable and stored locally: the files stay for a later owner here.
+                    await recovery.revoke(set(store.partitions()))
 
     @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
     async def _commit_idle() -> None:
@@ -312,7 +345,8 @@ def build_app(
     @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
     async def _apply_credits() -> None:
         out = checkpoint.output
-        if not changed_users or out is None or app.rebalancing:
+        restoring = recovery is not None and recovery.restoring
+        if not changed_users or out is None or app.rebalancing or restoring:
             return
         users: set[str] = set()
         while changed_users:
@@ -323,9 +357,9 @@ def build_app(
                 return
             publish_caps(out, capped)
             # Outputs before the state that says they were produced, as for a batch.
-            await out.flush()
+            await checkpoint.flush()
             caps_s.flush_changelog(out)
-            await out.flush()
+            await checkpoint.flush()
         stats.counters.update(capped.counters)
         if on_caps is not None:
             on_caps(capped)
@@ -365,6 +399,8 @@ def build_app(
             return
         while True:
             messages, generation = await lane.take(p.batch_size, p.batch_within_s)
+            if recovery is not None and recovery.restoring:
+                await recovery.wait()
             async with lane.busy:
                 if lane.generation != generation:
                     # A rebalance took the lock first and cleared the lane: these are from
@@ -381,6 +417,11 @@ def build_app(
         # fields of a SourceRecord, so they are processed as they are.
         records: list[SourceRecord] = messages
         gated: Counter[str] = Counter()
+        if recovery is not None and any(not store.is_open(r.partition) for r in records):
+            # Fetched before a rebalance that took the partition away: its new owner reads it.
+            kept = [r for r in records if store.is_open(r.partition)]
+            stats.counters["input_dropped_at_rebalance"] += len(records) - len(kept)
+            records = kept
         if gate is not None:
             admitted = await gate.admit(records)
             if admitted.dropped:
@@ -446,4 +487,4 @@ def build_app(
 
     # The caller starts the subscriptions view (and waits until it has read the topic) before
     # the worker consumes: pricing with an unknown plan would be wrong, not just late.
-    return WorkerApp(app, processor, stats, view, caps)
+    return WorkerApp(app, processor, stats, view, caps, store, recovery)

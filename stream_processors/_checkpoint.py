@@ -20,8 +20,10 @@ guarantee"). In steps, for each batch processed under :attr:`Checkpointer.lock`:
    replay from the last commit, and each state records the last offset it applied, so a replay
    counts once).
 
-A crash anywhere before a commit replays into exactly-once state. Without an output producer
-(``agent.test_context()``) writes go through faust and nothing is committed here.
+A crash anywhere before a commit replays into exactly-once state. Each flush also stores
+locally the state changes it acknowledged (the local store follows the changelog, never leads
+it: stream_processors._store). Without an output producer (``agent.test_context()``) outputs
+go through faust, state is stored at once and nothing is committed here.
 """
 
 from __future__ import annotations
@@ -35,13 +37,19 @@ from stream_processors._output import OutputProducer
 
 
 class ChangelogState(Protocol):
-    """What the checkpointer needs of a state (stream_processors._table_state.TableState)."""
+    """What the checkpointer needs of a state (stream_processors._store.DurableState)."""
 
     def flush_changelog(self, out: OutputProducer | None, *, previous: bool = False) -> int:
         """Write the pending (or, with ``previous``, the held) changes to the changelog."""
 
     def hold(self) -> None:
         """Keep the pending changes for the next ``flush_changelog(previous=True)``."""
+
+    def sent_mark(self) -> int:
+        """How many sent changes await an acknowledgement (taken before a flush)."""
+
+    def apply_acked(self, upto: int) -> int:
+        """Store locally the first ``upto`` sent changes, acknowledged by a flush."""
 
 
 class Checkpointer:
@@ -77,14 +85,29 @@ class Checkpointer:
         self.committable: dict[Any, int] = {}
         """Offsets whose batches' state is durable, not committed yet."""
 
+    async def flush(self) -> None:
+        """Wait for the producer's acknowledgements; store locally the changes they cover.
+
+        Only the changes sent before the flush started are applied: another task may send
+        more while it waits.
+        """
+        out = self.output
+        if out is None:
+            return
+        states = [*self._states, self._marks]
+        sent = [state.sent_mark() for state in states]
+        await out.flush()
+        for state, upto in zip(states, sent, strict=True):
+            state.apply_acked(upto)
+
     async def make_durable(self) -> None:
         """Acknowledge everything queued: outputs and states, then the held watermarks."""
         out = self.output
         if out is None:
             return
-        await out.flush()
+        await self.flush()
         self._marks.flush_changelog(out, previous=True)
-        await out.flush()
+        await self.flush()
 
     async def batch_done(self, offsets: Mapping[Any, int]) -> dict[Any, int]:
         """Step 1 for a processed batch whose outputs are queued (hold :attr:`lock`).
@@ -93,8 +116,7 @@ class Checkpointer:
         flush made durable.
         """
         out = self.output
-        if out is not None:
-            await out.flush()
+        await self.flush()
         self._marks.flush_changelog(out, previous=True)
         ready = dict(self.pending)
         self.pending.clear()

@@ -18,12 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from stream_processors._state import Revertible
+from stream_processors._state import Revertible, StateNotReady
 
 R = TypeVar("R")
 T = TypeVar("T")
 
-SYSTEMIC: tuple[type[BaseException], ...] = (MemoryError, OSError)
+SYSTEMIC: tuple[type[BaseException], ...] = (MemoryError, OSError, StateNotReady)
 """Exceptions that are never blamed on a record."""
 
 

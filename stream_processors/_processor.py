@@ -39,7 +39,7 @@ from schemas.wire import DecodedEvent, decode_usage
 from spendstream.errors import InvalidEventError
 from stream_processors._money import units_to_str
 from stream_processors._pricing import PriceCatalog, Quote
-from stream_processors._state import PartitionedState
+from stream_processors._state import PartitionedState, SeenIndex, seen_value
 from stream_processors._time import micros_to_iso, to_micros
 
 _US = 1_000_000
@@ -277,7 +277,7 @@ class UsageProcessor:
         catalog: PriceCatalog,
         subscriptions: Callable[[str], Subscription | None],
         *,
-        seen: PartitionedState,
+        seen: SeenIndex,
         windows: PartitionedState,
         marks: PartitionedState,
         window_s: int = 60,
@@ -297,7 +297,6 @@ class UsageProcessor:
         self._marks: dict[int, int] = {}
         self._open: dict[int, dict[int, set[str]]] | None = None
         self._closed: dict[int, dict[int, set[str]]] | None = None
-        self._seen_by_hour: dict[int, dict[int, list[str]]] | None = None
         self._evicting = False
 
     # -- watermarks -------------------------------------------------------------------------
@@ -305,7 +304,7 @@ class UsageProcessor:
         """Largest event time (epoch µs) seen on ``partition``; 0 before any event."""
         mark = self._marks.get(partition)
         if mark is None:
-            raw = self.marks.get(f"wm:{partition}")
+            raw = self.marks.get(f"wm:{partition}", partition)
             mark = int(raw) if raw is not None else 0
             self._marks[partition] = mark
         return mark
@@ -315,7 +314,6 @@ class UsageProcessor:
         self._marks.clear()
         self._open = None
         self._closed = None
-        self._seen_by_hour = None
         self._evicting = False
 
     def rolled_back(self) -> None:
@@ -350,7 +348,7 @@ class UsageProcessor:
         applied_up_to: dict[tuple[str, str, int], _Stored] = {}
         moved: dict[int, int] = {}
         window_us, grace_us = self.window_us, self.grace_us
-        open_windows, seen_by_hour = self._index()
+        open_windows = self._index()
 
         priced_n = 0
         for rec in batch:
@@ -363,7 +361,7 @@ class UsageProcessor:
                 )
                 continue
             event_id = event.event_id
-            prior = self.seen.get(event_id)
+            prior = self.seen.get(event_id, rec.partition)
             if event_id in batch_ids or (prior is not None and not _same_message(prior, rec)):
                 counters["duplicates"] += 1
                 continue
@@ -403,11 +401,8 @@ class UsageProcessor:
                 late = start_us + window_us + grace_us <= mark
                 hour = t_us // _HOUR_US
                 self.seen.put(
-                    rec.partition,
-                    event_id,
-                    b"%d:%d:%d:%d" % (rec.partition, hour, rec.offset, late),
+                    rec.partition, event_id, seen_value(rec.partition, hour, rec.offset, late)
                 )
-                seen_by_hour.setdefault(rec.partition, {}).setdefault(hour, []).append(event_id)
             else:
                 # The same message again: the worker died before committing its offset. The
                 # watermark may have moved on since, so the lateness decided the first time is
@@ -444,7 +439,7 @@ class UsageProcessor:
                 key = (event.user_id, model, start_us)
                 applied = applied_up_to.get(key)
                 if applied is None:
-                    applied = applied_up_to[key] = self._stored_window(key)
+                    applied = applied_up_to[key] = self._stored_window(key, rec.partition)
                 if rec.offset <= applied[0]:
                     counters["replayed_in_window"] += 1
                 elif applied[1]:
@@ -496,27 +491,25 @@ class UsageProcessor:
         return result
 
     # -- eviction -----------------------------------------------------------------------------
-    def _index(self) -> tuple[dict[int, dict[int, set[str]]], dict[int, dict[int, list[str]]]]:
-        """In-memory indexes of open windows and seen ids by partition and time.
+    def _index(self) -> dict[int, dict[int, set[str]]]:
+        """In-memory index of open windows by partition and start.
 
-        Built once from the restored state (a worker restart or rebalance restores the tables
-        from their changelogs), then maintained on every write, so eviction never scans.
+        Built once from the restored state (a worker restart or rebalance), then maintained on
+        every write, so eviction never scans. Windows are bounded by active users, not by
+        events; the dedupe ids are expired by the seen state's own hour index.
         """
-        if self._open is None or self._seen_by_hour is None or self._closed is None:
-            self._open, self._seen_by_hour, self._closed = {}, {}, {}
+        if self._open is None or self._closed is None:
+            self._open, self._closed = {}, {}
             for skey, raw in self.windows.items():
                 st = orjson.loads(raw)
                 start_us = orjson.loads(skey)[2]
                 index = self._closed if len(st) == _EVICTED_LEN else self._open
                 index.setdefault(st[0], {}).setdefault(start_us, set()).add(skey)
-            for event_id, raw in self.seen.items():
-                partition, hour = (int(x) for x in raw.split(b":")[:2])
-                self._seen_by_hour.setdefault(partition, {}).setdefault(hour, []).append(event_id)
-        return self._open, self._seen_by_hour
+        return self._open
 
     def _evict(self, partition: int, mark: int) -> tuple[int, int]:
         """Drop closed windows and ids past the dedupe horizon of ``partition``."""
-        open_windows, seen_by_hour = self._index()
+        open_windows = self._index()
         assert self._closed is not None
         closed_before = mark - self.grace_us - self.window_us
         evicted_windows = 0
@@ -527,7 +520,7 @@ class UsageProcessor:
                 # A small marker with the last offset applied stays for a while, so that a
                 # replay of already-applied events (a crash before the offset commit) is
                 # recognised instead of starting the window afresh.
-                raw = self.windows.get(skey)
+                raw = self.windows.get(skey, partition)
                 last = int(orjson.loads(raw)[13]) if raw is not None else -1
                 self.windows.put(partition, skey, orjson.dumps([partition, last]))
                 closed.setdefault(start_us, set()).add(skey)
@@ -537,19 +530,14 @@ class UsageProcessor:
             for skey in closed.pop(start_us):
                 self.windows.delete(partition, skey)
         horizon_hour = (mark - self.horizon_us) // _HOUR_US - 1
-        evicted_ids = 0
-        hours = seen_by_hour.get(partition, {})
-        for hour in [h for h in hours if h < horizon_hour]:
-            for event_id in hours.pop(hour):
-                self.seen.delete(partition, event_id)
-                evicted_ids += 1
+        evicted_ids = self.seen.expire(partition, horizon_hour)
         return evicted_windows, evicted_ids
 
-    def _stored_window(self, key: tuple[str, str, int]) -> _Stored:
+    def _stored_window(self, key: tuple[str, str, int], partition: int) -> _Stored:
         """The last source offset the stored window applied (-1: none), if it was evicted, its
         table key and its decoded state (``None``: none stored)."""
         skey = orjson.dumps(key).decode()
-        raw = self.windows.get(skey)
+        raw = self.windows.get(skey, partition)
         if raw is None:
             return -1, False, skey, None
         st = orjson.loads(raw)

@@ -25,8 +25,6 @@ aiokafka ``_fetch_max_wait_ms``          (faust fixes 1500 ms)
 ``Producer.flush``                       :func:`chain_producer_flush`: faust's commit waits for
                                          the worker's own producer too
 ``Monitor`` per-message hooks            :class:`LeanMonitor`: no bookkeeping nothing reads
-``Table.data`` (memory store dict,       ``TableState`` (stream_processors._table_state):
-``_key_partition``), ``send_changelog``  explicit partitions, changelog writes batched
 =======================================  ===================================================
 """
 

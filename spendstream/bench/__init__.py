@@ -22,7 +22,7 @@ from rich.table import Table
 
 from spendstream.settings import Settings
 
-SECTIONS = ("producer", "worker", "sink", "caps", "baselines", "state")
+SECTIONS = ("producer", "worker", "sink", "caps", "baselines", "state", "recovery")
 
 
 @dataclass
@@ -37,6 +37,7 @@ class BenchOptions:
     caps_seconds: float = 10.0
     caps_workers: int = 1
     state_users: int = 100_000
+    recovery_events: int = 1_000_000
     skip: tuple[str, ...] = ()
 
 
@@ -121,6 +122,10 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
         from spendstream.bench.state import run_state_bench
 
         steps.append(("state", lambda: run_state_bench(settings, options.state_users, per_user=4)))
+    if "recovery" not in options.skip:
+        from spendstream.bench.recovery import run_recovery_bench
+
+        steps.append(("recovery", lambda: run_recovery_bench(settings, options.recovery_events)))
     needs_broker = any(name not in ("sink", "state") for name, _ in steps)
     with broker(settings, console) if needs_broker else _nothing():
         for name, step in steps:

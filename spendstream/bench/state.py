@@ -16,38 +16,27 @@ reported on its own (bytes per event within the dedupe horizon).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from spendstream.settings import Settings
+from stream_processors._state import DictState
 
 BENCH_START = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 
 
-class _Values:
-    """A :class:`~stream_processors.PartitionedState` holding only the values (like the
-    worker's memory store), without the write log that tests' DictState keeps."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-
-    def get(self, key: str) -> bytes | None:
-        return self.data.get(key)
+class _Values(DictState):
+    """A :class:`~stream_processors.PartitionedState` holding only the values (like faust's
+    memory store did), without the write and undo logs that tests' DictState keeps."""
 
     def put(self, partition: int, key: str, value: bytes) -> None:
         self.data[key] = value
+        self._index(partition, key, value)
 
     def delete(self, partition: int, key: str) -> None:
         self.data.pop(key, None)
-
-    def items(self) -> Iterator[tuple[str, bytes]]:
-        return iter(list(self.data.items()))
-
-    def __len__(self) -> int:
-        return len(self.data)
 
 
 def _sizes(state: _Values) -> tuple[int, int]:

@@ -53,16 +53,25 @@ def register(app: typer.Typer) -> None:
             min=100,
             help="Users simulated for the state-size section (4 events per user).",
         ),
+        recovery_events: int = typer.Option(
+            1_000_000,
+            "--recovery-events",
+            min=1000,
+            help="Events of state the recovery section restarts a worker on.",
+        ),
         skip: list[str] = typer.Option(
             [],
             "--skip",
-            help="Skip a section: producer, worker, sink, caps, baselines or state (repeatable).",
+            help=(
+                "Skip a section: producer, worker, sink, caps, baselines, state or recovery "
+                "(repeatable)."
+            ),
         ),
         json_out: Path | None = typer.Option(
             None, "--json", help="Also write every figure to this JSON file."
         ),
     ) -> None:
-        """Measure producer, worker, sink, caps, baseline and state-size figures, in one run.
+        """Measure producer, worker, sink, caps, baseline, state-size and recovery figures.
 
         Uses the configured broker or starts the local one (and stops it after); topics are
         created under a unique prefix and deleted afterwards; chDB runs in a temporary folder.
@@ -83,6 +92,7 @@ def register(app: typer.Typer) -> None:
             caps_seconds=caps_seconds,
             caps_workers=caps_workers,
             state_users=state_users,
+            recovery_events=recovery_events,
             skip=tuple(skip),
         )
         try:

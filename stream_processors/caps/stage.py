@@ -181,7 +181,7 @@ class CapStage:
             # The batch is in partition order, so the user's last record names the partition
             # their state and outputs belong to (all of a user's events share one anyway).
             partition = recs[-1].partition
-            state, applied = self._load(user_id, sub, counters)
+            state, applied = self._load(user_id, sub, counters, partition)
             # Offsets the stored state already applied come again only after a crash before
             # the offset commit: their effects were published before the state was written.
             fresh = [r for r in recs if r.offset > applied]
@@ -222,7 +222,7 @@ class CapStage:
             except (ValueError, KeyError, TypeError):
                 counters["caps_credit_deferred"] += 1  # a state written before "p" existed
                 continue
-            state, applied = self._load(user_id, sub, counters)
+            state, applied = self._load(user_id, sub, counters, partition)
             effects = Effects()
             granted = self.engine.apply_grants(state, sub, now, effects)
             if not granted:
@@ -243,15 +243,16 @@ class CapStage:
         self._cache[user_id] = (raw, state, last)
 
     def _load(
-        self, user_id: str, sub: Subscription, counters: Counter[str]
+        self, user_id: str, sub: Subscription, counters: Counter[str], partition: int
     ) -> tuple[UserCapState, int]:
         """The user's state and the last source offset it applied (-1: none)."""
-        raw = self.state.get(user_id)
+        raw = self.state.get(user_id, partition)
         # Popped, not read: if applying the batch failed half-way, a stale object must not stay.
         cached = self._cache.pop(user_id, None)
         if raw is None:
             return self.engine.new_state(user_id, sub.org_id), -1
-        if cached is not None and cached[0] is raw:
+        # Equal, not identical: a durable state returns a new bytes object per read.
+        if cached is not None and cached[0] == raw:
             return cached[1], cached[2]
         try:
             obj: Any = orjson.loads(raw)

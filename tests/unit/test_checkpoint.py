@@ -35,15 +35,28 @@ class FakeOutput:
 
 
 class FakeState:
+    """Each flush_changelog sends one change; apply_acked stores what a flush acknowledged."""
+
     def __init__(self, name: str, log: Log) -> None:
         self.name, self.log = name, log
+        self.sent = 0
 
     def flush_changelog(self, out: Any, *, previous: bool = False) -> int:
         self.log.steps.append(f"{self.name}{'(held)' if previous else ''}")
-        return 0
+        self.sent += 1
+        return 1
 
     def hold(self) -> None:
         self.log.steps.append(f"{self.name}.hold")
+
+    def sent_mark(self) -> int:
+        return self.sent
+
+    def apply_acked(self, upto: int) -> int:
+        if upto:
+            self.log.steps.append(f"{self.name}.store({upto})")
+            self.sent -= upto
+        return upto
 
 
 class Clock:
@@ -110,8 +123,36 @@ def test_idle_makes_the_last_batch_durable_and_commits_it_now() -> None:
     run(cp.batch_done({"p0": 10}))
     log.steps.clear()
     run(cp.idle())
-    assert log.steps == ["flush", "marks(held)", "flush", "commit"]
+    assert log.steps == [
+        "flush",
+        "seen.store(1)",
+        "caps.store(1)",
+        "marks.store(1)",  # the previous batch's watermarks, sent by batch_done
+        "marks(held)",
+        "flush",
+        "marks.store(1)",
+        "commit",
+    ]
     assert log.committed == [{"p0": 10}] and not cp.pending and not cp.committable
+
+
+def test_only_changes_sent_before_a_flush_are_stored_locally() -> None:
+    # The local store follows the changelog: a change sent while a flush waits (by a task
+    # that does not hold the lock) is not acknowledged by that flush.
+    cp, log, _ = make()
+    run(cp.batch_done({"p0": 10}))
+    seen = cp._states[0]
+
+    class SendsDuringFlush(FakeOutput):
+        async def flush(self) -> None:
+            seen.flush_changelog(None)  # sent while this flush waits
+            await super().flush()
+
+    cp.output = SendsDuringFlush(log)  # type: ignore[assignment]
+    log.steps.clear()
+    run(cp.flush())
+    assert "seen.store(1)" in log.steps
+    assert seen.sent_mark() == 1  # the change sent during the flush waits for the next one
 
 
 def test_a_rebalance_forgets_what_was_not_committed() -> None:

@@ -181,17 +181,20 @@ def test_enforcement_record_fields_when_blocked() -> None:
 def test_one_read_and_one_write_per_user_per_batch_on_its_partition() -> None:
     state = DictState()
     reads: list[str] = []
+    where: list[int | None] = []
     get = state.get
 
-    def counting_get(key: str) -> bytes | None:
+    def counting_get(key: str, partition: int | None = None) -> bytes | None:
         reads.append(key)
-        return get(key)
+        where.append(partition)
+        return get(key, partition)
 
     state.get = counting_get  # type: ignore[method-assign]
     batch = [rec("u-cap", "0.1", partition=2) for _ in range(5)]
     batch += [rec("u-light", "0", partition=1) for _ in range(3)]
     out = stage(state).process(batch, NOW)
     assert sorted(reads) == ["u-cap", "u-light"]
+    assert sorted(where) == [1, 2]  # each read names the user's partition: no search
     assert sorted((p, k) for p, k, _ in state.writes) == [(1, "u-light"), (2, "u-cap")]
     assert out.partitions == {"u-cap": 2, "u-light": 1}
     assert out.counters["caps_users"] == 2 and out.counters["caps_applied"] == 8

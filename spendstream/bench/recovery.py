@@ -1,0 +1,145 @@
+"""Recovery: how long a restarted worker is blind, on the same machine and on a fresh one.
+
+One worker (``spendstream worker``, a child process) builds state from ``events`` simulated
+events. Then, twice, it is stopped (SIGTERM), one new event is produced, and a worker is
+started again; the figure is the time from that start to the new event's priced output:
+
+* **same machine**: the state folder is kept; the worker reopens it and reads only the
+  changelog written since its last local write;
+* **fresh machine**: the state folder is deleted; the worker restores every table from its
+  changelog (the restore's own duration and record count come from the worker's log line).
+
+Memory: the worker's resident set after building the state, next to the one of the worker
+that restarted on it (which has read nearly nothing): their difference per event of state is
+what the state costs in RAM. Disk: the state folder's bytes per event.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from spendstream.settings import Settings
+
+_RESTORED = re.compile(r"restored: (\d+) changelog records in ([\d.]+) s")
+
+
+def _rss_bytes(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _restores(log_path: Path) -> tuple[int, float]:
+    """(changelog records, seconds) of the restores the worker logged (summed)."""
+    records, seconds = 0, 0.0
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    for m in _RESTORED.finditer(text):
+        records += int(m.group(1))
+        seconds += float(m.group(2))
+    return records, seconds
+
+
+def _probe(settings: Settings, n: int) -> None:
+    """One new event of a new user, to be priced after a restart."""
+    from producers import UsageProducer
+    from spendstream.bench.worker import BENCH_START
+
+    user = f"recovery-probe-{n}"
+    event: dict[str, Any] = {
+        "event_id": f"recovery-probe-{n}-{time.time_ns()}",
+        "occurred_at": BENCH_START.isoformat(),
+        "org_id": "bench",
+        "user_id": user,
+        "gateway": "bench",
+        "requested_model": "gpt-4o-mini",
+        "input_tokens": 10,
+        "output_tokens": 10,
+    }
+    with UsageProducer(settings) as producer:
+        producer.send_raw(user.encode(), orjson.dumps(event))
+
+
+def _run_until(worker: Any, size: Any, target: int, limit_s: float) -> float:
+    """Seconds until the priced topic holds ``target`` messages."""
+    t0 = time.monotonic()
+    while size() < target:
+        worker.check_alive()
+        if time.monotonic() - t0 > limit_s:
+            raise TimeoutError(f"the worker did not reach {target} priced events in {limit_s} s")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def run_recovery_bench(
+    settings: Settings, events: int = 1_000_000, users: int = 20_000
+) -> dict[str, Any]:
+    """Build state from ``events`` events, then restart on it and on a fresh folder."""
+    from spendstream.bench.worker import TopicSize, bench_input
+    from spendstream.runner import WorkerProcess
+
+    with bench_input(settings, events, users, name="recovery") as data:
+        s = data.settings
+        store = s.state_dir / "store"
+        size = TopicSize(data.conf, s.topics.priced)
+        figures: dict[str, Any] = {"events": events, "users": users}
+        try:
+            worker = WorkerProcess(s, data.workdir / "build.log")
+            try:
+                figures["build_s"] = round(_run_until(worker, size, events, 1800), 1)
+                time.sleep(1.0)  # the last batch's state reaches the store
+                built_rss = _rss_bytes(worker.proc.pid)
+            finally:
+                worker.stop()
+            figures["state_disk_bytes_per_event"] = round(_folder_bytes(store) / events, 1)
+
+            _probe(s, 1)
+            worker = WorkerProcess(s, data.workdir / "same.log")
+            try:
+                figures["restart_same_machine_s"] = round(
+                    _run_until(worker, size, events + 1, 600), 2
+                )
+                small_rss = _rss_bytes(worker.proc.pid)
+            finally:
+                worker.stop()
+            records, seconds = _restores(data.workdir / "same.log")
+            figures["same_machine_changelog_records_read"] = records
+
+            shutil.rmtree(store)
+            _probe(s, 2)
+            worker = WorkerProcess(s, data.workdir / "fresh.log")
+            try:
+                figures["restart_fresh_machine_s"] = round(
+                    _run_until(worker, size, events + 2, 1800), 2
+                )
+            finally:
+                worker.stop()
+            records, seconds = _restores(data.workdir / "fresh.log")
+            figures["fresh_restore_changelog_records"] = records
+            figures["fresh_restore_s"] = round(seconds, 2)
+            figures["fresh_restore_events_of_state_per_s"] = (
+                round(events / seconds) if seconds else None
+            )
+            figures["fresh_restore_records_per_s"] = round(records / seconds) if seconds else None
+            if built_rss is not None and small_rss is not None:
+                figures["worker_rss_mib_with_state"] = round(built_rss / 2**20, 1)
+                figures["worker_rss_mib_after_same_machine_restart"] = round(small_rss / 2**20, 1)
+                figures["state_ram_bytes_per_event"] = round(
+                    max(built_rss - small_rss, 0) / events, 1
+                )
+        finally:
+            size.close()
+        return figures
