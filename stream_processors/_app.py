@@ -217,7 +217,7 @@ def build_app(
         atexit.register(shutil.rmtree, root, ignore_errors=True)
     else:
         root = settings.state_dir / "store" / p.app_id
-    store = LocalStore(root, auto_open=in_process)
+    store = LocalStore(root, auto_open=in_process, memory_mib=p.state_memory_mib)
     changelogs = changelog_topics(p.app_id)
 
     def table(name: str, *, hour_index: bool = False) -> DurableState:

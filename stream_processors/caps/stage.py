@@ -236,7 +236,9 @@ class CapStage:
 
     # -- internals ----------------------------------------------------------------------------
     def _store(self, user_id: str, partition: int, state: UserCapState, last: int) -> None:
-        raw = orjson.dumps({"o": last, "p": partition, "s": state.to_dict()})
+        # A copy of its own size: orjson's result sits in a 4 KiB buffer, and the cache keeps
+        # one per user.
+        raw = memoryview(orjson.dumps({"o": last, "p": partition, "s": state.to_dict()})).tobytes()
         self.state.put(partition, user_id, raw)
         if len(self._cache) >= self.max_cached:
             self._cache.clear()  # crude but bounded; rebuilt from the table on demand
