@@ -536,7 +536,7 @@ PROP = parse_plans(
                         "tok",
                         "week",
                         "tokens",
-                        "5000",
+                        "2000",
                         {"action": "downgrade", "model": "mini"},
                         exempt_models=["mini"],
                     ),
@@ -587,7 +587,7 @@ def _check_caps(state: UserCapState, effects: Effects) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(op, min_size=1, max_size=60))
+@given(st.lists(op, min_size=10, max_size=80))
 def test_settled_spend_never_exceeds_the_hard_caps(
     ops: list[tuple[str, int, int, int, int]],
 ) -> None:
