@@ -12,7 +12,10 @@ One module per concept:
 * ``enforcement``: the user's enforcement state over the windows of their plan;
 * ``effects``: what goes in (:class:`CapEvent`) and comes out (:class:`Effects`);
 * ``engine``: :class:`CapEngine`, which routes each event through the above;
-* ``stage``: :class:`CapStage`, what the worker runs per batch, and its :class:`CapOutputs`.
+* ``stage``: :class:`CapStage`, what the worker runs per batch, and its :class:`CapOutputs`;
+* ``reservations`` and ``admission``: admission before a model call (:meth:`CapEngine.admit`),
+  its :class:`Estimate`, :class:`Admission` and the reservations held in the state (pure core,
+  not wired into the worker or the gateways yet).
 
 The records the engine emits (:class:`~schemas.AlertRecord`, :class:`~schemas.EnforcementRecord`,
 :class:`~schemas.OverageRecord`, :class:`~schemas.CreditDrawRecord`) are part of the contract, in
@@ -23,12 +26,15 @@ from __future__ import annotations
 
 from schemas import AlertRecord, CreditDrawRecord, EnforcementRecord, OverageRecord
 from stream_processors.caps.effects import CapEvent, Effects, LateUsage, RejectedEvent, WindowUsage
-from stream_processors.caps.engine import DEFAULT_GRACE_S, CapEngine
+from stream_processors.caps.engine import DEFAULT_GRACE_S, DEFAULT_RESERVATION_TTL_S, CapEngine
+from stream_processors.caps.reservations import Admission, Estimate
 from stream_processors.caps.stage import CapOutputs, CapStage, SubscriptionLookup, cap_event
 from stream_processors.caps.state import UserCapState
 
 __all__ = [
     "DEFAULT_GRACE_S",
+    "DEFAULT_RESERVATION_TTL_S",
+    "Admission",
     "AlertRecord",
     "CapEngine",
     "CapEvent",
@@ -37,6 +43,7 @@ __all__ = [
     "CreditDrawRecord",
     "Effects",
     "EnforcementRecord",
+    "Estimate",
     "LateUsage",
     "OverageRecord",
     "RejectedEvent",

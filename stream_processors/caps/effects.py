@@ -38,6 +38,9 @@ class CapEvent:
     pricer does): saves the Decimal conversion. It must equal ``cost``."""
     plan_id: str | None = None
     """The plan in force at ``occurred_at``, when the caller resolved it already."""
+    reservation_id: str | None = None
+    """The admission reservation this event's call was admitted under, if any: applying the
+    event settles it (releases its hold; the event's own cost counts instead)."""
 
     @classmethod
     def from_priced(cls, record: Mapping[str, Any]) -> CapEvent:

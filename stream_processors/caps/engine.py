@@ -18,6 +18,11 @@ silently dropped. State older than that is evicted, so memory per user is bounde
 
 Alerts, enforcement, overage and credits are decided in their own modules (``thresholds``,
 ``enforcement``, ``overage``); this one routes each event's amounts to them.
+
+*Admission.* :meth:`CapEngine.admit` decides a request before its model call and reserves its
+estimate (:mod:`~stream_processors.caps.admission`); an event carrying the reservation id settles
+it, and reservations expire ``reservation_ttl_s`` after their request's time. Reservations do
+not change what usage events emit.
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ from schemas.plans import PlanCatalog
 from spendstream.errors import ConfigError
 from stream_processors._money import decimal_to_units
 from stream_processors._time import EPOCH, SECOND, epoch_s, rfc3339, rfc3339_dt
+from stream_processors.caps import admission
+from stream_processors.caps.admission import DowngradeEstimate
 from stream_processors.caps.effects import CapEvent, Effects, LateUsage, RejectedEvent, WindowUsage
 from stream_processors.caps.enforcement import enforce
 from stream_processors.caps.overage import add_credit, bill_overage
+from stream_processors.caps.reservations import Admission, Estimate, Reservation
 from stream_processors.caps.rules import PlanRules, WindowRule, amount_decimal
 from stream_processors.caps.state import (
     NEVER,
@@ -51,24 +59,38 @@ from stream_processors.caps.thresholds import (
 )
 from stream_processors.caps.windows import instance_bounds, rolling_sum
 
-__all__ = ["DEFAULT_GRACE_S", "CapEngine"]
+__all__ = ["DEFAULT_GRACE_S", "DEFAULT_RESERVATION_TTL_S", "CapEngine"]
 
 DEFAULT_GRACE_S = 300
 """Default grace period (seconds) a window stays open for late events after it ends."""
+DEFAULT_RESERVATION_TTL_S = 900
+"""Default lifetime (seconds from the request's time) of an admission reservation: it must
+outlast the longest model call plus the time its usage event takes to reach the worker."""
 
 
 class CapEngine:
     """Applies priced events to per-user cap state and says what to emit.
 
     One engine per worker (it holds the compiled catalog); one :class:`UserCapState` per user.
-    ``grace_s`` is how long a window stays open for late events after it ends.
+    ``grace_s`` is how long a window stays open for late events after it ends;
+    ``reservation_ttl_s`` how long an admission reservation holds budget when no usage event
+    settles it.
     """
 
-    def __init__(self, catalog: PlanCatalog, *, grace_s: int = DEFAULT_GRACE_S) -> None:
+    def __init__(
+        self,
+        catalog: PlanCatalog,
+        *,
+        grace_s: int = DEFAULT_GRACE_S,
+        reservation_ttl_s: int = DEFAULT_RESERVATION_TTL_S,
+    ) -> None:
         if grace_s < 0:
             raise ConfigError("grace_s must be >= 0")
+        if reservation_ttl_s <= 0:
+            raise ConfigError("reservation_ttl_s must be > 0")
         self.catalog = catalog
         self.grace_s = grace_s
+        self.reservation_ttl_s = reservation_ttl_s
         self._plans = {p.id: PlanRules(p) for p in catalog}
         self._rules = {rule.key: rule for plan in self._plans.values() for rule in plan.windows}
         self._window_shapes = {
@@ -121,9 +143,66 @@ class CapEngine:
         state.org_id = sub.org_id
         for event in events:
             self._apply_one(state, sub, event, detected, out)
+        if state.reservations and state.watermark != NEVER:
+            admission.expire(state, state.watermark)
         if state.watermark != NEVER:
             self._enforce(state, sub, state.watermark, detected, out)
         return out
+
+    # ----------------------------------------------------------------------------- admission
+
+    def admit(
+        self,
+        state: UserCapState,
+        sub: Subscription,
+        reservation_id: str,
+        model: str,
+        estimate: Estimate,
+        at: datetime,
+        *,
+        downgrade_estimate: DowngradeEstimate = None,
+    ) -> Admission:
+        """Decide a request before its model call and reserve its estimate if admitted.
+
+        ``at`` is the request's time (aware; it also expires older reservations, never the
+        wall clock); ``model`` the requested model; ``downgrade_estimate`` the estimate on the
+        plan's downgrade model (or a callable from the model's name), needed only when a
+        downgrade is due. Idempotent on ``reservation_id``: while it is remembered, the same
+        id returns the stored answer and reserves nothing more. Raises ``ValueError`` for a
+        subscription of another user, :class:`ConfigError` for a plan the catalog lacks.
+        """
+        if sub.user_id != state.user_id:
+            raise ValueError(f"subscription of {sub.user_id!r} applied to {state.user_id!r}")
+        t = epoch_s(at)
+        if state.reservations:
+            admission.expire(state, t)
+            known = state.reservations.get(reservation_id)
+            if known is not None:
+                return known.admission
+        plan = self._plan(sub.plan_at(at))
+        zone = self._zone(sub.timezone)
+
+        def bounds(rule: WindowRule, seconds: int) -> tuple[int, int]:
+            return self._bounds(rule, seconds, sub, zone)
+
+        decision = admission.decide(
+            state, plan, reservation_id, model, estimate, t, bounds, downgrade_estimate
+        )
+        state.org_id = sub.org_id
+        admission.remember(state, Reservation(decision, t, t + self.reservation_ttl_s, plan.id))
+        return decision
+
+    def settle(self, state: UserCapState, reservation_id: str) -> bool:
+        """Release a reservation's hold (its usage event arrived); False if nothing was held.
+
+        Applying a :class:`CapEvent` with ``reservation_id`` does this; the event's cost counts
+        as usage either way. Unknown, expired or already settled ids are a no-op.
+        """
+        return admission.settle(state, reservation_id)
+
+    def expire_reservations(self, state: UserCapState, at: datetime) -> int:
+        """Drop the reservations expired at ``at`` (a record's time, not the wall clock)."""
+        return admission.expire(state, epoch_s(at))
 
     def top_up(
         self,
@@ -286,6 +365,8 @@ class CapEngine:
                 self._fixed_add(state, sub, window, rule, ev, t, amount, zone, detected, out)
         if len(state.windows) > len(plan.windows):
             self._sweep(state, plan)
+        if ev.reservation_id is not None:
+            admission.settle(state, ev.reservation_id)
 
     def _sweep(self, state: UserCapState, plan: PlanRules) -> None:
         # Windows of a plan the user left: evicted by the same rules, dropped once empty.

@@ -8,6 +8,8 @@ map of buckets.
 The serialized form (:meth:`UserCapState.to_dict`, its one-letter keys and their encodings) is
 what the changelog stores: a worker restores states written by earlier versions from it, so it
 changes only with :data:`FORMAT_VERSION`. Attribute names here are free to change; keys are not.
+Optional keys may be added without a new version when a state without them restores as before
+(``"r"``, the open reservations, was added so: a state written before it has none).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from schemas import MONEY_SCALE
 from stream_processors._money import units_from_str
 from stream_processors._money import units_to_str as units_str
+from stream_processors.caps.reservations import Reservation
 
 NEVER = -(2**62)
 """Watermark of a state that has seen no event yet."""
@@ -254,6 +257,7 @@ class UserCapState:
         "last_enforcement",
         "months",
         "org_id",
+        "reservations",
         "topups",
         "user_id",
         "version",
@@ -281,6 +285,9 @@ class UserCapState:
         """Billing months, for the break-even alert (usage = inference cost)."""
         self.windows: dict[str, WindowState] = {}
         """Window key (``plan.window``) -> its state."""
+        self.reservations: dict[str, Reservation] = {}
+        """Reservation id -> the admission request remembered (held, settled or blocked), in
+        the order they were made (see :mod:`~stream_processors.caps.admission`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Compact JSON-safe form (ints, strings, lists; money as decimal strings)."""
@@ -303,6 +310,8 @@ class UserCapState:
             out["m"] = self.months.to_obj()["i"]
         if self.windows:
             out["x"] = {key: ws.to_obj() for key, ws in self.windows.items()}
+        if self.reservations:
+            out["r"] = [r.to_row() for r in self.reservations.values()]
         return out
 
     @classmethod
@@ -333,4 +342,7 @@ class UserCapState:
                 state.windows[key] = FixedState.from_obj(wobj, usd)
             else:
                 state.windows[key] = RollingState.from_obj(wobj, usd, bucket_count)
+        for row in obj.get("r", ()):
+            reservation = Reservation.from_row(row)
+            state.reservations[reservation.admission.reservation_id] = reservation
         return state
