@@ -6,11 +6,17 @@ path (event-to-alert and event-to-rollup latency at fixed rates), baselines for 
 bare consumer doing the same per-event work, the same job in quixstreams, and the faust ceiling:
 the worker's faust App taking batches and doing nothing else), and the worker's state size per
 active user-window at 100,000 users. Speed is measured here, never asserted in tests.
+
+``repeat`` runs every selected section that many times, round after round on one broker that
+stays up (warm), so that the worker, the bare consumer and quixstreams alternate within each
+round and each ratio compares runs made side by side; :func:`summarize` then gives each
+figure's min, median and max, and the per-run values of the ratios.
 """
 
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +45,8 @@ class BenchOptions:
     state_users: int = 100_000
     recovery_events: int = 1_000_000
     skip: tuple[str, ...] = ()
+    repeat: int = 1
+    """Rounds of every selected section (1: one run, printed and returned as before)."""
 
 
 @contextmanager
@@ -73,8 +81,46 @@ def machine() -> dict[str, Any]:
 
 
 def run_bench(settings: Settings, options: BenchOptions, console: Console) -> dict[str, Any]:
-    """Run the sections not skipped; print a table per section; return every figure."""
-    results: dict[str, Any] = {"machine": machine()}
+    """Run the sections not skipped; print a table per section; return every figure.
+
+    With ``options.repeat`` above 1 the sections run that many rounds in turn, all on one
+    broker; the result holds every round (``runs``) and :func:`summarize` of them
+    (``summary``), printed as one table per section.
+    """
+    rounds = max(options.repeat, 1)
+    runs: list[dict[str, Any]] = []
+    names = [name for name, _ in _round_steps(settings, options, {})]
+    needs_broker = any(name not in ("sink", "state") for name in names)
+    with broker(settings, console) if needs_broker else _nothing():
+        for index in range(rounds):
+            results: dict[str, Any] = {"machine": machine()}
+            runs.append(results)
+            label = f" (round {index + 1}/{rounds})" if rounds > 1 else ""
+            for name, step in _round_steps(settings, options, results):
+                with console.status(f"benchmark: {name}{label}…"):
+                    t0 = time.monotonic()
+                    figures = step()
+                figures["section_s"] = round(time.monotonic() - t0, 1)
+                results[name] = figures
+                print_section(console, name + label, figures)
+    if rounds == 1:
+        return runs[0]
+    summary = summarize([{k: v for k, v in run.items() if k != "machine"} for run in runs])
+    for name, figures in summary.items():
+        print_summary(console, name, figures)
+    return {
+        "machine": runs[0]["machine"],
+        "repeat": rounds,
+        "load_avg_1m": [run["machine"]["load_avg_1m"] for run in runs],
+        "summary": summary,
+        "runs": runs,
+    }
+
+
+def _round_steps(
+    settings: Settings, options: BenchOptions, results: dict[str, Any]
+) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
+    """The sections of one round, in order; ``results`` is the round's, filled as it runs."""
     steps: list[tuple[str, Callable[[], dict[str, Any]]]] = []
     if "producer" not in options.skip:
         from spendstream.bench.producer import run_producer_bench
@@ -126,16 +172,39 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
         from spendstream.bench.recovery import run_recovery_bench
 
         steps.append(("recovery", lambda: run_recovery_bench(settings, options.recovery_events)))
-    needs_broker = any(name not in ("sink", "state") for name, _ in steps)
-    with broker(settings, console) if needs_broker else _nothing():
-        for name, step in steps:
-            with console.status(f"benchmark: {name}…"):
-                t0 = time.monotonic()
-                figures = step()
-            figures["section_s"] = round(time.monotonic() - t0, 1)
-            results[name] = figures
-            print_section(console, name, figures)
-    return results
+    return steps
+
+
+def is_ratio(figure: str) -> bool:
+    """Whether a figure is a ratio of two measured in the same round (worker / bare ...)."""
+    return figure == "ratio" or "_vs_" in figure
+
+
+def summarize(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Section -> figure -> ``min``, ``median``, ``max`` and ``runs`` (every round's value).
+
+    Only numbers are summarized (booleans, text and nested tables are left out); a figure a
+    round lacks (quixstreams skipped in that round) is summarized over the rounds that have
+    it, and ``runs`` says how many those were. Ratio figures (:func:`is_ratio`) also carry
+    ``per_run``: each was computed within its round, so the rounds are compared as ratios,
+    never as a ratio of medians.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        for section, figures in run.items():
+            if not isinstance(figures, dict):
+                continue
+            for figure, value in figures.items():
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    continue
+                out.setdefault(section, {}).setdefault(figure, {"runs": []})["runs"].append(value)
+    for figures in out.values():
+        for figure, entry in figures.items():
+            values = entry["runs"]
+            entry.update(min=min(values), median=statistics.median(values), max=max(values))
+            if is_ratio(figure):
+                entry["per_run"] = list(values)
+    return out
 
 
 def caps_latency(settings: Settings, rate: int, seconds: float, workers: int = 1) -> dict[str, Any]:
@@ -211,6 +280,23 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def print_summary(console: Console, name: str, figures: dict[str, dict[str, Any]]) -> None:
+    """One table of a section's figures over the rounds: min, median, max; ratios per run."""
+    table = Table(title=f"bench: {name}, over the rounds")
+    table.add_column("figure")
+    for column in ("min", "median", "max"):
+        table.add_column(column, justify="right")
+    ratios = any("per_run" in entry for entry in figures.values())
+    if ratios:
+        table.add_column("per run", justify="right")
+    for figure, entry in figures.items():
+        cells = [figure, _fmt(entry["min"]), _fmt(entry["median"]), _fmt(entry["max"])]
+        if ratios:
+            cells.append(", ".join(_fmt(v) for v in entry.get("per_run", ())))
+        table.add_row(*cells)
+    console.print(table)
 
 
 def print_section(console: Console, name: str, figures: dict[str, Any]) -> None:

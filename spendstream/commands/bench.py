@@ -67,6 +67,16 @@ def register(app: typer.Typer) -> None:
                 "(repeatable)."
             ),
         ),
+        repeat: int = typer.Option(
+            1,
+            "--repeat",
+            min=1,
+            help=(
+                "Run the selected sections N times, round after round on one warm broker "
+                "(worker, bare consumer and quixstreams alternate within each round), then "
+                "print each figure's min/median/max and the per-run ratios."
+            ),
+        ),
         json_out: Path | None = typer.Option(
             None, "--json", help="Also write every figure to this JSON file."
         ),
@@ -75,6 +85,9 @@ def register(app: typer.Typer) -> None:
 
         Uses the configured broker or starts the local one (and stops it after); topics are
         created under a unique prefix and deleted afterwards; chDB runs in a temporary folder.
+        With --repeat N every selected section runs N times on the same broker, and the
+        figures are summarized over the rounds (min, median, max; ratios per run), as
+        BENCHMARKS.md quotes them.
         """
         from spendstream.bench import SECTIONS, BenchOptions, run_bench
         from spendstream.runner import sigterm_as_interrupt
@@ -94,6 +107,7 @@ def register(app: typer.Typer) -> None:
             state_users=state_users,
             recovery_events=recovery_events,
             skip=tuple(skip),
+            repeat=repeat,
         )
         try:
             with sigterm_as_interrupt():
