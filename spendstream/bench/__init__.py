@@ -201,7 +201,10 @@ def summarize(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict
     for figures in out.values():
         for figure, entry in figures.items():
             values = entry["runs"]
-            entry.update(min=min(values), median=statistics.median(values), max=max(values))
+            median = statistics.median(values)
+            if all(isinstance(v, int) for v in values) and median == int(median):
+                median = int(median)  # a count stays a count (6 partitions, not 6.0)
+            entry.update(min=min(values), median=median, max=max(values))
             if is_ratio(figure):
                 entry["per_run"] = list(values)
     return out

@@ -74,7 +74,9 @@ def test_a_figure_missing_from_a_round_is_summarized_over_the_others() -> None:
 
 def test_even_number_of_rounds_takes_the_middle_mean() -> None:
     two = [{"sink": {"rows_per_s": 90}}, {"sink": {"rows_per_s": 110}}]
-    assert summarize(two)["sink"]["rows_per_s"]["median"] == 100
+    median = summarize(two)["sink"]["rows_per_s"]["median"]
+    assert median == 100 and isinstance(median, int)
+    assert summarize([{"s": {"n": 1}}, {"s": {"n": 2}}])["s"]["n"]["median"] == 1.5
 
 
 @pytest.mark.parametrize(
