@@ -9,6 +9,11 @@ started again; the figure is the time from that start to the new event's priced 
 * **fresh machine**: the state folder is deleted; the worker restores every table from its
   changelog (the restore's own duration and record count come from the worker's log line).
 
+Fail-over: a second worker with a folder of its own (another machine) joins and restores half
+the partitions; the first is then killed (SIGKILL), and the figure is the time from the kill
+until new events of every partition are priced: the group's session timeout, then the restore
+of the dead worker's partitions from their changelogs.
+
 Memory: the worker's resident set at a quarter and at the end of the build; its growth per
 event over the last three quarters is what more state costs in RAM (with faust's memory store
 the dedupe index alone took 173 bytes of heap per event). The resident set of the worker
@@ -54,24 +59,25 @@ def _restores(log_path: Path) -> tuple[int, float]:
     return records, seconds
 
 
-def _probe(settings: Settings, n: int) -> None:
-    """One new event of a new user, to be priced after a restart."""
+def _probe(settings: Settings, n: int, users: int = 1) -> None:
+    """One new event for each of ``users`` new users, to be priced after a restart."""
     from producers import UsageProducer
     from spendstream.bench.worker import BENCH_START
 
-    user = f"recovery-probe-{n}"
-    event: dict[str, Any] = {
-        "event_id": f"recovery-probe-{n}-{time.time_ns()}",
-        "occurred_at": BENCH_START.isoformat(),
-        "org_id": "bench",
-        "user_id": user,
-        "gateway": "bench",
-        "requested_model": "gpt-4o-mini",
-        "input_tokens": 10,
-        "output_tokens": 10,
-    }
     with UsageProducer(settings) as producer:
-        producer.send_raw(user.encode(), orjson.dumps(event))
+        for u in range(users):
+            user = f"recovery-probe-{n}-{u}"
+            event: dict[str, Any] = {
+                "event_id": f"{user}-{time.time_ns()}",
+                "occurred_at": BENCH_START.isoformat(),
+                "org_id": "bench",
+                "user_id": user,
+                "gateway": "bench",
+                "requested_model": "gpt-4o-mini",
+                "input_tokens": 10,
+                "output_tokens": 10,
+            }
+            producer.send_raw(user.encode(), orjson.dumps(event))
 
 
 def _run_until(worker: Any, size: Any, target: int, limit_s: float) -> float:
@@ -125,12 +131,31 @@ def run_recovery_bench(
             shutil.rmtree(store)
             _probe(s, 2)
             worker = WorkerProcess(s, data.workdir / "fresh.log")
+            other = None
             try:
                 figures["restart_fresh_machine_s"] = round(
                     _run_until(worker, size, events + 2, 1800), 2
                 )
+                # Fail-over to another machine: a second worker with a folder of its own takes
+                # half the partitions (restoring them), then the first is killed; the time is
+                # from the kill until events of every partition are priced again.
+                b = s.model_copy(update={"state_dir": data.workdir / "machine-b"})
+                other = WorkerProcess(b, data.workdir / "machine-b.log")
+                if other.wait_state_ready(timeout_s=300) is None:
+                    raise TimeoutError("the second worker did not report its state ready")
+                time.sleep(2.0)  # the group settles: both workers hold partitions
+                worker.kill()
+                t_kill = time.monotonic()
+                _probe(s, 3, users=24)  # 24 users: every partition, with near certainty
+                # The first worker was idle and had committed: the kill replays nothing, so
+                # the count grows only by the probes.
+                _run_until(other, size, events + 2 + 24, 600)
+                figures["failover_to_other_machine_s"] = round(time.monotonic() - t_kill, 2)
+                figures["session_timeout_s"] = s.processor.session_timeout_s
             finally:
                 worker.stop()
+                if other is not None:
+                    other.stop()
             records, seconds = _restores(data.workdir / "fresh.log")
             figures["fresh_restore_changelog_records"] = records
             figures["fresh_restore_s"] = round(seconds, 2)

@@ -223,3 +223,21 @@ def test_a_worker_with_lag_and_no_batch_is_stalled(
     from spendstream.worker import worker_stalled
 
     assert worker_stalled(lag, idle_s, 120.0) is stalled
+
+
+def test_a_restore_in_progress_is_published_then_cleared() -> None:
+    from stream_processors._store import RestoreProgress
+
+    progress = RestoreProgress(left={"seen": 1200, "windows": 30}, partitions=[0, 3])
+    progress.started = time.monotonic()
+    metrics.watch_restore(progress)
+    assert metrics.value("spendstream_worker_recovering", {}) == 1
+    assert metrics.value("spendstream_worker_restore_records_left", {"table": "seen"}) == 1200
+    snap = progress.snapshot()
+    assert snap["recovering"] and snap["records_left"] == {"seen": 1200, "windows": 30}
+    progress.left = {"seen": 0, "windows": 0}
+    progress.restored = 1230
+    progress.finished = time.monotonic()
+    assert metrics.value("spendstream_worker_recovering", {}) == 0
+    assert metrics.value("spendstream_worker_restore_records", {}) == 1230
+    assert not progress.snapshot()["recovering"]
