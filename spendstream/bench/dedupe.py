@@ -71,7 +71,7 @@ def run_dedupe_memory(settings: Settings, events: int = 1_200_000) -> dict[str, 
     caps = CapStage(CapEngine(load_plans(SAMPLE_PLANS)), subs.get, caps_state)
     now = _START.replace(minute=1)
     states = (seen, windows, marks, caps_state)
-    quarter = (events // 4) // _BATCH * _BATCH
+    quarter = max((events // 4) // _BATCH * _BATCH, _BATCH)
     samples: dict[str, tuple[int, int]] = {}
     tracemalloc.start()
     try:

@@ -132,7 +132,11 @@ def _run_until(worker: Any, size: Any, target: int, limit_s: float) -> float:
 
 
 def run_recovery_bench(
-    settings: Settings, events: int = 1_000_000, users: int = 20_000
+    settings: Settings,
+    events: int = 1_000_000,
+    users: int = 20_000,
+    *,
+    dedupe_events: int = 1_200_000,
 ) -> dict[str, Any]:
     """Build state from ``events`` events, then restart on it and on a fresh folder."""
     from spendstream.bench.worker import TopicSize, bench_input
@@ -214,5 +218,5 @@ def run_recovery_bench(
                 probes.close()
     from spendstream.bench.dedupe import run_dedupe_memory
 
-    figures.update(run_dedupe_memory(settings))
+    figures.update(run_dedupe_memory(settings, dedupe_events))
     return figures

@@ -15,7 +15,11 @@ pytestmark = pytest.mark.functional
 
 def test_state_section_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    skip = [a for s in ("producer", "worker", "sink", "caps", "baselines") for a in ("--skip", s)]
+    skip = [
+        a
+        for s in ("producer", "worker", "sink", "caps", "baselines", "recovery")
+        for a in ("--skip", s)
+    ]
     result = CliRunner().invoke(app, ["bench", *skip, "--state-users", "300", "--json", str(out)])
     assert result.exit_code == 0, result.output
     state = json.loads(out.read_text())["state"]
