@@ -399,7 +399,9 @@ def build_app(
             return
         while True:
             messages, generation = await lane.take(p.batch_size, p.batch_within_s)
-            if recovery is not None and recovery.restoring:
+            if recovery is not None:
+                # Returns at once when no restore runs; re-raises a failed restore's error
+                # (the worker then exits: it cannot price without its state).
                 await recovery.wait()
             async with lane.busy:
                 if lane.generation != generation:

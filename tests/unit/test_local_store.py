@@ -159,3 +159,26 @@ def test_reads_like_the_reference_whatever_the_order(tmp_path_factory: Any, ops:
         else:
             replayed[k] = v
     assert {k.strip(b'"').decode(): v for k, v in replayed.items()} == dict(ref.items())
+
+
+def test_a_failed_restore_stops_processing_every_time_it_is_asked(tmp_path: Path) -> None:
+    import asyncio
+
+    from stream_processors._store import Recovery
+
+    recovery = Recovery(LocalStore(tmp_path), [], {}, {}, partitions=6, replication=1)
+
+    def broken(todo: list[int], stop: Any) -> None:
+        raise RuntimeError("the changelog cannot be read")
+
+    recovery._restore = broken  # type: ignore[method-assign]
+
+    async def run() -> None:
+        recovery.assign({0, 1})
+        with pytest.raises(RuntimeError, match="changelog"):
+            await recovery.wait()
+        assert not recovery.restoring  # done, yet the next batch must still be refused
+        with pytest.raises(RuntimeError, match="changelog"):
+            await recovery.wait()
+
+    asyncio.run(run())
