@@ -179,6 +179,12 @@ class UsageEvent(BaseModel):
     api_key_id: Id | None = None
     gateway: Name = Field(description="Which gateway or service emitted the event.")
     request_id: Id | None = None
+    reservation_id: Id | None = Field(
+        default=None,
+        description="The admission reservation this call was admitted under (from "
+        "`Admitter.admit`); settles its hold in the worker. Optional: gateways that do not "
+        "reserve leave it out.",
+    )
     provider: Name | None = Field(default=None, description="openai, anthropic, bedrock, ...")
     requested_model: Name = Field(description="The model the client asked for.")
     served_model: Name | None = Field(

@@ -81,6 +81,7 @@ class WireEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     api_key_id: _Id | None = None
     gateway: _Name
     request_id: _Id | None = None
+    reservation_id: _Id | None = None
     provider: _Name | None = None
     requested_model: _Name
     served_model: _Name | None = None

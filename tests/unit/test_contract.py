@@ -88,6 +88,9 @@ GOOD: list[tuple[str, dict[str, Any]]] = [
         output_tokens=300, reasoning_tokens=50, output_audio_tokens=150, output_image_tokens=100)),
     ("batch tier with web searches", _with(service_tier="batch", web_search_requests=3,
                                            search_context_size="high")),
+    ("with a reservation id", _with(request_id="r", reservation_id="res_01J9Z3")),
+    ("reservation id at the bound", _with(reservation_id="r" * 256)),
+    ("reservation id null", _with(reservation_id=None)),
 ]  # fmt: skip
 
 BAD: list[tuple[str, dict[str, Any] | Any, str]] = [
@@ -144,6 +147,10 @@ BAD: list[tuple[str, dict[str, Any] | Any, str]] = [
      "attributes"),
     ("attribute value not a string", _with(attributes={"n": 1}), "attributes"),
     ("attribute value too long", _with(attributes={"k": "v" * 257}), "attributes"),
+    ("empty reservation id", _with(reservation_id=""), "reservation_id"),
+    ("reservation id too long", _with(reservation_id="r" * 257), "reservation_id"),
+    ("reservation id as a number", _with(reservation_id=42), "reservation_id"),
+    ("reservation id as an object", _with(reservation_id={"id": "r"}), "reservation_id"),
     ("not an object", ["event"], "JSON object"),
 ]  # fmt: skip
 
@@ -178,6 +185,16 @@ def test_stored_as_utc() -> None:
 def test_unknown_fields_dropped_from_wire() -> None:
     wire = orjson.loads(encode_event(event_from_obj(_with(future_field=1))))
     assert "future_field" not in wire
+
+
+def test_reservation_id_is_optional_and_kept_on_the_wire() -> None:
+    assert event_from_obj(_with()).reservation_id is None
+    assert b"reservation_id" not in encode_event(event_from_obj(_with()))  # absent when unset
+    event = event_from_obj(_with(reservation_id="res-1"))
+    assert event.reservation_id == "res-1"
+    assert orjson.loads(encode_event(event))["reservation_id"] == "res-1"
+    assert decode_event(encode_event(event)).reservation_id == "res-1"
+    assert decode_event(encode_for_send(_with(reservation_id="res-1"))[1]) == event
 
 
 def test_served_model_defaults_to_requested() -> None:
@@ -243,6 +260,7 @@ def event_dicts(draw: st.DrawFn) -> dict[str, Any]:
         "gateway": draw(_ids),
         "requested_model": draw(_ids),
         "served_model": draw(st.none() | _ids),
+        "reservation_id": draw(st.none() | _ids),
         "input_tokens": inp,
         "cached_input_tokens": cached,
         "cache_write_tokens": write,

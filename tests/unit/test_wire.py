@@ -267,3 +267,38 @@ def test_crafted_messages_get_the_contracts_verdict(data: bytes | None) -> None:
 def test_a_null_message_is_refused_not_a_crash() -> None:
     with pytest.raises(InvalidEventError, match="no value"):
         decode_usage(None)
+
+
+# -- reservation_id: the same rules in both decoders -----------------------------------------
+
+_RESERVATION_OK: list[Any] = [None, "r", "res_01J9Z3", "r" * 256, "é" * 256]
+_RESERVATION_BAD: list[Any] = ["", "r" * 257, "é" * 257, 42, 1.5, True, ["r"], {"id": "r"}]
+
+
+@pytest.mark.parametrize("value", _RESERVATION_OK, ids=repr)
+def test_a_valid_reservation_id_is_accepted_by_every_path(value: Any) -> None:
+    obj = {**BASE, "reservation_id": value}
+    model = event_from_obj(obj)
+    assert model.reservation_id == value
+    fast = encode_dict(obj)
+    assert fast is not None, "the fast path refused a valid reservation_id"
+    assert decode_event(fast[1]) == model
+    for ours in (decode_dict(obj), decode_usage(orjson.dumps(obj)), decode_usage(fast[1])):
+        assert ours.reservation_id == value
+        assert _values(ours) == _values(model)
+        assert to_model(ours) == model
+
+
+@pytest.mark.parametrize("value", _RESERVATION_BAD, ids=repr)
+def test_an_invalid_reservation_id_is_refused_by_every_path(value: Any) -> None:
+    obj = {**BASE, "reservation_id": value}
+    with pytest.raises(InvalidEventError, match="reservation_id"):
+        event_from_obj(obj)
+    assert encode_dict(obj) is None  # the producer then asks the model, which refuses
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert(obj, WireEvent)  # refused by the mirror itself, not only by the model
+    with pytest.raises(InvalidEventError, match="reservation_id"):
+        decode_dict(obj)
+    _same_verdict(orjson.dumps(obj))
+    with pytest.raises(InvalidEventError, match="reservation_id"):
+        decode_usage(orjson.dumps(obj))
