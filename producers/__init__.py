@@ -4,10 +4,13 @@
 the contract of :mod:`schemas`, key it by ``user_id`` and deliver it idempotently with
 ``acks=all``; with a spool (:class:`DiskSpool`) they write every event to a bounded local disk
 log first, so a broker outage or a process restart loses nothing.
-``load_subscriptions`` reads and validates a subscriptions file, ``publish_subscriptions`` feeds
-the compacted subscriptions topic, ``grant_credit`` adds prepaid credit to a user's record.
+``Admitter`` reserves budget before a model call (a hard cap holds under concurrency; see
+docs/DESIGN.md, "Admission (reservations)"). ``load_subscriptions`` reads and validates a
+subscriptions file, ``publish_subscriptions`` feeds the compacted subscriptions topic,
+``grant_credit`` adds prepaid credit to a user's record.
 """
 
+from producers._admit import AdmissionTimeout, Admitter, Ticket
 from producers._async import AsyncUsageProducer
 from producers._config import PRODUCER_DEFAULTS, producer_config
 from producers._guard import CapGuard, Decision
@@ -31,6 +34,8 @@ from producers._view import CompactedTopicView
 
 __all__ = [
     "PRODUCER_DEFAULTS",
+    "AdmissionTimeout",
+    "Admitter",
     "AsyncUsageProducer",
     "CapGuard",
     "CompactedTopicView",
@@ -43,6 +48,7 @@ __all__ = [
     "SpoolIOError",
     "SpoolRecord",
     "SpoolStats",
+    "Ticket",
     "UsageProducer",
     "encode_for_send",
     "encode_subscription",

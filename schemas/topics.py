@@ -24,6 +24,8 @@ ENFORCEMENT: Final = "usage.enforcement"
 """Compacted: the latest enforcement state per user, read by gateways."""
 SUBSCRIPTIONS: Final = "usage.subscriptions"
 """Compacted: which user is on which plan since when."""
+ADMISSIONS: Final = "usage.admissions"
+"""Answers to admission requests, keyed by gateway (requests go to :data:`EVENTS`)."""
 NOTIFY_DLQ: Final = "usage.notify.dlq"
 """Notifications ``spendstream notify`` could not deliver to an endpoint, with the reason."""
 

@@ -121,6 +121,7 @@ class TopicSettings(BaseModel):
     enforcement: str = topics.ENFORCEMENT
     subscriptions: str = topics.SUBSCRIPTIONS
     notify_dlq: str = topics.NOTIFY_DLQ
+    admissions: str = topics.ADMISSIONS
     partitions: int = Field(default=6, ge=1, le=10_000)
     replication_factor: int = Field(default=1, ge=1, le=16)
 
@@ -145,6 +146,7 @@ class TopicSettings(BaseModel):
                 "enforcement",
                 "subscriptions",
                 "notify_dlq",
+                "admissions",
             )
         }
 
@@ -181,6 +183,49 @@ class ClickHouseSettings(BaseModel):
     def embedded(self) -> bool:
         """True when no server URL is configured."""
         return self.url is None
+
+
+class AdmissionSettings(BaseModel):
+    """Admission (reservations): how long a hold lasts, when a gateway may decide alone.
+
+    See docs/DESIGN.md, "Admission (reservations)".
+    """
+
+    reservation_ttl_s: int = Field(
+        default=900,
+        ge=1,
+        le=7 * 86_400,
+        description="How long (s after its request reached Kafka) an admission holds budget "
+        "when no usage event settles it: longer than the longest call plus the pipeline's lag.",
+    )
+    pool: int = Field(
+        default=8,
+        ge=0,
+        le=64,
+        description="Gateways: reservations of the same shape asked for along with a request, "
+        "handed out later without a network call (the local path); 0 = every admission asks.",
+    )
+    pool_zone: int = Field(
+        default=20,
+        ge=1,
+        le=1_000_000,
+        description="Workers: a pooled reservation is granted only while this many more "
+        "estimates would still fit under every cap after it (far from every cap).",
+    )
+    timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="Gateways: how long one admission waits for its answer before asking "
+        "again (same reservation id: the answer is the same).",
+    )
+    deadline_s: float = Field(
+        default=90.0,
+        gt=0,
+        le=3600,
+        description="Gateways: after this long without an answer, admit() raises "
+        "AdmissionTimeout (a fail-over takes the session timeout plus the restore).",
+    )
 
 
 class ProcessorSettings(BaseModel):
@@ -459,6 +504,7 @@ class Settings(BaseSettings):
     sink: SinkSettings = SinkSettings()
     producer: ProducerSettings = ProducerSettings()
     notify: NotifySettings = NotifySettings()
+    admission: AdmissionSettings = AdmissionSettings()
     plans_file: Path | None = Field(default=None, description="Plans YAML; default: sample.")
     subscriptions_file: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -239,10 +239,13 @@ def build_app(
     )
     plans = plans or load_plans(settings.plans_file or SAMPLE_PLANS)
     caps = CapStage(
-        CapEngine(plans, grace_s=p.grace_s),
+        CapEngine(plans, grace_s=p.grace_s, reservation_ttl_s=settings.admission.reservation_ttl_s),
         subscriptions,
         caps_s,
         events_topic=t.events,
+        estimator=catalog.estimate,
+        pool_zone=settings.admission.pool_zone,
+        reply_partitions=t.partitions,
     )
     stats = WorkerStats()
     pipeline = BatchPipeline(processor, caps, (seen_s, windows_s, marks_s, caps_s))
@@ -341,6 +344,8 @@ def build_app(
         ):
             for key, value in messages:
                 sink.produce(topic_name, key.encode(), value, where[key])
+        for gateway, answer, partition in capped.answers:
+            sink.produce(t.admissions, gateway.encode(), answer, partition)
 
     @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
     async def _apply_credits() -> None:

@@ -56,7 +56,7 @@ class BatchPipeline:
         except Exception as exc:
             raise StageError("price", exc) from exc
         try:
-            capped = self.caps.process(result.accepted, now)
+            capped = self.caps.process(result.accepted, now, result.admissions)
         except SYSTEMIC:
             raise
         except Exception as exc:
@@ -107,11 +107,13 @@ def _merge(parts: list[BatchOutput]) -> BatchOutput:
         result.rollups += r.rollups
         result.dead += r.dead
         result.accepted += r.accepted
+        result.admissions += r.admissions
         result.counters.update(r.counters)
         capped.alerts += c.alerts
         capped.enforcement += c.enforcement
         capped.overages += c.overages
         capped.dead += c.dead
+        capped.answers += c.answers
         capped.partitions.update(c.partitions)
         capped.counters.update(c.counters)
     return BatchOutput(result, capped)

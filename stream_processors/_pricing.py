@@ -190,6 +190,26 @@ class PriceCatalog:
             price = self._prices.get(model.split("/", 1)[1])
         return price
 
+    def estimate(self, model: str, input_tokens: int, output_tokens: int, when: datetime) -> int:
+        """The cost (USD units) of a call of at most these tokens on ``model`` at ``when``.
+
+        What an admission holds (docs/DESIGN.md, "Admission (reservations)"): the call as a
+        usage event with these counts, standard tier, no cache, no search, quoted like any
+        event (an unknown model at the fallback price, never free). A call whose tokens stay
+        within these counts at the standard tier costs at most this.
+        """
+        event = DecodedEvent(
+            event_id="estimate",
+            occurred_at=when,
+            org_id="-",
+            user_id="-",
+            gateway="-",
+            requested_model=model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+        )
+        return self.quote(event).cost
+
     def quote(self, event: UsageEvent | DecodedEvent) -> Quote:
         """Cost, list value and savings of one call, exactly per DESIGN §4."""
         requested = event.requested_model

@@ -34,7 +34,15 @@ from typing import Any, Protocol, get_type_hints
 import msgspec
 import orjson
 
-from schemas import DeadLetter, PricedEvent, Rollup, Subscription
+from schemas import (
+    REQUEST_PREFIX,
+    AdmissionRequest,
+    DeadLetter,
+    PricedEvent,
+    Rollup,
+    Subscription,
+    decode_request,
+)
 from schemas.wire import DecodedEvent, decode_usage
 from spendstream.errors import InvalidEventError
 from stream_processors._money import units_to_str
@@ -101,6 +109,20 @@ class PricedRecord:
 
 
 @dataclass(slots=True)
+class AdmissionItem:
+    """An admission request read from the events topic, where it was in the log, and when.
+
+    ``arrived_ms`` is the record's broker timestamp (never later than the worker's clock): the
+    request's time, at which its estimate is held (docs/DESIGN.md, "Admission (reservations)").
+    """
+
+    request: AdmissionRequest
+    partition: int
+    offset: int
+    arrived_ms: int
+
+
+@dataclass(slots=True)
 class BatchResult:
     """Messages to publish (key, value) per output topic, plus counters for this batch."""
 
@@ -109,6 +131,8 @@ class BatchResult:
     dead: list[tuple[bytes | None, bytes, int]] = field(default_factory=list)
     """(key, dead letter, source partition)."""
     accepted: list[PricedRecord] = field(default_factory=list)
+    admissions: list[AdmissionItem] = field(default_factory=list)
+    """Admission requests of the batch, in its order (decided by the caps stage)."""
     counters: Counter[str] = field(default_factory=Counter)
 
 
@@ -352,8 +376,12 @@ class UsageProcessor:
 
         priced_n = 0
         for rec in batch:
+            value = rec.value
+            if value is not None and value.startswith(REQUEST_PREFIX):
+                self._admission(rec, value, now, now_us, result)
+                continue
             try:
-                event = decode_usage(rec.value)
+                event = decode_usage(value)
             except InvalidEventError as exc:
                 counters["dead_letters"] += 1
                 result.dead.append(
@@ -489,6 +517,29 @@ class UsageProcessor:
             counters["evicted_ids"] += evicted_ids
         self._evicting = False
         return result
+
+    @staticmethod
+    def _admission(
+        rec: SourceRecord, value: bytes, now: datetime, now_us: int, result: BatchResult
+    ) -> None:
+        """Queue an admission request for the caps stage (a dead letter if it is not one).
+
+        It neither moves a watermark nor enters the dedupe index: the caps state remembers
+        each reservation id, which is what makes a replayed request get the same answer.
+        """
+        try:
+            request = decode_request(value)
+        except InvalidEventError as exc:
+            result.counters["dead_letters"] += 1
+            result.dead.append(
+                (rec.key, dead_letter(rec, str(exc), "admission", now), rec.partition)
+            )
+            return
+        arrived_ms = rec.timestamp
+        now_ms = now_us // 1000
+        at_ms = now_ms if arrived_ms is None or arrived_ms <= 0 else min(arrived_ms, now_ms)
+        result.admissions.append(AdmissionItem(request, rec.partition, rec.offset, at_ms))
+        result.counters["admission_requests"] += 1
 
     # -- eviction -----------------------------------------------------------------------------
     def _index(self) -> dict[int, dict[int, set[str]]]:

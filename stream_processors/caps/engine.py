@@ -192,6 +192,25 @@ class CapEngine:
         admission.remember(state, Reservation(decision, t, t + self.reservation_ttl_s, plan.id))
         return decision
 
+    def probe(
+        self, state: UserCapState, sub: Subscription, model: str, estimate: Estimate, at: datetime
+    ) -> Admission:
+        """What :meth:`admit` would answer now for a new id, without reserving or remembering.
+
+        Used to tell whether a user is far from every cap (a pooled reservation is granted
+        only if a probe of many estimates is still plainly admitted).
+        """
+        if sub.user_id != state.user_id:
+            raise ValueError(f"subscription of {sub.user_id!r} applied to {state.user_id!r}")
+        t = epoch_s(at)
+        plan = self._plan(sub.plan_at(at))
+        zone = self._zone(sub.timezone)
+
+        def bounds(rule: WindowRule, seconds: int) -> tuple[int, int]:
+            return self._bounds(rule, seconds, sub, zone)
+
+        return admission.decide(state, plan, "probe", model, estimate, t, bounds, None)
+
     def settle(self, state: UserCapState, reservation_id: str) -> bool:
         """Release a reservation's hold (its usage event arrived); False if nothing was held.
 

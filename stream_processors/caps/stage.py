@@ -53,25 +53,40 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 from typing import Any
 
 import orjson
 
-from schemas import MONEY_SCALE, DeadLetter, Subscription, encode_event
+from schemas import (
+    MONEY_SCALE,
+    AdmissionAnswer,
+    AdmissionRequest,
+    DeadLetter,
+    Subscription,
+    encode_answer,
+    encode_event,
+    pool_ids,
+    reply_partition,
+)
 from schemas.wire import to_model
-from stream_processors._processor import NO_PLAN, PricedRecord, late_segment
+from spendstream.errors import ConfigError
+from stream_processors._money import units_to_str
+from stream_processors._processor import NO_PLAN, AdmissionItem, PricedRecord, late_segment
 from stream_processors._state import PartitionedState
 from stream_processors._time import micros_to_iso, to_micros
 from stream_processors.caps.effects import CapEvent, Effects
 from stream_processors.caps.engine import CapEngine
+from stream_processors.caps.reservations import Admission, Estimate
 from stream_processors.caps.state import UserCapState
 
-__all__ = ["CapOutputs", "CapStage", "SubscriptionLookup", "cap_event"]
+__all__ = ["CapOutputs", "CapStage", "Estimator", "SubscriptionLookup", "cap_event"]
 
 log = logging.getLogger(__name__)
 
+Estimator = Callable[[str, int, int, datetime], int]
+"""(model, input tokens, output tokens, time) -> the call's cost at most, in USD units."""
 SubscriptionLookup = Callable[[str], Subscription | None]
 """user_id -> the user's subscription (plan schedule), or ``None`` when unknown."""
 
@@ -92,9 +107,11 @@ class CapOutputs:
     """user_id -> the partition the user's events came from (where outputs go)."""
     counters: Counter[str] = field(default_factory=Counter)
     """``caps_*`` counters of this batch."""
+    answers: list[tuple[str, bytes, int]] = field(default_factory=list)
+    """To ``topics.admissions``: (gateway, :class:`~schemas.AdmissionAnswer`, partition)."""
 
     def __bool__(self) -> bool:
-        return bool(self.alerts or self.enforcement or self.overages or self.dead)
+        return bool(self.alerts or self.enforcement or self.overages or self.dead or self.answers)
 
 
 _EXACT = Context(prec=120, traps=[Inexact, InvalidOperation, Overflow])
@@ -118,6 +135,7 @@ def cap_event(rec: PricedRecord) -> CapEvent:
         1,
         units,
         rec.plan_id,
+        reservation_id=ev.reservation_id,
     )
 
 
@@ -138,8 +156,17 @@ class CapStage:
         *,
         events_topic: str = "usage.events",
         max_cached: int = 200_000,
+        estimator: Estimator | None = None,
+        pool_zone: int = 20,
+        reply_partitions: int = 6,
     ) -> None:
         self.engine = engine
+        self.estimator = estimator
+        """Prices an admission's estimate: (model, input tokens, output tokens, time) ->
+        USD units (the worker's :meth:`PriceCatalog.estimate
+        <stream_processors.PriceCatalog.estimate>`)."""
+        self.pool_zone = pool_zone
+        self.reply_partitions = reply_partitions
         self._subscriptions = subscriptions
         self.state = state
         self.events_topic = events_topic
@@ -154,15 +181,22 @@ class CapStage:
         """Forget decoded states (after a rebalance; correctness does not depend on it)."""
         self._cache.clear()
 
-    def process(self, accepted: Sequence[PricedRecord], now: datetime) -> CapOutputs:
+    def process(
+        self,
+        accepted: Sequence[PricedRecord],
+        now: datetime,
+        admissions: Sequence[AdmissionItem] = (),
+    ) -> CapOutputs:
         """Apply one batch; one state read and one state write per user. Never raises on data.
 
         ``now`` (aware) is stamped on the records as ``detected_at``/``updated_at``.
+        ``admissions`` (the batch's admission requests) are decided in offset order with the
+        user's usage, against the same state; their answers are in :attr:`CapOutputs.answers`.
         """
         out = CapOutputs()
         counters = out.counters
         catalog = self.engine.catalog
-        by_user: dict[str, list[PricedRecord]] = {}
+        by_user: dict[str, list[PricedRecord | AdmissionItem]] = {}
         for rec in accepted:
             counters["caps_in"] += 1
             if rec.plan_id == NO_PLAN:
@@ -171,35 +205,184 @@ class CapStage:
                 counters["caps_unknown_plan"] += 1
             else:
                 by_user.setdefault(rec.event.user_id, []).append(rec)
+        if admissions:
+            for item in admissions:
+                by_user.setdefault(item.request.user_id, []).append(item)
+            for items in by_user.values():
+                # Usage and requests of one user come from one partition: offsets order them.
+                items.sort(key=lambda r: r.offset)
 
-        for user_id, recs in by_user.items():
+        for user_id, items in by_user.items():
             sub = self._subscriptions(user_id)
             if sub is None:
                 # Deleted between pricing and now (a tombstone): nothing to cap against.
-                counters["caps_no_subscription"] += len(recs)
+                usage_n = sum(1 for r in items if isinstance(r, PricedRecord))
+                counters["caps_no_subscription"] += usage_n
+                self._answer_uncapped(items, now, out)
                 continue
             # The batch is in partition order, so the user's last record names the partition
             # their state and outputs belong to (all of a user's events share one anyway).
-            partition = recs[-1].partition
+            partition = items[-1].partition
+            if not isinstance(items[-1], PricedRecord) and not self._capped(sub, items):
+                self._answer_uncapped(items, now, out)
+                continue
             state, applied = self._load(user_id, sub, counters, partition)
             # Offsets the stored state already applied come again only after a crash before
             # the offset commit: their effects were published before the state was written.
-            fresh = [r for r in recs if r.offset > applied]
-            if len(fresh) < len(recs):
-                counters["caps_replayed"] += len(recs) - len(fresh)
-                recs = fresh
-                if not recs:
+            fresh = [r for r in items if r.offset > applied]
+            if len(fresh) < len(items):
+                for r in items:
+                    if r.offset <= applied and isinstance(r, AdmissionItem):
+                        self._answer_again(state, r, now, out)
+                counters["caps_replayed"] += len(items) - len(fresh)
+                items = fresh
+                if not items:
                     continue
             effects = Effects()
             # Credits bought since the user's last event pay for this batch's overage.
             counters["caps_credit_grants"] += self.engine.apply_grants(state, sub, now, effects)
-            self.engine.apply_batch(state, sub, [cap_event(r) for r in recs], now, effects)
-            self._store(user_id, partition, state, recs[-1].offset)
+            recs: list[PricedRecord] = []
+            run: list[PricedRecord] = []
+            for entry in items:
+                if isinstance(entry, PricedRecord):
+                    run.append(entry)
+                    continue
+                if run:
+                    self.engine.apply_batch(state, sub, [cap_event(r) for r in run], now, effects)
+                    recs += run
+                    run = []
+                self._admit(state, sub, entry, now, out)
+            if run:
+                self.engine.apply_batch(state, sub, [cap_event(r) for r in run], now, effects)
+                recs += run
+            self._store(user_id, partition, state, items[-1].offset)
             counters["caps_users"] += 1
             counters["caps_applied"] += len(recs)
             out.partitions[user_id] = partition
             self._encode(user_id, partition, recs, effects, now, out)
         return out
+
+    # -- admission ----------------------------------------------------------------------------
+    def _capped(self, sub: Subscription, items: Sequence[PricedRecord | AdmissionItem]) -> bool:
+        """Whether caps apply to the user at the time of any of these items."""
+        for item in items:
+            plan_id = (
+                item.plan_id
+                if isinstance(item, PricedRecord)
+                else sub.plan_at(_at(item.arrived_ms))
+            )
+            if plan_id != NO_PLAN and plan_id in self.engine.catalog:
+                return True
+        return False
+
+    def _answer_uncapped(
+        self, items: Sequence[PricedRecord | AdmissionItem], now: datetime, out: CapOutputs
+    ) -> None:
+        """Answer the requests of a user caps do not apply to: admitted, nothing held."""
+        for item in items:
+            if isinstance(item, AdmissionItem):
+                req = item.request
+                answer = AdmissionAnswer(
+                    reservation_id=req.reservation_id,
+                    gateway=req.gateway,
+                    user_id=req.user_id,
+                    action="allow",
+                    reason="no_plan",
+                    model=req.model,
+                    answered_at=micros_to_iso(to_micros(now)),
+                )
+                self._reply(req, answer, out)
+                out.counters["admission_no_plan"] += 1
+
+    def _estimate(self, req: AdmissionRequest, model: str, at: datetime) -> Estimate:
+        if self.estimator is None:
+            raise ConfigError("this cap stage has no price estimator: it cannot admit")
+        cost = self.estimator(model, req.input_tokens, req.output_tokens, at)
+        return Estimate(cost, req.input_tokens + req.output_tokens, 1)
+
+    def _admit(
+        self,
+        state: UserCapState,
+        sub: Subscription,
+        item: AdmissionItem,
+        now: datetime,
+        out: CapOutputs,
+    ) -> None:
+        """Decide one request (and its pool) on the user's state; queue the answer."""
+        req = item.request
+        at = _at(item.arrived_ms)
+        counters = out.counters
+        plan_id = sub.plan_at(at)
+        if plan_id == NO_PLAN or plan_id not in self.engine.catalog:
+            self._answer_uncapped([item], now, out)
+            return
+        estimate = self._estimate(req, req.model, at)
+        decision = self.engine.admit(
+            state,
+            sub,
+            req.reservation_id,
+            req.model,
+            estimate,
+            at,
+            downgrade_estimate=lambda model: self._estimate(req, model, at),
+        )
+        counters[f"admission_{decision.action}"] += 1
+        pooled: list[str] = []
+        if req.pool and decision.action == "allow" and decision.reason == "ok":
+            # Far from every cap, or no pool: each pooled reservation must leave room for
+            # pool_zone more estimates, so a gateway's pool never stands between a user and
+            # the last of their budget (near a cap every request asks the worker).
+            n = self.pool_zone + 1  # the pooled one itself, then pool_zone more
+            far = Estimate(estimate.cost * n, estimate.tokens * n, estimate.requests * n)
+            for pid in pool_ids(req.reservation_id, req.pool):
+                if state.reservations.get(pid) is None:
+                    probe = self.engine.probe(state, sub, req.model, far, at)
+                    if probe.action != "allow" or probe.reason != "ok":
+                        break
+                got = self.engine.admit(state, sub, pid, req.model, estimate, at)
+                if got.action != "allow":
+                    break
+                pooled.append(pid)
+            counters["admission_pooled"] += len(pooled)
+        self._reply(req, self._answer(req, decision, pooled, now), out)
+
+    def _answer_again(
+        self, state: UserCapState, item: AdmissionItem, now: datetime, out: CapOutputs
+    ) -> None:
+        """A replayed request the state already decided: the remembered answer, again."""
+        req = item.request
+        known = state.reservations.get(req.reservation_id)
+        if known is None:
+            return  # expired or forgotten: the gateway asks again and is decided afresh
+        pooled = [
+            pid
+            for pid in pool_ids(req.reservation_id, req.pool)
+            if (r := state.reservations.get(pid)) is not None and r.admission.action == "allow"
+        ]
+        self._reply(req, self._answer(req, known.admission, pooled, now), out)
+        out.counters["admission_replayed"] += 1
+
+    @staticmethod
+    def _answer(
+        req: AdmissionRequest, decision: Admission, pooled: list[str], now: datetime
+    ) -> AdmissionAnswer:
+        return AdmissionAnswer(
+            reservation_id=req.reservation_id,
+            gateway=req.gateway,
+            user_id=req.user_id,
+            action=decision.action,
+            reason=decision.reason,
+            model=decision.model,
+            window=decision.window,
+            retry_after=decision.retry_after,
+            cost=units_to_str(decision.reserved.cost),
+            pooled=pooled,
+            answered_at=micros_to_iso(to_micros(now)),
+        )
+
+    def _reply(self, req: AdmissionRequest, answer: AdmissionAnswer, out: CapOutputs) -> None:
+        partition = reply_partition(req.gateway, self.reply_partitions)
+        out.answers.append((req.gateway, encode_answer(answer), partition))
 
     def apply_credits(self, users: Iterable[str], now: datetime) -> CapOutputs:
         """Apply new credit grants of ``users`` whose cap state this worker holds.
@@ -324,3 +507,7 @@ class CapStage:
             "received_at": micros_to_iso(to_micros(now)),
         }
         return orjson.dumps(letter)
+
+
+def _at(arrived_ms: int) -> datetime:
+    return datetime.fromtimestamp(arrived_ms / 1000, UTC)

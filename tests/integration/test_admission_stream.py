@@ -1,0 +1,216 @@
+"""A hard cap holds under concurrent requests from three gateway replicas (the real broker).
+
+One user on a 0.50 USD hard cap has spent 0.40 USD: 0.10 USD remain. Three gateway processes
+(``tests/admission_gateway.py``) fire 20 concurrent calls each, every call admitted first
+through :class:`producers.Admitter` (estimate 0.015 USD: 4,000 gpt-4o input and 500 output
+tokens at most), and each admitted call sends its usage event with the reservation id and at
+most those tokens. The oracle is the priced-events topic: what landed for the user after the
+0.40 must not pass 0.10, and at least as many calls must be admitted as 0.10 holds estimates
+(6), so nothing was blocked needlessly. Then the same with the worker SIGKILLed during the
+burst and started again: the gateways ask again with the same ids until it answers.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from producers import UsageProducer, publish_subscriptions
+from schemas import PlanPeriod, Subscription
+from spendstream.kafka_admin import ensure_topics
+from spendstream.runner import WorkerProcess
+from spendstream.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+GATEWAY = REPO / "tests" / "admission_gateway.py"
+PLANS_YAML = """
+plans:
+  - id: hard
+    monthly_price: "0"
+    windows:
+      - name: monthly
+        kind: billing_month
+        unit: usd
+        allowance: "0.50"
+        at_cap: {action: block}
+"""
+ESTIMATE = Decimal("0.015")
+REMAINING = Decimal("0.10")
+
+
+@pytest.fixture
+def setup(make_settings: Any, tmp_path: Path) -> Iterator[tuple[Settings, Path]]:
+    plans = tmp_path / "plans.yaml"
+    plans.write_text(PLANS_YAML)
+    tag = uuid.uuid4().hex[:8]
+    settings = make_settings(
+        plans_file=plans,
+        processor={
+            "app_id": f"admit-{tag}",
+            "batch_within_s": 0.02,
+            "batch_size": 500,
+            "session_timeout_s": 6,
+        },
+        admission={"timeout_s": 2.0, "deadline_s": 120.0, "pool": 8},
+    )
+    ensure_topics(settings)
+    yield settings, tmp_path
+
+
+def _priced_of(settings: Settings, user: str, timeout_s: float, want: int) -> list[dict[str, Any]]:
+    """The user's priced events (deduplicated by event id), once ``want`` of them arrived."""
+    conf = settings.kafka.confluent_config()
+    consumer = Consumer({**conf, "group.id": f"t-{uuid.uuid4().hex}", "enable.auto.commit": False})
+    topic = settings.topics.priced
+    meta = consumer.list_topics(topic, timeout=30).topics[topic]
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+    seen: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    quiet_until = None
+    try:
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.2):
+                if msg.error() is None and msg.key() == user.encode():
+                    row = orjson.loads(msg.value() or b"{}")
+                    seen[row["event_id"]] = row
+                    quiet_until = None
+            if len(seen) >= want:
+                # Then a little longer: anything beyond ``want`` would be an overshoot.
+                quiet_until = quiet_until or time.monotonic() + 3.0
+                if time.monotonic() >= quiet_until:
+                    break
+    finally:
+        consumer.close()
+    return list(seen.values())
+
+
+def _subscribe_and_prespend(settings: Settings) -> tuple[str, datetime]:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC).replace(microsecond=0)
+    publish_subscriptions(
+        settings,
+        [
+            Subscription(
+                user_id=user,
+                org_id="org-1",
+                billing_anchor=now - timedelta(days=3),
+                plans=[PlanPeriod(plan_id="hard", effective_at=now - timedelta(days=3))],
+            )
+        ],
+    )
+    with UsageProducer(settings) as producer:
+        for i in range(4):  # 4 x 40,000 gpt-4o input tokens = 0.40 USD
+            producer.send(
+                {
+                    "event_id": f"{user}-pre{i}",
+                    "occurred_at": (now - timedelta(minutes=5, seconds=-i)).isoformat(),
+                    "org_id": "org-1",
+                    "user_id": user,
+                    "gateway": "test",
+                    "requested_model": "gpt-4o",
+                    "input_tokens": 40_000,
+                }
+            )
+    return user, now
+
+
+def _burst(
+    settings: Settings, tmp_path: Path, user: str, worker_kill: WorkerProcess | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], WorkerProcess | None]:
+    """Three gateway processes, 20 concurrent calls each; returns their lines (and summaries)."""
+    go = tmp_path / f"go-{uuid.uuid4().hex[:6]}"
+    env = {**settings.to_env(), "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(GATEWAY),
+                "--user",
+                user,
+                "--org",
+                "org-1",
+                "--gateway",
+                f"gw-{i}-{uuid.uuid4().hex[:4]}",
+                "--calls",
+                "20",
+                "--go",
+                str(go),
+                "--seed",
+                str(i),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=REPO,
+        )
+        for i in range(3)
+    ]
+    for proc in procs:  # each replica prints "ready" once its answers reader is assigned
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert b"ready" in first, (first, proc.stderr.read() if proc.stderr else b"")
+    go.touch()
+    restarted = None
+    if worker_kill is not None:
+        time.sleep(0.05)  # the burst is on its way: kill the worker in the middle of it
+        worker_kill.kill()
+        restarted = WorkerProcess(settings, tmp_path / "worker-2.log")
+    lines: list[dict[str, Any]] = []
+    summaries: list[dict[str, Any]] = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+        for raw in out.splitlines():
+            row = orjson.loads(raw)
+            (summaries if "done" in row else lines).append(row)
+    return lines, summaries, restarted
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["steady", "worker-sigkilled-mid-burst"])
+def test_sixty_concurrent_calls_from_three_gateways_never_pass_the_cap(
+    setup: tuple[Settings, Path], kill: bool
+) -> None:
+    settings, tmp_path = setup
+    worker = WorkerProcess(settings, tmp_path / "worker-1.log")
+    restarted: WorkerProcess | None = None
+    try:
+        assert worker.wait_state_ready(120) is not None
+        user, _ = _subscribe_and_prespend(settings)
+        pre = _priced_of(settings, user, 60, 4)
+        assert len(pre) == 4, pre
+        lines, summaries, restarted = _burst(settings, tmp_path, user, worker if kill else None)
+        assert len(lines) == 60
+        admitted = [row for row in lines if row["action"] != "block"]
+        blocked = [row for row in lines if row["action"] == "block"]
+        assert {row["reason"] for row in blocked} <= {"cap"}, blocked
+        assert not any(row["local"] for row in lines)  # near the cap: no pool is granted
+        assert len({row["reservation_id"] for row in lines}) == 60
+        landed = _priced_of(settings, user, 120, 4 + len(admitted))
+        spent = sum((Decimal(r["cost"]) for r in landed), Decimal(0)) - Decimal("0.40")
+        # No overshoot: the calls that landed cost at most what remained.
+        assert spent <= REMAINING, (spent, len(admitted))
+        # No needless block: at least as many admitted as whole estimates fit.
+        assert len(admitted) >= int(REMAINING / ESTIMATE), (len(admitted), lines)
+        # Every admitted call's usage landed once, and nothing else did.
+        assert {r["event_id"] for r in landed} - {f"{user}-pre{i}" for i in range(4)} == {
+            row["event_id"] for row in admitted
+        }
+        if kill:
+            assert sum(s["resent"] for s in summaries) > 0  # the kill did interrupt answers
+    finally:
+        worker.stop()
+        if restarted is not None:
+            restarted.stop()

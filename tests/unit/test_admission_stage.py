@@ -1,0 +1,285 @@
+"""Admission requests through the worker's pure batch pipeline (no Kafka).
+
+Requests travel on the events topic (docs/DESIGN.md, "Admission (reservations)"): the processor
+tells them from usage events by their first bytes, the caps stage decides them in offset order
+with the user's usage, and the answers leave on the admissions topic. These cases run whole
+batches of raw records, as the worker does.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+
+from schemas import (
+    AdmissionRequest,
+    PlanPeriod,
+    Subscription,
+    encode_request,
+    pool_ids,
+    reply_partition,
+)
+from stream_processors import (
+    CapEngine,
+    DictState,
+    InRecord,
+    PriceCatalog,
+    UsageProcessor,
+    parse_plans,
+)
+from stream_processors._pipeline import BatchOutput, BatchPipeline
+from stream_processors.caps import CapStage
+
+pytestmark = pytest.mark.unit
+
+T0 = datetime(2026, 11, 2, 12, 0, tzinfo=UTC)
+T0_MS = int(T0.timestamp() * 1000)
+PARTITION = 2
+CATALOG = PriceCatalog.load()
+MODEL = "gpt-4o"
+IN, OUT = 2_000, 1_000
+PLANS = parse_plans(
+    {
+        "plans": [
+            {
+                "id": "capped",
+                "monthly_price": "0",
+                "windows": [
+                    {
+                        "name": "monthly",
+                        "kind": "billing_month",
+                        "unit": "usd",
+                        "allowance": "0.10",
+                        "at_cap": {"action": "block"},
+                    }
+                ],
+            },
+            {
+                "id": "roomy",
+                "monthly_price": "0",
+                "windows": [
+                    {
+                        "name": "monthly",
+                        "kind": "billing_month",
+                        "unit": "usd",
+                        "allowance": "100",
+                        "at_cap": {"action": "block"},
+                    }
+                ],
+            },
+        ]
+    }
+)
+
+
+def _sub(user: str, plan: str) -> Subscription:
+    return Subscription(
+        user_id=user,
+        org_id="org",
+        billing_anchor=datetime(2026, 1, 1, tzinfo=UTC),
+        plans=[PlanPeriod(plan_id=plan, effective_at=datetime(2026, 1, 1, tzinfo=UTC))],
+    )
+
+
+SUBS = {"near": _sub("near", "capped"), "far": _sub("far", "roomy")}
+ESTIMATE = CATALOG.estimate(MODEL, IN, OUT, T0)  # USD units of one call at most
+UNIT = Decimal(10) ** -24
+
+
+def _pipeline(states: list[DictState] | None = None) -> tuple[BatchPipeline, list[DictState]]:
+    states = states or [DictState() for _ in range(4)]
+    processor = UsageProcessor(
+        CATALOG, SUBS.get, seen=states[0], windows=states[1], marks=states[2]
+    )
+    caps = CapStage(
+        CapEngine(PLANS, reservation_ttl_s=600),
+        SUBS.get,
+        states[3],
+        estimator=CATALOG.estimate,
+        pool_zone=5,
+        reply_partitions=6,
+    )
+    return BatchPipeline(processor, caps, states), states
+
+
+def _request(user: str, rid: str, pool: int = 0, gateway: str = "gw-1") -> bytes:
+    return encode_request(
+        AdmissionRequest(
+            org_id="org",
+            user_id=user,
+            reservation_id=rid,
+            gateway=gateway,
+            model=MODEL,
+            input_tokens=IN,
+            output_tokens=OUT,
+            pool=pool,
+        )
+    )
+
+
+def _usage(i: int, user: str, rid: str | None, inp: int = IN, out: int = OUT) -> bytes:
+    event: dict[str, Any] = {
+        "event_id": f"e-{user}-{i}",
+        "occurred_at": (T0 + timedelta(seconds=i)).isoformat(),
+        "org_id": "org",
+        "user_id": user,
+        "gateway": "gw",
+        "requested_model": MODEL,
+        "input_tokens": inp,
+        "output_tokens": out,
+    }
+    if rid is not None:
+        event["reservation_id"] = rid
+    return orjson.dumps(event)
+
+
+def _records(values: list[bytes], first_offset: int = 0) -> list[InRecord]:
+    return [
+        InRecord("usage.events", PARTITION, first_offset + i, b"k", v, T0_MS + i)
+        for i, v in enumerate(values)
+    ]
+
+
+def _answers(out: BatchOutput) -> list[dict[str, Any]]:
+    return [
+        {**orjson.loads(encode), "_key": key, "_partition": p}
+        for key, encode, p in out.capped.answers
+    ]
+
+
+def test_the_estimate_is_the_catalog_price_of_the_token_maxima() -> None:
+    price = CATALOG.lookup(MODEL)
+    assert price is not None
+    # gpt-4o: 2.5 USD per million input, 10 USD per million output tokens.
+    assert Decimal("0.005") + Decimal("0.010") == ESTIMATE * UNIT
+
+
+def test_a_burst_is_admitted_up_to_the_cap_and_no_further() -> None:
+    pipeline, _ = _pipeline()
+    fit = int(Decimal("0.10") / (ESTIMATE * UNIT))  # 6 calls of 0.015 fit in 0.10
+    out = pipeline.run(_records([_request("near", f"r{i}") for i in range(20)]), T0)
+    answers = _answers(out)
+    assert [a["reservation_id"] for a in answers] == [f"r{i}" for i in range(20)]
+    assert [a["action"] for a in answers] == ["allow"] * fit + ["block"] * (20 - fit)
+    assert {a["reason"] for a in answers[fit:]} == {"cap"}
+    assert all(a["retry_after"] is not None for a in answers[fit:])
+    assert {(a["_key"], a["_partition"]) for a in answers} == {
+        (b"gw-1".decode(), reply_partition("gw-1", 6))
+    }
+    assert Decimal(answers[0]["cost"]) == ESTIMATE * UNIT
+    assert out.result.counters["admission_requests"] == 20
+    assert not out.result.priced  # a request is not usage
+
+
+def test_usage_settles_its_hold_and_earlier_usage_counts_first() -> None:
+    pipeline, _ = _pipeline()
+    # Two admitted, then their calls' usage (half the estimate each) settles them; in the
+    # same batch, later requests see the settled spend and the released holds.
+    batch = [
+        _request("near", "a"),
+        _request("near", "b"),
+        _usage(1, "near", "a", IN // 2, OUT // 2),
+        _usage(2, "near", "b", IN // 2, OUT // 2),
+        *[_request("near", f"c{i}") for i in range(10)],
+    ]
+    out = pipeline.run(_records(batch), T0 + timedelta(seconds=5))
+    actions = [a["action"] for a in _answers(out)]
+    # 0.10 - 2 * 0.0075 spent = 0.085 left: 5 more calls of 0.015 fit.
+    assert actions == ["allow", "allow"] + ["allow"] * 5 + ["block"] * 5
+    assert len(out.result.priced) == 2
+
+
+def test_a_replayed_batch_gets_the_same_answers_and_holds_nothing_more() -> None:
+    pipeline, states = _pipeline()
+    records = _records([_request("near", f"r{i}") for i in range(10)])
+    first = _answers(pipeline.run(records, T0))
+    # The worker died before committing: the same records again, on the state it wrote.
+    again, _ = _pipeline(states)
+    second = _answers(again.run(records, T0 + timedelta(seconds=3)))
+    strip = [{k: v for k, v in a.items() if k != "answered_at"} for a in first]
+    assert [{k: v for k, v in a.items() if k != "answered_at"} for a in second] == strip
+    # And a request that was not answered before sees the same budget as then: none left.
+    later = _answers(again.run(_records([_request("near", "new")], 10), T0))
+    assert later[0]["action"] == "block"
+
+
+def test_a_request_asked_again_under_a_new_offset_is_answered_once() -> None:
+    pipeline, _ = _pipeline()
+    out = pipeline.run(_records([_request("near", "x")] * 8), T0)
+    answers = _answers(out)
+    assert [a["action"] for a in answers] == ["allow"] * 8
+    # One hold: the rest of the budget is still there.
+    more = _answers(pipeline.run(_records([_request("near", f"y{i}") for i in range(9)], 8), T0))
+    assert [a["action"] for a in more].count("allow") == 5
+
+
+def test_a_pool_is_granted_far_from_every_cap_and_never_near_one() -> None:
+    pipeline, _ = _pipeline()
+    out = pipeline.run(_records([_request("far", "f", pool=8), _request("near", "n", pool=8)]), T0)
+    far, near = _answers(out)
+    assert far["action"] == "allow"
+    assert far["pooled"] == pool_ids("f", 8)
+    assert near["action"] == "allow"
+    assert not near.get("pooled")  # 0.10 leaves room for 6 calls: not 1 + 1 + pool_zone=5
+
+
+def test_pooled_reservations_are_held_and_settled_like_any() -> None:
+    pipeline, states = _pipeline()
+    # A user with room for 20 calls, pool zone 5: the pool stops where 5 more would not fit.
+    subs = {**SUBS, "mid": _sub("mid", "capped")}
+    processor = UsageProcessor(
+        CATALOG, subs.get, seen=states[0], windows=states[1], marks=states[2]
+    )
+    plans = parse_plans(
+        {
+            "plans": [
+                {
+                    "id": "capped",
+                    "monthly_price": "0",
+                    "windows": [
+                        {
+                            "name": "monthly",
+                            "kind": "billing_month",
+                            "unit": "usd",
+                            "allowance": str(ESTIMATE * UNIT * 20),
+                            "at_cap": {"action": "block"},
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+    caps = CapStage(
+        CapEngine(plans, reservation_ttl_s=600),
+        subs.get,
+        states[3],
+        estimator=CATALOG.estimate,
+        pool_zone=5,
+    )
+    pipeline = BatchPipeline(processor, caps, states)
+    out = _answers(pipeline.run(_records([_request("mid", "m", pool=64)]), T0))
+    # 1 + pooled held; each pooled one left room for 5 more: 1 + k + 5 <= 20.
+    assert len(out[0]["pooled"]) == 14
+    rest = _answers(pipeline.run(_records([_request("mid", f"z{i}") for i in range(10)], 1), T0))
+    assert [a["action"] for a in rest].count("allow") == 5
+
+
+def test_a_torn_request_is_a_dead_letter_and_the_batch_goes_on() -> None:
+    pipeline, _ = _pipeline()
+    torn = _request("near", "t")[:-5]
+    forged = b'{"kind":"admission","v":1,"user_id":"near"}'
+    out = pipeline.run(_records([torn, forged, _request("near", "ok")]), T0)
+    letters = [orjson.loads(letter) for _, letter, _ in out.result.dead]
+    assert [letter["stage"] for letter in letters] == ["admission", "admission"]
+    assert [a["reservation_id"] for a in _answers(out)] == ["ok"]
+
+
+def test_a_user_without_a_plan_is_admitted_and_nothing_is_held() -> None:
+    pipeline, states = _pipeline()
+    out = _answers(pipeline.run(_records([_request("nobody", "q")]), T0))
+    assert (out[0]["action"], out[0]["reason"]) == ("allow", "no_plan")
+    assert states[3].get("nobody") is None
