@@ -12,10 +12,17 @@ app (FastAPI, Starlette, a bare callable) and, for every HTTP request,
 3. emits the usage event with :class:`producers.AsyncUsageProducer` without delaying the
    response (``wait=False``: delivery failures reach the producer's counters and log).
 
+With an :class:`producers.Admitter` (``--admit``), step 1 reserves instead: the call's estimate
+(the request's ``model`` and ``max_tokens``, with the prompt's size as input tokens) is held by
+the worker that owns the user before the model is called, so concurrent requests cannot pass a
+hard cap together; the usage event then carries the reservation id, which settles the hold.
+CapGuard's check stays the answer for gateways that do not reserve.
+
 Run it::
 
     python examples/asgi_gateway.py --help
     python examples/asgi_gateway.py --demo          # drives requests in-process
+    python examples/asgi_gateway.py --demo --admit  # the same, each call reserved first
     uvicorn examples.asgi_gateway:app               # any ASGI server (reads SPENDSTREAM_*)
 
 The demo needs a running broker (``spendstream kafka up``) and, to see users blocked, a running
@@ -39,7 +46,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from producers import AsyncUsageProducer, CapGuard, publish_subscriptions
+from producers import Admitter, AsyncUsageProducer, CapGuard, publish_subscriptions
 from schemas import PlanPeriod, Subscription
 from spendstream.settings import Settings, load_settings
 
@@ -80,9 +87,11 @@ class CapGuardMiddleware:
         gateway: str = "asgi-example",
         org_id: str = "example-org",
         user_header: bytes = b"x-user-id",
+        admitter: Admitter | None = None,
     ) -> None:
         self.app = app
         self.guard = guard
+        self.admitter = admitter
         self.producer = producer
         self.gateway = gateway
         self.org_id = org_id
@@ -96,26 +105,65 @@ class CapGuardMiddleware:
         if not user:
             await _json_response(send, 401, {"error": "missing x-user-id"})
             return
-        decision = self.guard.check(user)  # microseconds: a dict lookup
-        if decision.action == "block":
-            retry = (
-                [(b"retry-after", str(max(1, math.ceil(decision.until - time.time()))).encode())]
-                if decision.until is not None
-                else []
+        ctx: dict[str, Any] = {"user_id": user}
+        if self.admitter is not None:
+            body = await _read_body(receive)
+            receive = _replay(body)
+            request = json.loads(body or b"{}")
+            ticket = await self.admitter.aadmit(
+                user,
+                self.org_id,
+                str(request.get("model", "gpt-4o")),
+                # What the call may use at most: the caller's limits (a real gateway would
+                # count the prompt's tokens); the usage must stay within them.
+                input_tokens=int(request.get("max_input_tokens", 10_000)),
+                output_tokens=int(request.get("max_tokens", 100)),
             )
-            await _json_response(
-                send,
-                429,
-                {
-                    "error": "usage cap reached",
-                    "reason": decision.reason,
-                    "window": decision.window,
-                    "until": decision.record.get("until") if decision.record else None,
-                },
-                retry,
-            )
-            return
-        ctx: dict[str, Any] = {"user_id": user, "model": decision.model, "decision": decision}
+            if not ticket.allowed:
+                retry = (
+                    [(b"retry-after", str(max(1, ticket.retry_after - int(time.time()))).encode())]
+                    if ticket.retry_after is not None
+                    else []
+                )
+                await _json_response(
+                    send,
+                    429,
+                    {
+                        "error": "usage cap reached",
+                        "reason": ticket.reason,
+                        "window": ticket.window,
+                    },
+                    retry,
+                )
+                return
+            ctx["model"] = ticket.model if ticket.action == "downgrade" else None
+            ctx["reservation_id"] = ticket.reservation_id
+        else:
+            decision = self.guard.check(user)  # microseconds: a dict lookup
+            if decision.action == "block":
+                retry = (
+                    [
+                        (
+                            b"retry-after",
+                            str(max(1, math.ceil(decision.until - time.time()))).encode(),
+                        )
+                    ]
+                    if decision.until is not None
+                    else []
+                )
+                await _json_response(
+                    send,
+                    429,
+                    {
+                        "error": "usage cap reached",
+                        "reason": decision.reason,
+                        "window": decision.window,
+                        "until": decision.record.get("until") if decision.record else None,
+                    },
+                    retry,
+                )
+                return
+            ctx["model"] = decision.model
         started = time.monotonic()
         await self.app({**scope, "spendstream": ctx}, receive, send)
         usage = ctx.get("usage")
@@ -129,10 +177,34 @@ class CapGuardMiddleware:
                 "user_id": user,
                 "gateway": self.gateway,
                 "latency_ms": int((time.monotonic() - started) * 1000),
+                **({"reservation_id": ctx["reservation_id"]} if "reservation_id" in ctx else {}),
                 **usage,
             },
             wait=False,
         )
+
+
+async def _read_body(receive: Receive) -> bytes:
+    body = b""
+    while True:
+        message = await receive()
+        body += bytes(message.get("body", b""))
+        if not message.get("more_body"):
+            return body
+
+
+def _replay(body: bytes) -> Receive:
+    """A ``receive`` that hands the already-read body to the app again."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
 
 
 async def model_app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -141,13 +213,7 @@ async def model_app(scope: Scope, receive: Receive, send: Send) -> None:
     It serves the downgrade model when the middleware asks for one, and reports usage (10,000
     input tokens, 100 output tokens per call) in ``scope["spendstream"]["usage"]``.
     """
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
-    request = json.loads(body or b"{}")
+    request = json.loads(await _read_body(receive) or b"{}")
     requested = str(request.get("model", "gpt-4o"))
     ctx = scope.get("spendstream", {})
     served = ctx.get("model") or requested
@@ -162,9 +228,11 @@ async def model_app(scope: Scope, receive: Receive, send: Send) -> None:
     await _json_response(send, 200, {"model": served, "output": "Hello from the stub model."})
 
 
-def build_gateway(guard: CapGuard, producer: AsyncUsageProducer) -> ASGIApp:
-    """The stub model behind the cap middleware."""
-    return CapGuardMiddleware(model_app, guard, producer)
+def build_gateway(
+    guard: CapGuard, producer: AsyncUsageProducer, admitter: Admitter | None = None
+) -> ASGIApp:
+    """The stub model behind the cap middleware (reserving first when given an admitter)."""
+    return CapGuardMiddleware(model_app, guard, producer, admitter=admitter)
 
 
 class _LazyApp:
@@ -235,8 +303,14 @@ async def call(
     return out["status"], json.loads(out["body"]), out["headers"]
 
 
-async def demo(settings: Settings, users: int, requests: int, pause_s: float) -> int:
-    """Subscribe ``users`` demo users to the free plan and drive requests through the gateway."""
+async def demo(
+    settings: Settings, users: int, requests: int, pause_s: float, admit: bool = False
+) -> int:
+    """Subscribe ``users`` demo users to the free plan and drive requests through the gateway.
+
+    With ``admit``, each user's requests go at once (a concurrent burst) through a gateway that
+    reserves first: only as many as the budget holds are served.
+    """
     from spendstream.kafka_admin import ensure_topics
 
     ensure_topics(settings)
@@ -256,6 +330,8 @@ async def demo(settings: Settings, users: int, requests: int, pause_s: float) ->
         ],
     )
     print(f"subscribed {users} users to the 'free' plan (0.10 USD / rolling 5 h, block)")
+    if admit:
+        return await _admit_demo(settings, names, requests)
     async with CapGuard(settings) as guard, AsyncUsageProducer(settings) as producer:
         gateway = build_gateway(guard, producer)
         blocked = 0
@@ -277,6 +353,25 @@ async def demo(settings: Settings, users: int, requests: int, pause_s: float) ->
     return 0
 
 
+async def _admit_demo(settings: Settings, names: list[str], requests: int) -> int:
+    body = {"model": "gpt-4o", "prompt": "hi", "max_input_tokens": 10_000, "max_tokens": 100}
+    async with (
+        CapGuard(settings) as guard,
+        AsyncUsageProducer(settings) as producer,
+        Admitter(settings) as admitter,
+    ):
+        gateway = build_gateway(guard, producer, admitter)
+        for user in names:
+            results = await asyncio.gather(*(call(gateway, user, body) for _ in range(requests)))
+            served = sum(status == 200 for status, _, _ in results)
+            print(
+                f"{user:<18} {requests} concurrent requests: {served} served, "
+                f"{requests - served} refused (0.026 USD each, 0.10 USD allowed)"
+            )
+        await producer.flush()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``--demo`` runs the in-process demo (see the module docstring)."""
     parser = argparse.ArgumentParser(
@@ -288,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=2, help="demo users (default 2)")
     parser.add_argument("--requests", type=int, default=8, help="requests per user (default 8)")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between rounds")
+    parser.add_argument(
+        "--admit",
+        action="store_true",
+        help="reserve each call first (Admitter): a concurrent burst cannot pass the cap",
+    )
     args = parser.parse_args(argv)
     if not args.demo:
         parser.print_help()
@@ -296,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bootstrap:
         overrides["kafka"] = {"bootstrap_servers": args.bootstrap}
     settings = load_settings(**overrides)
-    return asyncio.run(demo(settings, args.users, args.requests, args.pause))
+    return asyncio.run(demo(settings, args.users, args.requests, args.pause, args.admit))
 
 
 if __name__ == "__main__":
