@@ -283,3 +283,63 @@ def test_a_user_without_a_plan_is_admitted_and_nothing_is_held() -> None:
     out = _answers(pipeline.run(_records([_request("nobody", "q")]), T0))
     assert (out[0]["action"], out[0]["reason"]) == ("allow", "no_plan")
     assert states[3].get("nobody") is None
+
+
+def _stage_with(windows: list[dict[str, Any]]) -> BatchPipeline:
+    plans = parse_plans({"plans": [{"id": "p", "monthly_price": "0", "windows": windows}]})
+    subs = {"u": _sub("u", "p")}
+    states = [DictState() for _ in range(4)]
+    processor = UsageProcessor(
+        CATALOG, subs.get, seen=states[0], windows=states[1], marks=states[2]
+    )
+    caps = CapStage(
+        CapEngine(plans, reservation_ttl_s=600), subs.get, states[3], estimator=CATALOG.estimate
+    )
+    return BatchPipeline(processor, caps, states)
+
+
+def test_a_downgrade_cap_admits_on_the_downgrade_model_and_holds_its_price() -> None:
+    pipeline = _stage_with(
+        [
+            {
+                "name": "monthly",
+                "kind": "billing_month",
+                "unit": "usd",
+                "allowance": str(ESTIMATE * UNIT * 2),
+                "at_cap": {"action": "downgrade", "model": "gpt-4o-mini"},
+                "exempt_models": ["gpt-4o-mini"],
+            }
+        ]
+    )
+    answers = _answers(pipeline.run(_records([_request("u", f"d{i}") for i in range(4)]), T0))
+    assert [(a["action"], a["model"]) for a in answers] == [
+        ("allow", MODEL),
+        ("allow", MODEL),
+        ("downgrade", "gpt-4o-mini"),
+        ("downgrade", "gpt-4o-mini"),
+    ]
+    mini = CATALOG.estimate("gpt-4o-mini", IN, OUT, T0)
+    assert Decimal(answers[2]["cost"]) == mini * UNIT < ESTIMATE * UNIT
+
+
+def test_an_overage_ceiling_admits_billed_calls_until_the_ceiling() -> None:
+    est = ESTIMATE * UNIT
+    pipeline = _stage_with(
+        [
+            {
+                "name": "monthly",
+                "kind": "billing_month",
+                "unit": "usd",
+                "allowance": str(est),
+                "at_cap": {"action": "overage", "unit_price": "1", "ceiling_usd": str(est * 2)},
+            }
+        ]
+    )
+    answers = _answers(pipeline.run(_records([_request("u", f"o{i}") for i in range(5)]), T0))
+    assert [(a["action"], a["reason"]) for a in answers] == [
+        ("allow", "ok"),
+        ("allow", "overage"),
+        ("allow", "overage"),
+        ("block", "ceiling"),
+        ("block", "ceiling"),
+    ]
