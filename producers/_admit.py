@@ -27,6 +27,7 @@ worker answers a replay with its first answer); after ``admission.deadline_s``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -156,7 +157,7 @@ class Admitter:
         self._error: BaseException | None = None
         self._waiters: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
-        self._pools: dict[_PoolKey, deque[tuple[str, float]]] = {}
+        self._pools: dict[_PoolKey, deque[tuple[str, float, Decimal]]] = {}
         self._ids = itertools.count(1)
         self._prefix = uuid.uuid4().hex[:12]
         self.local_decisions = 0
@@ -287,16 +288,20 @@ class Admitter:
     def _local(
         self, user_id: str, model: str, input_tokens: int, output_tokens: int
     ) -> Ticket | None:
-        queue = self._pools.get((user_id, model, input_tokens, output_tokens))
-        if not queue:
+        key = (user_id, model, input_tokens, output_tokens)
+        if key not in self._pools:
             return None
         now = time.monotonic()
         with self._lock:
+            queue = self._pools.get(key)
             while queue:
-                rid, usable_until = queue.popleft()
+                rid, usable_until, cost = queue.popleft()
                 if now < usable_until:
+                    if not queue:
+                        del self._pools[key]
                     self.local_decisions += 1
-                    return Ticket("allow", "ok", model, rid, local=True)
+                    return Ticket("allow", "ok", model, rid, local=True, cost=cost)
+            self._pools.pop(key, None)
         return None
 
     def _ask(
@@ -322,10 +327,12 @@ class Admitter:
             output_tokens=output_tokens,
             pool=self.pool,
         )
+        if self._error is not None:
+            raise KafkaError(f"the admissions reader stopped: {self._error}") from self._error
         waiter = _Waiter(loop)
         with self._lock:
             self._waiters[rid] = waiter
-        self.strict_decisions += 1
+            self.strict_decisions += 1
         self._send(request)
         return request, waiter
 
@@ -356,11 +363,14 @@ class Admitter:
             self._waiters.pop(rid, None)
 
     def _ticket(self, request: AdmissionRequest, answer: AdmissionAnswer) -> Ticket:
+        cost = Decimal(answer.cost)
         if answer.pooled:
             key = (request.user_id, request.model, request.input_tokens, request.output_tokens)
             until = time.monotonic() + self._pool_life_s
             with self._lock:
-                self._pools.setdefault(key, deque()).extend((p, until) for p in answer.pooled)
+                # Pooled ones are granted only as plain admissions of the same estimate.
+                pool = self._pools.setdefault(key, deque())
+                pool.extend((p, until, cost) for p in answer.pooled)
         return Ticket(
             answer.action,
             answer.reason,
@@ -369,7 +379,7 @@ class Admitter:
             local=False,
             retry_after=answer.retry_after,
             window=answer.window,
-            cost=Decimal(answer.cost),
+            cost=cost,
         )
 
     def _read(self) -> None:
@@ -410,7 +420,14 @@ class Admitter:
                 with self._lock:
                     waiter = self._waiters.get(answer.reservation_id)
                 if waiter is not None and waiter.answer is None:
-                    waiter.resolve(answer)
+                    # RuntimeError: the asking event loop was closed; nobody waits any more.
+                    with contextlib.suppress(RuntimeError):
+                        waiter.resolve(answer)
+        except BaseException as exc:
+            # Said, not swallowed: every later admit() raises instead of timing out.
+            self._error = exc
+            log.exception("the admissions reader stopped")
+            raise
         finally:
             consumer.close()
 

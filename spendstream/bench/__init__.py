@@ -4,8 +4,10 @@ Sections (each can be skipped): the producer (validated vs raw), one worker (eve
 broker, and the same pure processing without Kafka), the sink into chDB (rows/s), the caps
 path (event-to-alert and event-to-rollup latency at fixed rates), baselines for the worker (a
 bare consumer doing the same per-event work, the same job in quixstreams, and the faust ceiling:
-the worker's faust App taking batches and doing nothing else), and the worker's state size per
-active user-window at 100,000 users. Speed is measured here, never asserted in tests.
+the worker's faust App taking batches and doing nothing else), the worker's state size per
+active user-window at 100,000 users, recovery (a restarted worker's blind time), and admission
+(decisions/s on the local path, strict-path latency at a fixed rate, a hard cap's overshoot
+under a burst). Speed is measured here, never asserted in tests.
 
 ``repeat`` runs every selected section that many times, round after round on one broker that
 stays up (warm), so that the worker, the bare consumer and quixstreams alternate within each
@@ -28,7 +30,7 @@ from rich.table import Table
 
 from spendstream.settings import Settings
 
-SECTIONS = ("producer", "worker", "sink", "caps", "baselines", "state", "recovery")
+SECTIONS = ("producer", "worker", "sink", "caps", "baselines", "state", "recovery", "admission")
 
 
 @dataclass
@@ -44,6 +46,10 @@ class BenchOptions:
     caps_workers: int = 1
     state_users: int = 100_000
     recovery_events: int = 1_000_000
+    admission_seconds: float = 10.0
+    """Seconds of open-loop strict admissions for the admission section."""
+    admission_rate: int = 1_000
+    """Strict admissions/s of the admission section's open loop."""
     skip: tuple[str, ...] = ()
     repeat: int = 1
     """Rounds of every selected section (1: one run, printed and returned as before)."""
@@ -172,6 +178,17 @@ def _round_steps(
         from spendstream.bench.recovery import run_recovery_bench
 
         steps.append(("recovery", lambda: run_recovery_bench(settings, options.recovery_events)))
+    if "admission" not in options.skip:
+        from spendstream.bench.admission import run_admission_bench
+
+        steps.append(
+            (
+                "admission",
+                lambda: run_admission_bench(
+                    settings, options.admission_seconds, options.admission_rate
+                ),
+            )
+        )
     return steps
 
 

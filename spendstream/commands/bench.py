@@ -59,12 +59,24 @@ def register(app: typer.Typer) -> None:
             min=1000,
             help="Events of state the recovery section restarts a worker on.",
         ),
+        admission_seconds: float = typer.Option(
+            10.0,
+            "--admission-seconds",
+            min=1,
+            help="Seconds of open-loop strict admissions for the admission section.",
+        ),
+        admission_rate: int = typer.Option(
+            1_000,
+            "--admission-rate",
+            min=10,
+            help="Strict admissions/s of the admission section's open loop (pool 0).",
+        ),
         skip: list[str] = typer.Option(
             [],
             "--skip",
             help=(
-                "Skip a section: producer, worker, sink, caps, baselines, state or recovery "
-                "(repeatable)."
+                "Skip a section: producer, worker, sink, caps, baselines, state, recovery or "
+                "admission (repeatable)."
             ),
         ),
         repeat: int = typer.Option(
@@ -81,7 +93,8 @@ def register(app: typer.Typer) -> None:
             None, "--json", help="Also write every figure to this JSON file."
         ),
     ) -> None:
-        """Measure producer, worker, sink, caps, baseline, state-size and recovery figures.
+        """Measure producer, worker, sink, caps, baseline, state-size, recovery and admission
+        figures.
 
         Uses the configured broker or starts the local one (and stops it after); topics are
         created under a unique prefix and deleted afterwards; chDB runs in a temporary folder.
@@ -106,6 +119,8 @@ def register(app: typer.Typer) -> None:
             caps_workers=caps_workers,
             state_users=state_users,
             recovery_events=recovery_events,
+            admission_seconds=admission_seconds,
+            admission_rate=admission_rate,
             skip=tuple(skip),
             repeat=repeat,
         )

@@ -17,7 +17,7 @@ def test_state_section_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     skip = [
         a
-        for s in ("producer", "worker", "sink", "caps", "baselines", "recovery")
+        for s in ("producer", "worker", "sink", "caps", "baselines", "recovery", "admission")
         for a in ("--skip", s)
     ]
     result = CliRunner().invoke(app, ["bench", *skip, "--state-users", "300", "--json", str(out)])

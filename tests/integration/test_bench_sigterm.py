@@ -49,7 +49,7 @@ def alive(pid: int) -> bool:
 def test_sigterm_stops_the_benchmark_worker_and_deletes_its_topics(settings: Settings) -> None:
     conf = settings.kafka.confluent_config()
     before = {t for t in topic_partitions(conf) if t.startswith("bench-caps-")}
-    sections = ("producer", "worker", "sink", "baselines", "state", "recovery")
+    sections = ("producer", "worker", "sink", "baselines", "state", "recovery", "admission")
     cmd = [sys.executable, "-m", "spendstream", "bench", "--caps-rate", "200"]
     cmd += ["--caps-seconds", "120", *(a for s in sections for a in ("--skip", s))]
     proc = subprocess.Popen(

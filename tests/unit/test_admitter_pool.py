@@ -1,0 +1,81 @@
+"""The gateway's local path: pooled reservations handed out without a network call (no broker).
+
+The strict path needs the broker and a worker (tests/integration/test_admission_stream.py);
+what is pure here is the pool: filled from an answer, popped per call of the same shape, each
+one carrying the cost it holds, and gone when empty.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from producers import Admitter
+from schemas import AdmissionAnswer, AdmissionRequest, pool_ids
+from spendstream.errors import KafkaError
+from spendstream.settings import Settings
+
+pytestmark = pytest.mark.unit
+
+
+def _answer(admitter: Admitter, pool: int) -> None:
+    request = AdmissionRequest(
+        org_id="o",
+        user_id="u",
+        reservation_id="r",
+        gateway=admitter.gateway,
+        model="gpt-4o",
+        input_tokens=100,
+        output_tokens=10,
+        pool=pool,
+    )
+    answer = AdmissionAnswer(
+        reservation_id="r",
+        gateway=admitter.gateway,
+        user_id="u",
+        action="allow",
+        reason="ok",
+        model="gpt-4o",
+        cost="0.00035",
+        pooled=pool_ids("r", pool),
+    )
+    ticket = admitter._ticket(request, answer)
+    assert (ticket.local, ticket.cost) == (False, Decimal("0.00035"))
+
+
+def test_pooled_reservations_are_handed_out_locally_once_each() -> None:
+    admitter = Admitter(Settings(), gateway="gw")
+    _answer(admitter, 3)
+    assert admitter.pooled("u", "gpt-4o", 100, 10) == 3
+    tickets = [
+        admitter.admit("u", "o", "gpt-4o", input_tokens=100, output_tokens=10) for _ in range(3)
+    ]
+    assert [t.reservation_id for t in tickets] == ["r.1", "r.2", "r.3"]
+    assert all(t.local and t.allowed and t.cost == Decimal("0.00035") for t in tickets)
+    assert admitter.local_decisions == 3
+    assert admitter._pools == {}  # an emptied pool leaves nothing behind
+    # The next call of that shape must ask the worker: not started here, so it says so.
+    with pytest.raises(KafkaError, match="not started"):
+        admitter.admit("u", "o", "gpt-4o", input_tokens=100, output_tokens=10)
+
+
+def test_a_pool_serves_only_its_own_shape() -> None:
+    admitter = Admitter(Settings(), gateway="gw")
+    _answer(admitter, 2)
+    for model, inp, out in (("gpt-4o", 101, 10), ("gpt-4o", 100, 11), ("gpt-4o-mini", 100, 10)):
+        with pytest.raises(KafkaError):
+            admitter.admit("u", "o", model, input_tokens=inp, output_tokens=out)
+    assert admitter.pooled("u", "gpt-4o", 100, 10) == 2
+
+
+def test_expired_pool_entries_are_not_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    admitter = Admitter(Settings(), gateway="gw")
+    _answer(admitter, 2)
+    import producers._admit as admit_module
+
+    later = admit_module.time.monotonic() + admitter._pool_life_s + 1
+    monkeypatch.setattr(admit_module.time, "monotonic", lambda: later)
+    with pytest.raises(KafkaError):
+        admitter.admit("u", "o", "gpt-4o", input_tokens=100, output_tokens=10)
+    assert admitter._pools == {}
