@@ -30,7 +30,7 @@ from faust.types import TP
 from faust.types.auth import SASLMechanism
 
 from producers import CompactedTopicView
-from schemas import Subscription
+from schemas import REQUEST_PREFIX, Subscription
 from schemas.plans import SAMPLE_PLANS, PlanCatalog, load_plans
 from spendstream.settings import Settings
 from stream_processors._checkpoint import Checkpointer
@@ -56,7 +56,17 @@ log = logging.getLogger(__name__)
 def input_lane(settings: Settings) -> InputLane:
     """The worker's :class:`~stream_processors._lane.InputLane` for the input topic."""
     p = settings.processor
-    return InputLane(settings.topics.events, max_buffered=max(4 * p.batch_size, 4096))
+    return InputLane(
+        settings.topics.events,
+        max_buffered=max(4 * p.batch_size, 4096),
+        urgent=_is_admission,
+    )
+
+
+def _is_admission(message: Any) -> bool:
+    """An admission request: its gateway waits for the answer (docs/DESIGN.md, "Admission")."""
+    value = message.value
+    return value is not None and value.startswith(REQUEST_PREFIX)
 
 
 def _from_faust(message: Any) -> InRecord:

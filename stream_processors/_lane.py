@@ -10,7 +10,9 @@ path bounded a faust agent that does nothing at about 17k events/s on the develo
 consumer's fetch loop hand the input topic's messages straight to the lane (one list append),
 and the agent takes them in batches with :meth:`InputLane.take`: whatever arrived while the
 previous batch was processed goes at once (up to the batch size); on an idle lane, the first
-message is followed by up to ``within`` seconds for a full batch, as with ``take_events``. Every
+message is followed by up to ``within`` seconds for a full batch, as with ``take_events``, unless
+an *urgent* message arrives (an admission request, whose gateway waits for the answer): the
+batch then goes at once. Every
 other topic (changelogs during recovery, for example) still goes through faust's conductor.
 
 The hand-over is per fetch, not per message: ``use_lane`` wraps the consumer's
@@ -55,11 +57,17 @@ class InputLane:
     Single consumer (the agent), single producer (the fetch loop), one event loop.
     """
 
-    def __init__(self, topic: str, *, max_buffered: int) -> None:
+    def __init__(
+        self, topic: str, *, max_buffered: int, urgent: Callable[[Any], bool] | None = None
+    ) -> None:
         if max_buffered < 1:
             raise ValueError("max_buffered must be at least 1")
         self.topic = topic
         self.max_buffered = max_buffered
+        self._urgent = urgent
+        """A message someone waits for (an admission request): while the taker waits for a
+        fuller batch, one such message ends the wait at once."""
+        self._hurry = False
         self.busy = asyncio.Lock()
         """Held by the agent while it processes a batch; a rebalance waits for it."""
         self._items: list[Any] = []
@@ -82,7 +90,7 @@ class InputLane:
             self._space.clear()
             await self._space.wait()
         items.append(message)
-        if len(items) >= self._want:
+        if len(items) >= self._want or self._is_urgent((message,)):
             self._wake.set()
 
     async def put_many(self, messages: list[Any], abandon: Callable[[], bool]) -> bool:
@@ -100,9 +108,21 @@ class InputLane:
             if self.generation != generation or abandon():
                 return False
         items.extend(messages)
-        if len(items) >= self._want:
+        if len(items) >= self._want or self._is_urgent(messages):
             self._wake.set()
         return True
+
+    def _is_urgent(self, messages: Any) -> bool:
+        """Whether the taker, waiting for a full batch, should stop waiting for these.
+
+        Checked only while it waits (``_want > 1``): under load every batch goes at once
+        anyway, and the check then costs nothing per message.
+        """
+        if self._urgent is None or self._want <= 1:
+            return False
+        if any(self._urgent(m) for m in messages):
+            self._hurry = True
+        return self._hurry
 
     async def take(self, size: int, within: float) -> tuple[list[Any], int]:
         """The next batch, at most ``size`` messages in fetch order, and the lane's generation.
@@ -114,9 +134,10 @@ class InputLane:
         time the caller holds :attr:`busy` (a rebalance cleared the lane in between).
         """
         items = self._items
+        urgent = self._urgent
         while not items:  # again if a clear() emptied the lane during the waits
             await self._wait_for(1, None)
-            if len(items) < size:
+            if len(items) < size and not (urgent is not None and any(map(urgent, items))):
                 await self._wait_for(size, within)
         batch = items[:size]
         del items[:size]
@@ -130,11 +151,12 @@ class InputLane:
             # asyncio.timeout(None) never expires; a timeout ends the wait, not the take.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
-                    while len(self._items) < count:
+                    while len(self._items) < count and not self._hurry:
                         self._wake.clear()
                         await self._wake.wait()
         finally:
             self._want = 1
+            self._hurry = False
 
     def clear(self) -> int:
         """Drop every waiting message (their partitions are being revoked); how many."""

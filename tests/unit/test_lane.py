@@ -320,3 +320,36 @@ def test_put_many_gives_up_when_the_flow_stops_during_the_wait() -> None:
 def test_max_buffered_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_buffered"):
         InputLane("in", max_buffered=0)
+
+
+def test_an_urgent_message_ends_the_wait_for_a_fuller_batch() -> None:
+    def urgent(message: Any) -> bool:
+        return str(message).startswith("!")
+
+    async def main() -> list[tuple[list[str], float]]:
+        lane = InputLane("in", max_buffered=100, urgent=urgent)
+        out = []
+        for first, later in ((["a"], ["!b"]), (["!c"], [])):
+            t0 = time.monotonic()
+            taker = asyncio.create_task(lane.take(50, within=5.0))
+            await asyncio.sleep(0.01)  # the taker waits on an empty lane
+            await lane.put_many(first, lambda: False)
+            await asyncio.sleep(0.05)
+            if later:
+                await lane.put_many(later, lambda: False)
+            batch, _ = await taker
+            out.append((batch, time.monotonic() - t0))
+        # Without an urgent message the wait runs its course (here cut short by a full batch).
+        plain = InputLane("in", max_buffered=100)
+        t0 = time.monotonic()
+        taker = asyncio.create_task(plain.take(3, within=0.3))
+        await asyncio.sleep(0.01)
+        await plain.put_many(["x"], lambda: False)
+        batch, _ = await taker
+        out.append((batch, time.monotonic() - t0))
+        return out
+
+    (first, t1), (second, t2), (plain, t3) = run(main())
+    assert first == ["a", "!b"] and t1 < 1.0  # woken by the urgent one, not by within=5
+    assert second == ["!c"] and t2 < 1.0  # urgent from the start: no wait at all
+    assert plain == ["x"] and t3 >= 0.25
