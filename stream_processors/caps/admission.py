@@ -42,6 +42,7 @@ from stream_processors.caps.state import FixedState, RollingState, UserCapState
 
 __all__ = [
     "MAX_REMEMBERED_BLOCKS",
+    "SETTLED_MEMORY_S",
     "Bounds",
     "DowngradeEstimate",
     "decide",
@@ -50,6 +51,15 @@ __all__ = [
     "settle",
 ]
 
+SETTLED_MEMORY_S = 120
+"""How long after its request a *settled* reservation is still remembered (at most its TTL).
+
+It holds nothing any more; it is kept only so that a repeated request gets the first answer:
+a gateway asks again within its deadline (``admission.deadline_s``, 90 s by default), a worker
+replays only what it had not committed. Forgetting it sooner than the TTL keeps a busy user's
+state small: the state holds about ``calls/s * 120`` of them instead of ``calls/s * TTL``, and
+every admission scans them. A request repeated later still is decided afresh (a new hold,
+released by its TTL: never an overshoot)."""
 MAX_REMEMBERED_BLOCKS = 64
 """Blocked request ids remembered per user (for replays); the oldest beyond are forgotten.
 Admitted ones are never dropped before they expire: they hold budget."""
@@ -84,13 +94,15 @@ def settle(state: UserCapState, reservation_id: str) -> bool:
     """Release the hold of a reservation whose usage event arrived; False if nothing was held.
 
     The usage itself counts through the engine as any event does. The settled reservation is
-    kept (holding nothing) until it expires, so a replayed admission gets the same answer.
-    Unknown, expired, blocked or already settled ids change nothing.
+    kept (holding nothing) for :data:`SETTLED_MEMORY_S` after its request (at most until it
+    expires), so a repeated admission gets the same answer. Unknown, expired, blocked or
+    already settled ids change nothing.
     """
     reservation = state.reservations.get(reservation_id)
     if reservation is None or not reservation.held:
         return False
     reservation.settled = True
+    reservation.expires = min(reservation.expires, reservation.at + SETTLED_MEMORY_S)
     return True
 
 

@@ -407,6 +407,26 @@ def test_settle_with_actual_below_estimate_releases_the_difference() -> None:
     assert admit(state, "month", E("0.30")).action == "allow"
 
 
+def test_a_settled_reservation_is_forgotten_sooner_than_a_held_one() -> None:
+    from stream_processors.caps.admission import SETTLED_MEMORY_S
+
+    assert SETTLED_MEMORY_S < TTL
+    state = fresh("month")
+    admit(state, "month", E("0.10"), rid="done")
+    admit(state, "month", E("0.10"), rid="open")
+    spend(state, "month", "0.05", reservation_id="done")
+    # Within its memory a repeat gets the first answer and holds nothing more.
+    again = admit(
+        state, "month", E("0.10"), T0 + timedelta(seconds=SETTLED_MEMORY_S - 1), rid="done"
+    )
+    assert again.action == "allow" and not state.reservations["done"].held
+    ENGINE.expire_reservations(state, T0 + timedelta(seconds=SETTLED_MEMORY_S))
+    assert "done" not in state.reservations  # settled: forgotten
+    assert state.reservations["open"].held  # still holding until its TTL
+    restored = ENGINE.restore(orjson.loads(orjson.dumps(state.to_dict())))
+    assert set(restored.reservations) == {"open"}
+
+
 def test_settle_unknown_twice_or_expired_is_a_no_op() -> None:
     state = fresh("month")
     assert not ENGINE.settle(state, "nope")
