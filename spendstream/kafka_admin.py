@@ -156,6 +156,28 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[TopicInfo]:
     ]
 
 
+def ensure_answer_topic(settings: Settings, timeout: float = 30.0) -> None:
+    """Make sure the admissions topic exists with the configured partitions (workers call it).
+
+    A worker answers each admission request on this topic, on a partition computed from the
+    configured count. A deployment set up before admission existed lacks the topic, and the
+    first request would then stop the worker (an undeliverable answer exits it, and the replay
+    meets the same request): so a worker creates the topic at start, and refuses to start when
+    the topic has fewer partitions than the gateways will read.
+    """
+    conf = settings.kafka.confluent_config()
+    cfg = settings.topics
+    name = cfg.admissions
+    existing = topic_partitions(conf, timeout=timeout).get(name)
+    if existing is None:
+        create_topics(conf, [name], cfg.partitions, cfg.replication_factor, timeout)
+    elif existing < cfg.partitions:
+        raise KafkaError(
+            f"topic {name} has {existing} partitions but {cfg.partitions} are configured "
+            "(add partitions with kafka-topics --alter, or set SPENDSTREAM_TOPICS__PARTITIONS)"
+        )
+
+
 def create_topics(
     conf: Mapping[str, Any],
     names: Iterable[str],

@@ -51,7 +51,10 @@ def run_worker(settings: Settings, *, loglevel: str | None = None) -> None:
     import faust
 
     from spendstream import metrics
+    from spendstream.kafka_admin import ensure_answer_topic
     from stream_processors import build_app
+
+    ensure_answer_topic(settings)
 
     last_batch = [time.monotonic()]
 

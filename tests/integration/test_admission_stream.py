@@ -214,3 +214,26 @@ def test_sixty_concurrent_calls_from_three_gateways_never_pass_the_cap(
         worker.stop()
         if restarted is not None:
             restarted.stop()
+
+
+def test_a_worker_creates_a_missing_answer_topic_and_refuses_a_short_one(
+    make_settings: Any,
+) -> None:
+    from spendstream.errors import KafkaError
+    from spendstream.kafka_admin import (
+        create_topics,
+        delete_topics,
+        ensure_answer_topic,
+        topic_partitions,
+    )
+
+    settings = make_settings(topics={"partitions": 4})
+    conf = settings.kafka.confluent_config()
+    name = settings.topics.admissions
+    delete_topics(conf, [name])  # a deployment from before admission existed
+    ensure_answer_topic(settings)
+    assert topic_partitions(conf)[name] == 4
+    delete_topics(conf, [name])
+    create_topics(conf, [name], 2)
+    with pytest.raises(KafkaError, match="has 2 partitions but 4 are configured"):
+        ensure_answer_topic(settings)
