@@ -352,7 +352,7 @@ class Admitter:
         if time.monotonic() - started >= self.deadline_s:
             raise AdmissionTimeout(
                 f"no answer to admission {request.reservation_id!r} of user "
-                f"{request.user_id!r} within {self.deadline_s:.0f} s"
+                f"{request.user_id!r} within {self.deadline_s:g} s"
             )
         self.resent += 1
         log.info("no answer to admission %s yet; asking again", request.reservation_id)

@@ -237,3 +237,28 @@ def test_a_worker_creates_a_missing_answer_topic_and_refuses_a_short_one(
     create_topics(conf, [name], 2)
     with pytest.raises(KafkaError, match="has 2 partitions but 4 are configured"):
         ensure_answer_topic(settings)
+
+
+def test_without_a_worker_admit_asks_again_then_raises_at_its_deadline(make_settings: Any) -> None:
+    from producers import AdmissionTimeout, Admitter
+
+    settings = make_settings(admission={"timeout_s": 0.3, "deadline_s": 1.5})
+    ensure_topics(settings)
+    with Admitter(settings, gateway="lonely") as admitter:
+        started = time.monotonic()
+        with pytest.raises(AdmissionTimeout, match="within 1.5 s"):
+            admitter.admit("u", "o", "gpt-4o", input_tokens=10, output_tokens=10)
+        took = time.monotonic() - started
+    assert admitter.resent >= 3  # one request, asked again every 0.3 s until 1.5 s
+    assert 1.4 <= took < 10
+    # Every ask went to the events topic, keyed by the user, with the same id.
+    conf = settings.kafka.confluent_config()
+    consumer = Consumer({**conf, "group.id": f"t-{uuid.uuid4().hex}", "enable.auto.commit": False})
+    topic = settings.topics.events
+    meta = consumer.list_topics(topic, timeout=30).topics[topic]
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+    asked = [m for m in consumer.consume(100, 5.0) if m.error() is None]
+    consumer.close()
+    assert {m.key() for m in asked} == {b"u"}
+    assert len({orjson.loads(m.value() or b"{}")["reservation_id"] for m in asked}) == 1
+    assert len(asked) == admitter.resent + 1
