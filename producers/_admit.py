@@ -397,9 +397,7 @@ class Admitter:
                 }
             )
             # From the end as it is now: answers to this process's requests come after.
-            _, high = consumer.get_watermark_offsets(
-                TopicPartition(self._answers_topic, self._partition), timeout=10
-            )
+            high = self._end_offset(consumer, TopicPartition(self._answers_topic, self._partition))
             consumer.assign([TopicPartition(self._answers_topic, self._partition, high)])
         except CKafkaException as exc:
             self._error = exc
@@ -430,6 +428,34 @@ class Admitter:
             raise
         finally:
             consumer.close()
+
+    def _end_offset(self, consumer: Any, tp: Any) -> int:
+        """The partition's end offset; asked again while the broker answers transiently.
+
+        A topic created a moment ago has no leader known to every broker yet ("not leader for
+        partition"); that passes within a second or two. Anything else, or the stop, ends it.
+        """
+        from confluent_kafka import KafkaError as CKafkaError
+        from confluent_kafka import KafkaException as CKafkaException
+
+        transient = {
+            CKafkaError.NOT_LEADER_FOR_PARTITION,
+            CKafkaError.LEADER_NOT_AVAILABLE,
+            CKafkaError.UNKNOWN_TOPIC_OR_PART,
+            CKafkaError._TRANSPORT,
+            CKafkaError._TIMED_OUT,
+        }
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                _, high = consumer.get_watermark_offsets(tp, timeout=10)
+                return int(high)
+            except CKafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                code = err.code() if isinstance(err, CKafkaError) else None
+                if code not in transient or time.monotonic() > deadline or self._stop.is_set():
+                    raise
+                time.sleep(0.2)
 
 
 def _delivered(err: Any, msg: Any) -> None:

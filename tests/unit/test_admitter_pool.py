@@ -79,3 +79,30 @@ def test_expired_pool_entries_are_not_handed_out(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(KafkaError):
         admitter.admit("u", "o", "gpt-4o", input_tokens=100, output_tokens=10)
     assert admitter._pools == {}
+
+
+def test_the_answers_end_offset_is_asked_again_while_the_topic_is_young() -> None:
+    from confluent_kafka import KafkaError as CKafkaError
+    from confluent_kafka import KafkaException, TopicPartition
+
+    class YoungTopic:
+        """Answers "not leader" twice, as a topic created a moment ago does, then its end."""
+
+        def __init__(self, code: int) -> None:
+            self.calls = 0
+            self.code = code
+
+        def get_watermark_offsets(self, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+            self.calls += 1
+            if self.calls <= 2:
+                raise KafkaException(CKafkaError(self.code))
+            return 0, 42
+
+    admitter = Admitter(Settings(), gateway="gw")
+    young = YoungTopic(CKafkaError.NOT_LEADER_FOR_PARTITION)
+    assert admitter._end_offset(young, TopicPartition("t", 0)) == 42
+    assert young.calls == 3
+    denied = YoungTopic(CKafkaError.TOPIC_AUTHORIZATION_FAILED)
+    with pytest.raises(KafkaException):
+        admitter._end_offset(denied, TopicPartition("t", 0))
+    assert denied.calls == 1  # not transient: said at once
