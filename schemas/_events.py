@@ -56,13 +56,22 @@ AttrKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ATTRIBUT
 AttrValue = Annotated[str, StringConstraints(max_length=MAX_ATTRIBUTE_VALUE_CHARS)]
 
 
+_SAFE_FIRST_YEAR = EARLIEST_TIME.year + 1
+_SAFE_LAST_YEAR = LATEST_TIME.year - 2
+
+
 def time_in_range(when: datetime) -> bool:
     """Whether an aware datetime lies in the accepted range of times.
 
     The year is looked at first: converting ``0001-01-01T00:00:00+01:00`` to UTC, or comparing
     it with a UTC time, raises ``OverflowError`` (year 0), which is not a validation error.
     """
-    if not EARLIEST_TIME.year - 1 <= when.year <= LATEST_TIME.year:
+    year = when.year
+    if _SAFE_FIRST_YEAR <= year <= _SAFE_LAST_YEAR:
+        # Whatever its UTC offset (under 24 h), such a time is inside: no aware comparison,
+        # which cost about 1 µs per event when the offset is not UTC (producers, worker).
+        return True
+    if not EARLIEST_TIME.year - 1 <= year <= LATEST_TIME.year:
         return False
     return EARLIEST_TIME <= when < LATEST_TIME
 

@@ -325,3 +325,30 @@ def test_the_producer_refuses_an_event_over_the_size_limit() -> None:
     for obj in (big, event_from_obj(big)):
         with pytest.raises(InvalidEventError, match="over the 16384 limit"):
             encode_for_send(obj)
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1998, 1, 1),
+        max_value=datetime(2102, 1, 1),
+        timezones=st.sampled_from(
+            [timezone(timedelta(minutes=m)) for m in (-1439, -600, -1, 0, 1, 330, 1439)]
+        ),
+    )
+    | st.sampled_from(
+        [
+            datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+            datetime(2000, 1, 1, tzinfo=UTC),
+            datetime(2000, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))),
+            datetime(2001, 1, 1, tzinfo=timezone(timedelta(hours=23, minutes=59))),
+            datetime(2098, 12, 31, 23, 59, tzinfo=timezone(timedelta(hours=-23, minutes=-59))),
+            datetime(2099, 12, 31, 23, 0, tzinfo=timezone(timedelta(hours=-5))),
+            datetime(2099, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+            datetime(2100, 1, 1, tzinfo=UTC),
+        ]
+    )
+)
+def test_time_in_range_is_the_plain_comparison(when: datetime) -> None:
+    from schemas._events import EARLIEST_TIME, LATEST_TIME, time_in_range
+
+    assert time_in_range(when) == (EARLIEST_TIME <= when < LATEST_TIME)
