@@ -54,6 +54,8 @@ class EventContext:
     web_search_requests: int | None = None
     search_context_size: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    reservation_id: str | None = None
+    """The id :meth:`producers.Admitter.admit` gave the call: the event settles that hold."""
 
     def as_fields(self) -> dict[str, Any]:
         """The context as event fields, ``None`` values left out."""
@@ -81,6 +83,7 @@ class EventContext:
             "service_tier": service_tier_of(self.service_tier),
             "web_search_requests": self.web_search_requests,
             "search_context_size": self.search_context_size,
+            "reservation_id": self.reservation_id,
             **self.extra,
         }
         return {k: v for k, v in out.items() if v is not None}

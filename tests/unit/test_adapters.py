@@ -187,6 +187,13 @@ def test_context_provider_wins_over_adapter_default() -> None:
     )
 
 
+def test_the_context_carries_the_admission_reservation() -> None:
+    ctx = EventContext(**{**_ctx_fields(), "reservation_id": "res-7"})
+    event = from_anthropic_usage({"input_tokens": 1, "output_tokens": 1}, ctx)
+    assert event.reservation_id == "res-7"
+    assert from_anthropic_usage({"input_tokens": 1}, CTX).reservation_id is None
+
+
 def _ctx_fields() -> dict[str, Any]:
     return {
         "event_id": "e",
