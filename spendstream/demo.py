@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rich.console import Console
@@ -137,6 +137,15 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> dict
             f"{options.rate:g} events/s (seed {seed})"
         )
         run_simulation(settings, sim, options.duration_s, console=console)
+        with console.status("admission: a burst of concurrent requests against a hard cap…"):
+            burst = admission_burst(settings)
+        console.print(
+            f"[green]✓[/] admission: {burst['requests']} concurrent requests of "
+            f"{burst['estimate_usd']} USD at most, {burst['allowance_usd']} USD allowed: "
+            f"{burst['admitted']} admitted, {burst['refused']} refused (CapGuard alone, which "
+            "knows only finished calls, would have let all of them through)",
+            highlight=False,
+        )
 
         with console.status("waiting for the worker to process everything…"):
             wait_for_lag_zero(
@@ -160,6 +169,13 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> dict
 
         report = print_report(store, settings, console)
         report["caps"] = print_caps(store, settings, console)
+        burst["spent_usd"] = str(_spent(store, settings, burst["user_id"]))
+        report["admission"] = burst
+        console.print(
+            f"admission burst: {burst['spent_usd']} USD of usage landed in ClickHouse for "
+            f"{burst['user_id']}, against {burst['allowance_usd']} USD allowed",
+            highlight=False,
+        )
         if notifier is not None:
             report["notifications"] = notifier.receiver.counts()
             console.print(notifier.summary(), markup=False, highlight=False)
@@ -182,6 +198,95 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> dict
         if local is not None:
             local.down()
             console.print("[green]✓[/] local Kafka stopped")
+
+
+BURST_REQUESTS = 20
+BURST_TOKENS = (10_000, 100)  # gpt-4o: 0.025 + 0.001 = 0.026 USD at most per call
+
+
+def admission_burst(settings: Settings) -> dict[str, Any]:
+    """Reserve-before-call under concurrency: one fresh user on the sample ``free`` plan (0.10
+    USD per rolling 5 hours, block) and :data:`BURST_REQUESTS` concurrent admissions of a
+    0.026 USD call; each admitted call sends its usage with the reservation id."""
+    import asyncio
+    import uuid
+
+    from producers import Admitter, UsageProducer, publish_subscriptions
+    from schemas import PlanPeriod, Subscription
+
+    user = f"demo-burst-{uuid.uuid4().hex[:6]}"
+    now = datetime.now(UTC)
+    publish_subscriptions(
+        settings,
+        [
+            Subscription(
+                user_id=user,
+                org_id="org-demo",
+                billing_anchor=now - timedelta(days=1),
+                plans=[PlanPeriod(plan_id="free", effective_at=now - timedelta(days=1))],
+            )
+        ],
+    )
+    inp, out = BURST_TOKENS
+
+    async def burst() -> list[Any]:
+        async with Admitter(settings, pool=0) as admitter:
+            # The worker learns the new subscription from its topic: until then it answers
+            # "no_plan" (caps do not apply). A one-token admission finds out when it has.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                probe = await admitter.aadmit(
+                    user, "org-demo", "gpt-4o", input_tokens=1, output_tokens=0
+                )
+                if probe.reason != "no_plan":
+                    break
+                await asyncio.sleep(0.2)
+            return list(
+                await asyncio.gather(
+                    *(
+                        admitter.aadmit(
+                            user, "org-demo", "gpt-4o", input_tokens=inp, output_tokens=out
+                        )
+                        for _ in range(BURST_REQUESTS)
+                    )
+                )
+            )
+
+    tickets = asyncio.run(burst())
+    admitted = [t for t in tickets if t.allowed]
+    with UsageProducer(settings) as producer:
+        for ticket in admitted:
+            producer.send(
+                {
+                    "event_id": f"{ticket.reservation_id}-call",
+                    "occurred_at": datetime.now(UTC).isoformat(),
+                    "org_id": "org-demo",
+                    "user_id": user,
+                    "gateway": "demo-burst",
+                    "requested_model": ticket.model or "gpt-4o",
+                    "input_tokens": inp,
+                    "output_tokens": out,
+                    "reservation_id": ticket.reservation_id,
+                }
+            )
+    return {
+        "user_id": user,
+        "requests": BURST_REQUESTS,
+        "admitted": len(admitted),
+        "refused": BURST_REQUESTS - len(admitted),
+        "estimate_usd": "0.026",
+        "allowance_usd": "0.10",
+    }
+
+
+def _spent(store: Any, settings: Settings, user: str) -> Any:
+    db = settings.clickhouse.database
+    _, rows = store.query(
+        f"SELECT sum(toDecimal256(cost, 24)) FROM {db}.priced_events FINAL "
+        "WHERE user_id = {user:String}",
+        parameters={"user": user},
+    )
+    return rows[0][0] if rows else 0
 
 
 def print_report(store: Any, settings: Settings, console: Console) -> dict[str, Any]:

@@ -262,3 +262,20 @@ def test_without_a_worker_admit_asks_again_then_raises_at_its_deadline(make_sett
     assert {m.key() for m in asked} == {b"u"}
     assert len({orjson.loads(m.value() or b"{}")["reservation_id"] for m in asked}) == 1
     assert len(asked) == admitter.resent + 1
+
+
+def test_the_demo_burst_admits_what_the_free_plan_holds(make_settings: Any, tmp_path: Path) -> None:
+    from spendstream.demo import admission_burst
+
+    settings = make_settings(processor={"batch_within_s": 0.02, "session_timeout_s": 6})
+    ensure_topics(settings)
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        assert worker.wait_state_ready(120) is not None
+        burst = admission_burst(settings)
+        # The sample free plan: 0.10 USD per rolling 5 hours; each call at most 0.026 USD.
+        assert (burst["admitted"], burst["refused"]) == (3, 17), burst
+        landed = _priced_of(settings, burst["user_id"], 60, 3)
+        assert sum((Decimal(r["cost"]) for r in landed), Decimal(0)) == Decimal("0.078")
+    finally:
+        worker.stop()
