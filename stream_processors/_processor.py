@@ -112,7 +112,8 @@ class PricedRecord:
 class AdmissionItem:
     """An admission request read from the events topic, where it was in the log, and when.
 
-    ``arrived_ms`` is the record's broker timestamp (never later than the worker's clock): the
+    ``arrived_ms`` is the record's timestamp (never later than the worker's clock; with
+    CreateTime, the gateway's clock at the send, which also dates its usage events): the
     request's time, at which its estimate is held (docs/DESIGN.md, "Admission (reservations)").
     """
 
