@@ -23,6 +23,12 @@ LiteLLM.
 :class:`~producers.CapGuard` (docs/DESIGN.md, "Caps, alerts and enforcement"): ``block``
 answers HTTP 429 with the reason and ``Retry-After``, ``downgrade`` rewrites the request's
 ``model``, ``allow`` passes it unchanged.
+
+**Admission** (opt-in, ``SPENDSTREAM_LITELLM_ADMIT=true``). The hook asks an
+:class:`~producers.Admitter` instead (docs/DESIGN.md, "Admission (reservations)"): the user's
+worker reserves the call's cost before it is made, so a hard cap holds under concurrent
+requests. The reservation id travels in the request's metadata to the usage event, which
+settles the hold. While the Admitter is not available the guard decides (counted).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -55,9 +62,10 @@ except ModuleNotFoundError as _missing:
         name=_missing.name,
     ) from _missing
 
+from producers._admit import Admitter, Ticket
 from producers._guard import CapGuard, Decision
 from producers._producer import ProducerStats, UsageProducer, encode_for_send
-from schemas import MAX_LATENCY_MS
+from schemas import MAX_LATENCY_MS, MAX_TOKENS
 from schemas.adapters import openai_chat_tokens, service_tier_of
 from spendstream.errors import BackpressureError, ConfigError, InvalidEventError, KafkaError
 from spendstream.settings import Settings, load_settings
@@ -71,9 +79,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REQUESTED_MODEL_KEY",
+    "RESERVATION_ID_KEY",
     "LiteLLMOptions",
     "PluginStats",
     "SpendstreamLogger",
+    "input_token_bound",
     "request_view",
     "usage_event_fields",
     "usage_tokens",
@@ -83,6 +93,8 @@ log = logging.getLogger(__name__)
 
 REQUESTED_MODEL_KEY = "spendstream_requested_model"
 """Request metadata key where the pre-call hook keeps the model asked for before a downgrade."""
+RESERVATION_ID_KEY = "spendstream_reservation_id"
+"""Request metadata key where the pre-call hook keeps the admission's reservation id."""
 # LiteLLM's proxy marks the logging of a request it refused before any provider saw it
 # (auth, rate limits, a pre-call hook such as ours): no model was called, nothing to meter.
 _REJECTED_BEFORE_ROUTING = "proxy_rejected_before_routing"
@@ -101,6 +113,11 @@ _MAX_ATTRIBUTE_CHARS = 256
 _SPOOL_SLOTS = 64
 _RETRY_AFTER_FAILURE_S = 30.0
 _WARN_EVERY = 1000
+# Admission: chat completions only (other calls have other limits, or none, on their output).
+_ADMITTED_CALL_TYPES = frozenset({"completion", "acompletion"})
+_ADMIT_START_WAIT_S = 10.0
+_MESSAGE_ALLOWANCE = 8
+"""Input tokens allowed per message beyond its text: role and the chat template's markers."""
 
 
 class LiteLLMOptions(BaseSettings):
@@ -132,6 +149,12 @@ class LiteLLMOptions(BaseSettings):
     guard_wait_s: float = Field(default=5.0, ge=0, le=300)
     """How long the first checked request waits for the enforcement topic to be read to its
     end; later requests never wait."""
+    admit: bool = False
+    """Reserve each call's cost before it is made, through the user's worker: a hard cap then
+    holds under concurrent requests (chat completions; needs ``enforce``)."""
+    admit_max_output_tokens: int = Field(default=4096, ge=1)
+    """The output limit set on an admitted request that gives neither ``max_tokens`` nor
+    ``max_completion_tokens``: the call cannot exceed what was reserved."""
 
     @property
     def user_path(self) -> tuple[str, ...]:
@@ -168,6 +191,8 @@ class PluginStats:
     """Requests whose model the pre-call hook rewrote."""
     unchecked: int
     """Requests let through unchecked because the guard was not available."""
+    unadmitted: int
+    """Requests decided by the guard because the Admitter was not available (``admit`` on)."""
     last_error: str | None
     """The last reason an event was refused, dropped or a request went unchecked."""
 
@@ -348,6 +373,7 @@ def usage_event_fields(
     options: LiteLLMOptions | None = None,
     *,
     requested_model: str | None = None,
+    reservation_id: str | None = None,
 ) -> dict[str, Any]:
     """The usage event of one call from LiteLLM's standard logging payload.
 
@@ -379,6 +405,7 @@ def usage_event_fields(
     ``status``             ``ok`` for ``success``, else ``error``
     ``attributes``         ``team_id``, ``end_user``, ``key_user_id``, ``key_alias``,
                            ``model_group``, ``call_type``, where LiteLLM gives them
+    ``reservation_id``     ``reservation_id`` (the admission the pre-call hook got)
     =====================  ==========================================================
 
     The fields are not validated here: :class:`~producers.UsageProducer` does that, with the
@@ -402,6 +429,7 @@ def usage_event_fields(
         "api_key_id": _text(meta.get("user_api_key_hash")),
         "gateway": opts.gateway,
         "request_id": _text(slo.get("litellm_call_id")),
+        "reservation_id": reservation_id or None,
         "provider": _text(slo.get("custom_llm_provider")),
         "requested_model": requested or served,
         "served_model": served,
@@ -485,6 +513,58 @@ def request_view(auth: Any, data: Mapping[str, Any]) -> dict[str, Any]:
     return {"end_user": end_user, "metadata": meta, "model_parameters": {"user": data.get("user")}}
 
 
+# -- admission: token maxima the call cannot exceed --------------------------------------------
+
+
+def _utf8(value: Any) -> int:
+    return len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else 0
+
+
+def _content_bytes(content: Any) -> int:
+    """UTF-8 bytes of a message's text: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return _utf8(content)
+    if not isinstance(content, list):
+        return 0
+    return sum(
+        _utf8(part) if isinstance(part, str) else _utf8(_mapping(part).get("text"))
+        for part in content
+    )
+
+
+def input_token_bound(data: Mapping[str, Any]) -> int:
+    """An upper bound of a chat request's input tokens, without a tokenizer.
+
+    Every tokenizer in use (byte-level BPE, SentencePiece with byte fall-back) makes a token of
+    at least one UTF-8 byte, so a text's byte length bounds its tokens. Counted: each message's
+    text (a string content, the text parts of a list content, its ``name``, the names and
+    arguments of its ``tool_calls`` and ``function_call``) plus ``_MESSAGE_ALLOWANCE`` (8) per
+    message for its role and the chat template's markers, and the JSON of the request's
+    ``tools``, ``functions`` and ``response_format``, which providers put into the prompt too.
+    Not bounded: images, audio and files in list contents (their tokens do not follow from
+    bytes).
+    """
+    total = 0
+    messages = data.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        message = _mapping(message)
+        total += _MESSAGE_ALLOWANCE + _content_bytes(message.get("content"))
+        total += _utf8(message.get("name"))
+        calls = message.get("tool_calls")
+        functions = [_mapping(c).get("function") for c in (calls or ()) if isinstance(c, Mapping)]
+        for function in [*functions, message.get("function_call")]:
+            function = _mapping(function)
+            total += _utf8(function.get("name")) + _utf8(function.get("arguments"))
+    for key in ("tools", "functions", "response_format"):
+        if data.get(key):
+            total += len(orjson.dumps(data[key], default=str))
+    return total
+
+
+def _positive(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 # -- the handler ------------------------------------------------------------------------------
 
 
@@ -495,7 +575,9 @@ class SpendstreamLogger(CustomLogger):
     ``options`` to :class:`LiteLLMOptions` (``SPENDSTREAM_LITELLM_*``). The producer (with
     ``producer_config``: librdkafka properties over the defaults and the settings) and the
     guard are created on first use. ``guard``: a started :class:`~producers.CapGuard` to use
-    instead, which the gateway shares with other code and closes itself. ``clock`` (epoch
+    instead, which the gateway shares with other code and closes itself. ``admitter``: an
+    :class:`~producers.Admitter` to use when ``options.admit`` is on (started on first use if
+    it is not; closed by the gateway), else one is created on first use. ``clock`` (epoch
     seconds) is for tests.
     """
 
@@ -506,6 +588,7 @@ class SpendstreamLogger(CustomLogger):
         *,
         producer_config: Mapping[str, Any] | None = None,
         guard: CapGuard | None = None,
+        admitter: Admitter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
@@ -521,9 +604,24 @@ class SpendstreamLogger(CustomLogger):
         self._guard_started_at = 0.0
         self._guard_failed_at: float | None = None
         self._guard_ready = guard is not None
+        self._own_admitter = admitter is None
+        self._admitter: Admitter | None = admitter
+        self._admitter_started = False
+        self._admitter_failed_at: float | None = None
+        self._admit_lock = threading.Lock()  # held while starting: not the counters' lock
         self._closed = False
         self._counts = dict.fromkeys(
-            ("sent", "invalid", "dropped", "skipped", "blocked", "downgraded", "unchecked"), 0
+            (
+                "sent",
+                "invalid",
+                "dropped",
+                "skipped",
+                "blocked",
+                "downgraded",
+                "unchecked",
+                "unadmitted",
+            ),
+            0,
         )
         self._last_error: str | None = None
 
@@ -590,10 +688,13 @@ class SpendstreamLogger(CustomLogger):
             if not _is_model_call(kwargs, slo):
                 self._count("skipped")
                 return
-            requested = _text(
-                _request_metadata(_mapping(kwargs.get("litellm_params"))).get(REQUESTED_MODEL_KEY)
+            request_meta = _request_metadata(_mapping(kwargs.get("litellm_params")))
+            fields = usage_event_fields(
+                slo,
+                self.options,
+                requested_model=_text(request_meta.get(REQUESTED_MODEL_KEY)),
+                reservation_id=_text(request_meta.get(RESERVATION_ID_KEY)),
             )
-            fields = usage_event_fields(slo, self.options, requested_model=requested)
             if "requested_model" not in fields:
                 self._count("skipped")  # no model named: a file or batch operation
                 return
@@ -691,13 +792,18 @@ class SpendstreamLogger(CustomLogger):
         return 0 if producer is None else producer.flush(timeout_s)
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Flush and close the producer, stop the guard. Later events are dropped (counted)."""
+        """Flush and close the producer, stop the guard and the Admitter. Later events are
+        dropped (counted)."""
         with self._lock:
             self._closed = True
             producer, self._producer = self._producer, None
             guard, self._guard = self._guard, None
+            admitter, self._admitter = self._admitter, None
+            self._admitter_started = False
         if guard is not None and self._own_guard:
             guard.close()
+        if admitter is not None and self._own_admitter:
+            admitter.close()
         if producer is not None:
             producer.close(timeout_s)
 
@@ -725,6 +831,10 @@ class SpendstreamLogger(CustomLogger):
         without a model, or whose user cannot be told, passes. While the guard is not
         available the request passes too (counted in ``unchecked``): the gateway stays up
         when Kafka is not.
+
+        With ``options.admit`` a chat completion is decided by :meth:`admit` instead (the same
+        refusal and downgrade, and the reservation id in the request's metadata); while the
+        Admitter is not available the guard decides (counted in ``unadmitted``).
         """
         if not self.options.enforce or not isinstance(data.get("model"), str):
             return None
@@ -732,6 +842,11 @@ class SpendstreamLogger(CustomLogger):
         user = _first(view, self.options.user_path) or self.options.default_user_id
         if not user:
             return None
+        if self.options.admit and call_type in _ADMITTED_CALL_TYPES:
+            org = _first(view, self.options.org_path) or self.options.default_org_id
+            ticket = await self.admit(user, org, data) if org else None
+            if ticket is not None:
+                return self._apply_ticket(ticket, data)
         decision = await self.decide(user)
         if decision is None:
             return None
@@ -739,19 +854,111 @@ class SpendstreamLogger(CustomLogger):
             self._count("blocked")
             raise self._blocked_response(decision)
         if decision.action == "downgrade" and decision.model and decision.model != data["model"]:
-            self._count("downgraded")
-            meta_key = (
-                "litellm_metadata"
-                if isinstance(data.get("litellm_metadata"), dict)
-                else ("metadata")
-            )
-            meta = data.get(meta_key)
-            if not isinstance(meta, dict):
-                meta = data[meta_key] = {}
-            meta.setdefault(REQUESTED_MODEL_KEY, data["model"])
-            data["model"] = decision.model
+            self._downgrade(data, decision.model)
             return data
         return None
+
+    def _downgrade(self, data: dict[str, Any], model: str) -> None:
+        self._count("downgraded")
+        _writable_metadata(data).setdefault(REQUESTED_MODEL_KEY, data["model"])
+        data["model"] = model
+
+    # -- admission --------------------------------------------------------------------------
+
+    async def admit(self, user_id: str, org_id: str, data: dict[str, Any]) -> Ticket | None:
+        """Reserve the cost of the chat request ``data`` for the user; ``None`` (counted in
+        ``unadmitted``) if the Admitter is not available or fails.
+
+        The maxima reserved are ones the call cannot exceed: :func:`input_token_bound` for the
+        input, and for the output ``max_completion_tokens`` or ``max_tokens`` (the larger if
+        both), times ``n`` choices. A request that gives neither limit gets ``max_tokens`` =
+        ``options.admit_max_output_tokens`` once admitted. The first request waits up to
+        10 s for the Admitter to connect; one that gets no answer waits up to
+        ``admission.deadline_s`` before the guard decides it.
+        """
+        admitter = (
+            self._admitter
+            if self._admitter_started
+            else await asyncio.to_thread(self._started_admitter)
+        )
+        if admitter is None:
+            self._unadmitted("the Admitter is not available")
+            return None
+        limits = [_positive(data.get(k)) for k in ("max_completion_tokens", "max_tokens")]
+        output = max((v for v in limits if v is not None), default=None)
+        inp = input_token_bound(data)
+        out = (output or self.options.admit_max_output_tokens) * (_positive(data.get("n")) or 1)
+        if max(inp, out) > MAX_TOKENS:
+            # The worker would refuse such a request (a dead letter, no answer): say it here.
+            self._unadmitted(f"token bound over the contract's {MAX_TOKENS:,}")
+            return None
+        try:
+            ticket = await admitter.aadmit(
+                user_id, org_id, data["model"], input_tokens=inp, output_tokens=out
+            )
+        except Exception as exc:  # AdmissionTimeout, KafkaError, or a bug: the guard decides
+            if isinstance(exc, KafkaError):
+                self._admitter_broke(admitter)
+            self._unadmitted(f"admission failed: {type(exc).__name__}: {exc}")
+            return None
+        if ticket.allowed and output is None:
+            data["max_tokens"] = self.options.admit_max_output_tokens
+        return ticket
+
+    def _apply_ticket(self, ticket: Ticket, data: dict[str, Any]) -> dict[str, Any]:
+        if ticket.action == "block":
+            self._count("blocked")
+            until = None if ticket.retry_after is None else float(ticket.retry_after)
+            raise self._refusal(ticket.reason, ticket.window, until, _iso(until))
+        _writable_metadata(data)[RESERVATION_ID_KEY] = ticket.reservation_id
+        if ticket.action == "downgrade" and ticket.model and ticket.model != data["model"]:
+            self._downgrade(data, ticket.model)
+        return data
+
+    def _unadmitted(self, reason: str) -> None:
+        n = self._count("unadmitted", reason)
+        if n == 1 or n % _WARN_EVERY == 0:
+            log.warning("spendstream: the guard decided %d requests so far: %s", n, reason)
+
+    def _started_admitter(self) -> Admitter | None:
+        """The Admitter, started (blocking: called in a thread); ``None`` while it cannot be."""
+        with self._admit_lock:
+            if self._closed:
+                return None
+            if self._admitter_started:
+                return self._admitter
+            failed = self._admitter_failed_at
+            if failed is not None and time.monotonic() - failed < _RETRY_AFTER_FAILURE_S:
+                return None
+            admitter = self._admitter or Admitter(self.settings)
+            try:
+                admitter.start(wait_s=_ADMIT_START_WAIT_S)
+            except Exception as exc:
+                self._admitter_failed_at = time.monotonic()
+                log.error(
+                    "spendstream: cannot start the Admitter (retried in %.0f s): %s",
+                    _RETRY_AFTER_FAILURE_S,
+                    exc,
+                )
+                return None
+            with self._lock:
+                if self._closed:
+                    if self._own_admitter:
+                        admitter.close()
+                    return None
+                self._admitter, self._admitter_started = admitter, True
+            return admitter
+
+    def _admitter_broke(self, admitter: Admitter) -> None:
+        """The Admitter's reader stopped (or it was never started): start again later."""
+        with self._lock:
+            if self._admitter is not admitter or not self._admitter_started:
+                return
+            self._admitter_started = False
+            self._admitter_failed_at = time.monotonic()
+            if self._own_admitter:
+                self._admitter = None
+                threading.Thread(target=admitter.close, daemon=True).start()
 
     async def decide(self, user_id: str) -> Decision | None:
         """The guard's decision for ``user_id`` (``None`` if the guard is not available)."""
@@ -811,25 +1018,48 @@ class SpendstreamLogger(CustomLogger):
         )
 
     def _blocked_response(self, decision: Decision) -> Exception:
+        until = decision.record.get("until") if decision.record else None
+        return self._refusal(decision.reason, decision.window, decision.until, until)
+
+    def _refusal(
+        self, reason: str, window: str | None, until_s: float | None, until: Any
+    ) -> Exception:
+        """The 429 of a block: ``until_s`` (epoch seconds) gives ``Retry-After``, ``until`` (the
+        window's end as published) the text."""
         from fastapi import HTTPException
 
-        until = decision.record.get("until") if decision.record else None
-        window = f" in {decision.window}" if decision.window else ""
+        where = f" in {window}" if window else ""
         headers: dict[str, str] = {}
-        if decision.until is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(decision.until - self._clock())))
+        if until_s is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(until_s - self._clock())))
         return HTTPException(
             status_code=429,
             detail={
-                "error": f"usage cap reached{window} ({decision.reason})"
+                "error": f"usage cap reached{where} ({reason})"
                 + (f"; resets at {until}" if until else ""),
                 "type": "usage_cap_reached",
-                "reason": decision.reason,
-                "window": decision.window,
+                "reason": reason,
+                "window": window,
                 "until": until,
             },
             headers=headers or None,
         )
+
+
+def _writable_metadata(data: dict[str, Any]) -> dict[str, Any]:
+    """The request's metadata dict that LiteLLM hands to the logging callbacks as
+    ``litellm_params`` (``litellm_metadata`` on the routes that use it), created if missing."""
+    key = "litellm_metadata" if isinstance(data.get("litellm_metadata"), dict) else "metadata"
+    meta = data.get(key)
+    if not isinstance(meta, dict):
+        meta = data[key] = {}
+    return meta
+
+
+def _iso(epoch_s: float | None) -> str | None:
+    if epoch_s is None:
+        return None
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 _handler: SpendstreamLogger | None = None

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -33,15 +33,23 @@ from litellm.types.utils import (  # noqa: E402
     Usage,
 )
 
-from producers import CapGuard, validate_event  # noqa: E402
+from producers import (  # noqa: E402
+    AdmissionTimeout,
+    Admitter,
+    CapGuard,
+    Ticket,
+    validate_event,
+)
 from producers.litellm import (  # noqa: E402
     REQUESTED_MODEL_KEY,
+    RESERVATION_ID_KEY,
     LiteLLMOptions,
     SpendstreamLogger,
+    input_token_bound,
     usage_event_fields,
     usage_tokens,
 )
-from spendstream.errors import DeliveryError, InvalidEventError  # noqa: E402
+from spendstream.errors import DeliveryError, InvalidEventError, KafkaError  # noqa: E402
 from spendstream.settings import Settings  # noqa: E402
 
 pytestmark = pytest.mark.unit
@@ -908,6 +916,226 @@ def test_a_guard_that_never_reached_the_broker_is_started_again(
     assert handler._guard is not None and handler._guard is not first
 
 
+# -- admission (options.admit) ----------------------------------------------------------------
+
+
+class FakeAdmitter:
+    """Answers every admission with ``answer`` (a Ticket, or an exception to raise)."""
+
+    def __init__(self, answer: Ticket | Exception, start_error: Exception | None = None) -> None:
+        self.answer = answer
+        self.start_error = start_error
+        self.asked: list[dict[str, Any]] = []
+        self.starts = 0
+        self.closed = False
+
+    def start(self, *, wait_s: float = 30.0) -> FakeAdmitter:
+        self.starts += 1
+        if self.start_error is not None:
+            raise self.start_error
+        return self
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def aadmit(
+        self, user_id: str, org_id: str, model: str, *, input_tokens: int, output_tokens: int
+    ) -> Ticket:
+        self.asked.append(
+            {"user": user_id, "org": org_id, "model": model, "in": input_tokens,
+             "out": output_tokens}
+        )  # fmt: skip
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+ALLOW = Ticket("allow", "ok", "gpt-4o", "rid-1")
+
+
+def admitting(
+    tmp_path: Path, admitter: FakeAdmitter, now: float = NOW, **options: Any
+) -> SpendstreamLogger:
+    """``guarded``'s guard (its users' records), with admission on through ``admitter``."""
+    handler = guarded(tmp_path, now, admit=True, **options)
+    handler._admitter, handler._own_admitter = cast("Admitter", admitter), False
+    return handler
+
+
+def test_an_admitted_request_carries_its_reservation_id_to_the_usage_event(
+    tmp_path: Path, callbacks: list[Any]
+) -> None:
+    admitter = FakeAdmitter(ALLOW)
+    handler = admitting(tmp_path, admitter)
+    data = pre_call(proxy_with(handler, callbacks), request(user="alice"), "k", org_id="org-acme")
+    assert data["metadata"][RESERVATION_ID_KEY] == "rid-1" and data["model"] == "gpt-4o"
+    assert data["max_tokens"] == 4096  # no limit given: the default, which was reserved
+    assert admitter.asked == [
+        {"user": "alice", "org": "org-acme", "model": "gpt-4o", "in": 5 + 8, "out": 4096}
+    ]
+    assert admitter.starts == 1
+    # LiteLLM hands the request's metadata to the callbacks: the event carries the id
+    capture = Capture()
+    callbacks.append(capture)
+
+    async def call() -> list[dict[str, Any]]:
+        await litellm.acompletion(**data, mock_response="hi")
+        return await capture.wait_for(1)
+
+    (kwargs,) = asyncio.run(call())
+    sent: list[dict[str, Any]] = []
+    handler._send = sent.append  # type: ignore[method-assign]
+    handler.record(kwargs)
+    assert sent[0]["reservation_id"] == "rid-1"
+    assert validate_event(sent[0]).reservation_id == "rid-1"
+    # without the metadata key, no reservation id
+    assert "reservation_id" not in usage_event_fields(VALID)
+    stats = handler.stats()
+    assert (stats.blocked, stats.downgraded, stats.unadmitted, stats.unchecked) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("limits", "reserved"),
+    [
+        pytest.param({"max_tokens": 100}, 100, id="max_tokens"),
+        pytest.param({"max_completion_tokens": 300}, 300, id="max_completion_tokens"),
+        pytest.param({"max_tokens": 100, "max_completion_tokens": 300}, 300, id="both: larger"),
+        pytest.param({"max_tokens": 100, "n": 3}, 300, id="n-choices"),
+    ],
+)
+def test_a_limit_the_request_gives_is_reserved_and_kept(
+    tmp_path: Path, callbacks: list[Any], limits: dict[str, int], reserved: int
+) -> None:
+    admitter = FakeAdmitter(ALLOW)
+    data = pre_call(proxy_with(admitting(tmp_path, admitter), callbacks), request(**limits), "a")
+    assert admitter.asked[0]["out"] == reserved
+    assert {k: data.get(k) for k in limits} == limits  # nothing added or changed
+    assert "max_tokens" in limits or "max_tokens" not in data
+
+
+def test_the_input_bound_counts_utf8_bytes_of_every_text() -> None:
+    assert input_token_bound({"messages": [{"role": "user", "content": "hello"}]}) == 5 + 8
+    assert input_token_bound({"messages": [{"role": "user", "content": "héllo €"}]}) == 10 + 8
+    parts = [
+        {"type": "text", "text": "look at"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "text", "text": "this"},
+    ]
+    calls = [{"id": "c1", "type": "function",
+              "function": {"name": "get", "arguments": '{"city":"Köln"}'}}]  # fmt: skip
+    data = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": parts},
+            {"role": "assistant", "content": None, "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        ]
+    }
+    assert input_token_bound(data) == 8 + (7 + 4) + (3 + 16) + 5 + 4 * 8
+    tools = [{"type": "function", "function": {"name": "get", "parameters": {}}}]
+    assert input_token_bound({**data, "tools": tools}) == input_token_bound(data) + len(
+        orjson.dumps(tools)
+    )
+    assert input_token_bound({"messages": "not a list"}) == 0
+
+
+def test_an_admission_block_is_refused_like_the_guard_s(
+    tmp_path: Path, callbacks: list[Any]
+) -> None:
+    retry_at = NOW + 200  # UNTIL, as the guard path refuses "blocked" above
+    admitter = FakeAdmitter(Ticket("block", "cap", None, "rid-2", retry_after=int(retry_at),
+                                   window="pro.monthly"))  # fmt: skip
+    handler = admitting(tmp_path, admitter)
+    proxy = proxy_with(handler, callbacks)
+    data = request()
+    with pytest.raises(HTTPException) as admitted:
+        pre_call(proxy, data, "alice")
+    callbacks.clear()  # the guard path, alone
+    with pytest.raises(HTTPException) as guarded_:
+        pre_call(proxy_with(guarded(tmp_path), callbacks), request(), "blocked")
+    callbacks[:] = [handler]
+    a, g = admitted.value, guarded_.value
+    assert (a.status_code, a.headers, a.detail) == (g.status_code, g.headers, g.detail)
+    assert a.detail["until"] == UNTIL
+    assert RESERVATION_ID_KEY not in data["metadata"] and "max_tokens" not in data
+    assert handler.stats().blocked == 1
+    # a block no wait can lift: no Retry-After, as for a guard block without until
+    admitter.answer = Ticket("block", "ceiling", None, "rid-3", window="pro.monthly")
+    with pytest.raises(HTTPException) as never:
+        pre_call(proxy, request(), "alice")
+    assert never.value.status_code == 429 and never.value.headers is None
+
+
+def test_an_admission_downgrade_serves_the_ticket_s_model(
+    tmp_path: Path, callbacks: list[Any]
+) -> None:
+    admitter = FakeAdmitter(Ticket("downgrade", "cap", "gpt-4o-mini", "rid-4"))
+    handler = admitting(tmp_path, admitter)
+    data = pre_call(proxy_with(handler, callbacks), request(), "alice")  # the guard says allow
+    assert data["model"] == "gpt-4o-mini"
+    assert data["metadata"][REQUESTED_MODEL_KEY] == "gpt-4o"
+    assert data["metadata"][RESERVATION_ID_KEY] == "rid-4"  # the downgrade holds its estimate
+    assert handler.stats().downgraded == 1
+
+
+@pytest.mark.parametrize(
+    "admitter",
+    [
+        pytest.param(FakeAdmitter(AdmissionTimeout("no answer")), id="timeout"),
+        pytest.param(FakeAdmitter(KafkaError("reader stopped")), id="kafka-error"),
+        pytest.param(FakeAdmitter(RuntimeError("a bug")), id="any-error"),
+        pytest.param(FakeAdmitter(ALLOW, start_error=KafkaError("no broker")), id="start-failed"),
+    ],
+)
+def test_without_an_admitter_the_guard_decides_and_it_is_counted(
+    tmp_path: Path, callbacks: list[Any], admitter: FakeAdmitter
+) -> None:
+    handler = admitting(tmp_path, admitter)
+    proxy = proxy_with(handler, callbacks)
+    with pytest.raises(HTTPException) as raised:
+        pre_call(proxy, request(), "blocked")
+    assert raised.value.status_code == 429 and raised.value.detail["until"] == UNTIL
+    data = pre_call(proxy, request(), "downgraded")
+    assert data["model"] == "gpt-4o-mini" and RESERVATION_ID_KEY not in data["metadata"]
+    assert "max_tokens" not in data
+    stats = handler.stats()
+    assert (stats.unadmitted, stats.blocked, stats.downgraded) == (2, 1, 1)
+    assert stats.last_error is not None
+    if admitter.start_error is not None:
+        assert admitter.starts == 1  # not asked again at once: retried after a while
+
+
+def test_other_calls_and_enforcement_off_are_not_admitted(
+    tmp_path: Path, callbacks: list[Any]
+) -> None:
+    admitter = FakeAdmitter(ALLOW)
+    handler = admitting(tmp_path, admitter)
+    key = UserAPIKeyAuth(api_key="88dc28d0", user_id="alice")
+    proxy = proxy_with(handler, callbacks)
+    asyncio.run(
+        proxy.pre_call_hook(
+            user_api_key_dict=key, data={"model": "gpt-4o", "input": "x"}, call_type="aembedding"
+        )
+    )
+    callbacks.clear()
+    off = admitting(tmp_path, FakeAdmitter(ALLOW), enforce=False)
+    assert pre_call(proxy_with(off, callbacks), request(), "alice") == request()
+    assert admitter.asked == [] and handler.stats().unadmitted == 0
+
+
+def test_admission_is_off_by_default_and_close_closes_an_own_admitter(tmp_path: Path) -> None:
+    assert LiteLLMOptions().admit is False and LiteLLMOptions().admit_max_output_tokens == 4096
+    shared = FakeAdmitter(ALLOW)
+    handler = admitting(tmp_path, shared)
+    handler.close()
+    assert not shared.closed  # the gateway's own
+    own = FakeAdmitter(ALLOW)
+    handler = admitting(tmp_path, own)
+    handler._own_admitter = True
+    handler.close()
+    assert own.closed
+
+
 # -- loading ----------------------------------------------------------------------------------
 
 
@@ -993,3 +1221,13 @@ def test_the_example_config_loads_the_handler_and_its_models_are_metered(
         assert event.user_id == "user-000042" and event.input_tokens > 0
         assert catalog.lookup(event.requested_model, event.provider) is not None, event
         assert catalog.lookup(event.model, event.provider) is not None, event
+
+
+def test_a_token_bound_over_the_contract_is_not_sent_to_the_worker(
+    tmp_path: Path, callbacks: list[Any]
+) -> None:
+    admitter = FakeAdmitter(ALLOW)
+    handler = admitting(tmp_path, admitter)
+    pre_call(proxy_with(handler, callbacks), request(max_tokens=10_000, n=100_000), "a")
+    assert admitter.asked == []  # 10^9 output tokens: the worker would dead-letter it
+    assert handler.stats().unadmitted == 1
