@@ -2,7 +2,8 @@
 
 Run as a child process (``python tests/admission_gateway.py ...``) with the test's settings in
 ``SPENDSTREAM_*`` variables. It waits for ``--go`` (a file) to appear, so that every replica
-starts its burst at the same moment, then fires ``--calls`` concurrent admissions for one user.
+starts its burst at the same moment, then fires ``--calls`` concurrent admissions for one user
+(started over ``--spread`` seconds).
 Each admitted call "runs" (a short sleep) and sends its usage event carrying the reservation id,
 with token counts at most the estimate's (so its cost is at most what was reserved). It prints
 one JSON line per call: the reservation id, the decision, the event id (admitted calls only),
@@ -30,8 +31,15 @@ MAX_IN, MAX_OUT = 4_000, 500  # 0.010 + 0.005 = 0.015 USD at most per call
 
 
 async def _call(
-    admitter: Admitter, producer: UsageProducer, user: str, org: str, rng: random.Random
+    admitter: Admitter,
+    producer: UsageProducer,
+    user: str,
+    org: str,
+    rng: random.Random,
+    spread_s: float,
 ) -> dict[str, object]:
+    if spread_s:
+        await asyncio.sleep(rng.uniform(0, spread_s))  # calls arriving over a while
     ticket = await admitter.aadmit(user, org, MODEL, input_tokens=MAX_IN, output_tokens=MAX_OUT)
     line: dict[str, object] = {
         "reservation_id": ticket.reservation_id,
@@ -70,7 +78,10 @@ async def _main(args: argparse.Namespace) -> None:
         while not go.exists():
             await asyncio.sleep(0.01)
         lines = await asyncio.gather(
-            *(_call(admitter, producer, args.user, args.org, rng) for _ in range(args.calls))
+            *(
+                _call(admitter, producer, args.user, args.org, rng, args.spread)
+                for _ in range(args.calls)
+            )
         )
     producer.flush(30)
     producer.close()
@@ -92,6 +103,7 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--go", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--spread", type=float, default=0.0, help="seconds the calls start over")
     started = time.monotonic()
     asyncio.run(_main(parser.parse_args()))
     sys.exit(0)

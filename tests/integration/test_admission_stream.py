@@ -7,7 +7,8 @@ tokens at most), and each admitted call sends its usage event with the reservati
 most those tokens. The oracle is the priced-events topic: what landed for the user after the
 0.40 must not pass 0.10, and at least as many calls must be admitted as 0.10 holds estimates
 (6), so nothing was blocked needlessly. Then the same with the worker SIGKILLed during the
-burst and started again: the gateways ask again with the same ids until it answers.
+burst (its calls spread over 2 s, the kill at 0.5 s) and started again: the gateways ask again
+with the same ids until it answers.
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def _burst(
                 str(go),
                 "--seed",
                 str(i),
+                "--spread",
+                "2.0" if worker_kill is not None else "0",
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -165,7 +168,9 @@ def _burst(
     go.touch()
     restarted = None
     if worker_kill is not None:
-        time.sleep(0.05)  # the burst is on its way: kill the worker in the middle of it
+        # The calls start over 2 s: some are answered, then the worker dies, and the rest
+        # (and any answer it had not sent) wait for the restarted one.
+        time.sleep(0.5)
         worker_kill.kill()
         restarted = WorkerProcess(settings, tmp_path / "worker-2.log")
     lines: list[dict[str, Any]] = []
