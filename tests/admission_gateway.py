@@ -17,17 +17,13 @@ import asyncio
 import random
 import sys
 import time
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 
 from producers import Admitter, UsageProducer
+from spendstream.bench.admission import burst_call
 from spendstream.settings import Settings
-
-MODEL = "gpt-4o"
-MAX_IN, MAX_OUT = 4_000, 500  # 0.010 + 0.005 = 0.015 USD at most per call
 
 
 async def _call(
@@ -40,32 +36,7 @@ async def _call(
 ) -> dict[str, object]:
     if spread_s:
         await asyncio.sleep(rng.uniform(0, spread_s))  # calls arriving over a while
-    ticket = await admitter.aadmit(user, org, MODEL, input_tokens=MAX_IN, output_tokens=MAX_OUT)
-    line: dict[str, object] = {
-        "reservation_id": ticket.reservation_id,
-        "action": ticket.action,
-        "reason": ticket.reason,
-        "local": ticket.local,
-        "cost": str(ticket.cost),
-    }
-    if ticket.allowed:
-        await asyncio.sleep(rng.uniform(0.01, 0.2))  # the model call
-        event_id = uuid.uuid4().hex
-        producer.send(
-            {
-                "event_id": event_id,
-                "occurred_at": datetime.now(UTC).isoformat(),
-                "org_id": org,
-                "user_id": user,
-                "gateway": admitter.gateway,
-                "requested_model": ticket.model or MODEL,
-                "input_tokens": rng.randint(MAX_IN // 2, MAX_IN),
-                "output_tokens": rng.randint(0, MAX_OUT),
-                "reservation_id": ticket.reservation_id,
-            }
-        )
-        line["event_id"] = event_id
-    return line
+    return await burst_call(admitter, producer, user, org, rng)
 
 
 async def _main(args: argparse.Namespace) -> None:

@@ -235,7 +235,7 @@ def _strict_path(s: Settings, rate: int, seconds: float) -> dict[str, Any]:
     return figures
 
 
-def _priced_of(s: Settings, user: str, want: int, limit_s: float) -> list[dict[str, Any]]:
+def priced_of(s: Settings, user: str, want: int, limit_s: float) -> list[dict[str, Any]]:
     """The user's priced events (by event id) once ``want`` arrived, and 3 s more (anything
     beyond ``want`` would be an overshoot)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -269,8 +269,8 @@ def _priced_of(s: Settings, user: str, want: int, limit_s: float) -> list[dict[s
     return list(seen.values())
 
 
-def _prespend(s: Settings, user: str, now: datetime) -> set[str]:
-    """0.40 USD of usage before the burst: 4 x 40,000 gpt-4o input tokens."""
+def prespend(s: Settings, user: str, now: datetime, org: str = ORG) -> set[str]:
+    """0.40 USD of usage before the burst: 4 x 40,000 gpt-4o input tokens; their event ids."""
     ids = {f"{user}-pre{i}" for i in range(4)}
     with UsageProducer(s) as producer:
         for i in range(4):
@@ -278,7 +278,7 @@ def _prespend(s: Settings, user: str, now: datetime) -> set[str]:
                 {
                     "event_id": f"{user}-pre{i}",
                     "occurred_at": (now - timedelta(minutes=5, seconds=-i)).isoformat(),
-                    "org_id": ORG,
+                    "org_id": org,
                     "user_id": user,
                     "gateway": "bench",
                     "requested_model": BURST_MODEL,
@@ -288,40 +288,52 @@ def _prespend(s: Settings, user: str, now: datetime) -> set[str]:
     return ids
 
 
+async def burst_call(
+    admitter: Admitter, producer: UsageProducer, user: str, org: str, rng: random.Random
+) -> dict[str, Any]:
+    """One call of the burst: admitted first; if so, "run" (a short sleep) and send its usage,
+    at most the estimated tokens, with the reservation id. One row: the decision (and the
+    event id of an admitted call)."""
+    ticket = await admitter.aadmit(
+        user, org, BURST_MODEL, input_tokens=BURST_IN, output_tokens=BURST_OUT
+    )
+    row: dict[str, Any] = {
+        "reservation_id": ticket.reservation_id,
+        "action": ticket.action,
+        "reason": ticket.reason,
+        "local": ticket.local,
+        "cost": str(ticket.cost),
+    }
+    if ticket.allowed:
+        await asyncio.sleep(rng.uniform(0.01, 0.2))  # the model call
+        event_id = uuid.uuid4().hex
+        producer.send(
+            {
+                "event_id": event_id,
+                "occurred_at": datetime.now(UTC).isoformat(),
+                "org_id": org,
+                "user_id": user,
+                "gateway": admitter.gateway,
+                "requested_model": ticket.model or BURST_MODEL,
+                "input_tokens": rng.randint(BURST_IN // 2, BURST_IN),
+                "output_tokens": rng.randint(0, BURST_OUT),
+                "reservation_id": ticket.reservation_id,
+            }
+        )
+        row["event_id"] = event_id
+    return row
+
+
 async def _burst(s: Settings, user: str, producer: UsageProducer) -> list[dict[str, Any]]:
     """Three Admitters, 20 concurrent calls each, all at once; one row per call."""
     admitters = [Admitter(s, gateway=f"{s.processor.app_id}-gw-{i}") for i in range(BURST_GATEWAYS)]
-
-    async def call(admitter: Admitter, rng: random.Random) -> dict[str, Any]:
-        ticket = await admitter.aadmit(
-            user, ORG, BURST_MODEL, input_tokens=BURST_IN, output_tokens=BURST_OUT
-        )
-        row: dict[str, Any] = {"action": ticket.action, "local": ticket.local}
-        if ticket.allowed:
-            await asyncio.sleep(rng.uniform(0.01, 0.2))  # the model call
-            event_id = uuid.uuid4().hex
-            producer.send(
-                {
-                    "event_id": event_id,
-                    "occurred_at": datetime.now(UTC).isoformat(),
-                    "org_id": ORG,
-                    "user_id": user,
-                    "gateway": admitter.gateway,
-                    "requested_model": ticket.model or BURST_MODEL,
-                    "input_tokens": rng.randint(BURST_IN // 2, BURST_IN),
-                    "output_tokens": rng.randint(0, BURST_OUT),
-                    "reservation_id": ticket.reservation_id,
-                }
-            )
-            row["event_id"] = event_id
-        return row
 
     try:
         await asyncio.gather(*(asyncio.to_thread(a.start) for a in admitters))
         return list(
             await asyncio.gather(
                 *(
-                    call(a, random.Random(n * BURST_CALLS + k))
+                    burst_call(a, producer, user, ORG, random.Random(n * BURST_CALLS + k))
                     for n, a in enumerate(admitters)
                     for k in range(BURST_CALLS)
                 )
@@ -333,14 +345,14 @@ async def _burst(s: Settings, user: str, producer: UsageProducer) -> list[dict[s
 
 def _burst_overshoot(s: Settings, user: str, now: datetime) -> dict[str, Any]:
     """The hard-cap burst; the priced topic says what it cost."""
-    pre_ids = _prespend(s, user, now)
-    pre = _priced_of(s, user, len(pre_ids), 120)
+    pre_ids = prespend(s, user, now)
+    pre = priced_of(s, user, len(pre_ids), 120)
     prespent = sum((Decimal(r["cost"]) for r in pre), Decimal(0))
     with UsageProducer(s) as producer:
         rows = asyncio.run(_burst(s, user, producer))
         producer.flush(30)
     admitted = [r for r in rows if r["action"] != "block"]
-    landed = _priced_of(s, user, len(pre_ids) + len(admitted), 120)
+    landed = priced_of(s, user, len(pre_ids) + len(admitted), 120)
     spent = sum((Decimal(r["cost"]) for r in landed if r["event_id"] not in pre_ids), Decimal(0))
     # Summed exactly above; floats only here, for the figures table and --repeat's medians
     # (an overshoot of exactly 0 stays 0.0).

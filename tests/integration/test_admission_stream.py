@@ -27,8 +27,9 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from producers import UsageProducer, publish_subscriptions
+from producers import publish_subscriptions
 from schemas import PlanPeriod, Subscription
+from spendstream.bench.admission import prespend, priced_of
 from spendstream.kafka_admin import ensure_topics
 from spendstream.runner import WorkerProcess
 from spendstream.settings import Settings
@@ -71,33 +72,6 @@ def setup(make_settings: Any, tmp_path: Path) -> Iterator[tuple[Settings, Path]]
     yield settings, tmp_path
 
 
-def _priced_of(settings: Settings, user: str, timeout_s: float, want: int) -> list[dict[str, Any]]:
-    """The user's priced events (deduplicated by event id), once ``want`` of them arrived."""
-    conf = settings.kafka.confluent_config()
-    consumer = Consumer({**conf, "group.id": f"t-{uuid.uuid4().hex}", "enable.auto.commit": False})
-    topic = settings.topics.priced
-    meta = consumer.list_topics(topic, timeout=30).topics[topic]
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
-    seen: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + timeout_s
-    quiet_until = None
-    try:
-        while time.monotonic() < deadline:
-            for msg in consumer.consume(1000, 0.2):
-                if msg.error() is None and msg.key() == user.encode():
-                    row = orjson.loads(msg.value() or b"{}")
-                    seen[row["event_id"]] = row
-                    quiet_until = None
-            if len(seen) >= want:
-                # Then a little longer: anything beyond ``want`` would be an overshoot.
-                quiet_until = quiet_until or time.monotonic() + 3.0
-                if time.monotonic() >= quiet_until:
-                    break
-    finally:
-        consumer.close()
-    return list(seen.values())
-
-
 def _subscribe_and_prespend(settings: Settings) -> tuple[str, datetime]:
     user = f"u-{uuid.uuid4().hex[:8]}"
     now = datetime.now(UTC).replace(microsecond=0)
@@ -112,19 +86,7 @@ def _subscribe_and_prespend(settings: Settings) -> tuple[str, datetime]:
             )
         ],
     )
-    with UsageProducer(settings) as producer:
-        for i in range(4):  # 4 x 40,000 gpt-4o input tokens = 0.40 USD
-            producer.send(
-                {
-                    "event_id": f"{user}-pre{i}",
-                    "occurred_at": (now - timedelta(minutes=5, seconds=-i)).isoformat(),
-                    "org_id": "org-1",
-                    "user_id": user,
-                    "gateway": "test",
-                    "requested_model": "gpt-4o",
-                    "input_tokens": 40_000,
-                }
-            )
+    prespend(settings, user, now, org="org-1")  # 0.40 USD
     return user, now
 
 
@@ -194,7 +156,7 @@ def test_sixty_concurrent_calls_from_three_gateways_never_pass_the_cap(
     try:
         assert worker.wait_state_ready(120) is not None
         user, _ = _subscribe_and_prespend(settings)
-        pre = _priced_of(settings, user, 60, 4)
+        pre = priced_of(settings, user, 4, 60)
         assert len(pre) == 4, pre
         lines, summaries, restarted = _burst(settings, tmp_path, user, worker if kill else None)
         assert len(lines) == 60
@@ -203,7 +165,7 @@ def test_sixty_concurrent_calls_from_three_gateways_never_pass_the_cap(
         assert {row["reason"] for row in blocked} <= {"cap"}, blocked
         assert not any(row["local"] for row in lines)  # near the cap: no pool is granted
         assert len({row["reservation_id"] for row in lines}) == 60
-        landed = _priced_of(settings, user, 120, 4 + len(admitted))
+        landed = priced_of(settings, user, 4 + len(admitted), 120)
         spent = sum((Decimal(r["cost"]) for r in landed), Decimal(0)) - Decimal("0.40")
         # No overshoot: the calls that landed cost at most what remained.
         assert spent <= REMAINING, (spent, len(admitted))
@@ -280,7 +242,7 @@ def test_the_demo_burst_admits_what_the_free_plan_holds(make_settings: Any, tmp_
         burst = admission_burst(settings)
         # The sample free plan: 0.10 USD per rolling 5 hours; each call at most 0.026 USD.
         assert (burst["admitted"], burst["refused"]) == (3, 17), burst
-        landed = _priced_of(settings, burst["user_id"], 60, 3)
+        landed = priced_of(settings, burst["user_id"], 3, 60)
         assert sum((Decimal(r["cost"]) for r in landed), Decimal(0)) == Decimal("0.078")
     finally:
         worker.stop()
