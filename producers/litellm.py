@@ -542,7 +542,7 @@ def input_token_bound(data: Mapping[str, Any]) -> int:
     message for its role and the chat template's markers, and the JSON of the request's
     ``tools``, ``functions`` and ``response_format``, which providers put into the prompt too.
     Not bounded: images, audio and files in list contents (their tokens do not follow from
-    bytes).
+    bytes): :func:`unbounded_cost` keeps such requests from being admitted on this bound.
     """
     total = 0
     messages = data.get("messages")
@@ -559,6 +559,44 @@ def input_token_bound(data: Mapping[str, Any]) -> int:
         if data.get(key):
             total += len(orjson.dumps(data[key], default=str))
     return total
+
+
+_TEXT_PARTS = frozenset({"text"})
+"""Content part types whose tokens :func:`input_token_bound` bounds by their bytes."""
+
+
+def unbounded_cost(data: Mapping[str, Any]) -> str | None:
+    """Why an admission estimate would not bound the chat request ``data``'s cost (``None``:
+    it does).
+
+    An admission holds the call's token maxima priced at the standard tier, with text rates,
+    no cache and no search. A request that can cost more than that is not admitted on such an
+    estimate; the guard decides it instead: one with image, audio or file input (content parts
+    other than text), audio output (``modalities`` other than text, or ``audio``), web search
+    (``web_search_options``, or a tool whose type starts with ``web_search``), or the
+    ``priority`` tier.
+    """
+    messages = data.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        content = _mapping(message).get("content")
+        if isinstance(content, list):
+            for part in content:
+                kind = _mapping(part).get("type", "text") if not isinstance(part, str) else "text"
+                if kind not in _TEXT_PARTS:
+                    return f"a {kind!s:.40} content part is priced by more than its bytes"
+    modalities = data.get("modalities")
+    if data.get("audio") or (isinstance(modalities, list) and any(m != "text" for m in modalities)):
+        return "audio output is priced at audio rates"
+    tools = data.get("tools")
+    # An empty ``web_search_options`` ({}) turns search on too.
+    if data.get("web_search_options") is not None or any(
+        str(_mapping(tool).get("type", "")).startswith("web_search")
+        for tool in (tools if isinstance(tools, list) else ())
+    ):
+        return "web search is priced per search"
+    if data.get("service_tier") == "priority":
+        return "the priority tier costs more than the standard estimate"
+    return None
 
 
 def _positive(value: Any) -> int | None:
@@ -872,10 +910,16 @@ class SpendstreamLogger(CustomLogger):
         The maxima reserved are ones the call cannot exceed: :func:`input_token_bound` for the
         input, and for the output ``max_completion_tokens`` or ``max_tokens`` (the larger if
         both), times ``n`` choices. A request that gives neither limit gets ``max_tokens`` =
-        ``options.admit_max_output_tokens`` once admitted. The first request waits up to
+        ``options.admit_max_output_tokens`` once admitted. A request whose cost such maxima
+        do not bound (:func:`unbounded_cost`: image, audio or file input, audio output, web
+        search, the priority tier) is not admitted. The first request waits up to
         10 s for the Admitter to connect; one that gets no answer waits up to
         ``admission.deadline_s`` before the guard decides it.
         """
+        unbounded = unbounded_cost(data)
+        if unbounded is not None:
+            self._unadmitted(f"not bounded by an estimate: {unbounded}")
+            return None
         admitter = (
             self._admitter
             if self._admitter_started

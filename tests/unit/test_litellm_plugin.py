@@ -46,6 +46,7 @@ from producers.litellm import (  # noqa: E402
     LiteLLMOptions,
     SpendstreamLogger,
     input_token_bound,
+    unbounded_cost,
     usage_event_fields,
     usage_tokens,
 )
@@ -1103,6 +1104,70 @@ def test_without_an_admitter_the_guard_decides_and_it_is_counted(
     assert stats.last_error is not None
     if admitter.start_error is not None:
         assert admitter.starts == 1  # not asked again at once: retried after a while
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.test/cat.png"}}
+TEXT_PART = {"type": "text", "text": "hello"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        pytest.param({}, None, id="text"),
+        pytest.param({"messages": [{"role": "user", "content": [TEXT_PART, "x"]}]}, None,
+                     id="text-parts"),
+        pytest.param({"messages": [{"role": "user", "content": [TEXT_PART, IMAGE]}]},
+                     "image_url", id="image"),
+        pytest.param({"messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]},
+                     "input_audio", id="audio-in"),
+        pytest.param({"messages": [{"role": "user", "content": [{"type": "file"}]}]},
+                     "file", id="file"),
+        pytest.param({"modalities": ["text", "audio"]}, "audio output", id="audio-out"),
+        pytest.param({"audio": {"voice": "alloy", "format": "wav"}}, "audio output",
+                     id="audio-param"),
+        pytest.param({"modalities": ["text"]}, None, id="text-modality"),
+        pytest.param({"web_search_options": {}}, "web search", id="empty-search-options"),
+        pytest.param({"web_search_options": None}, None, id="no-search-options"),
+        pytest.param({"web_search_options": {"search_context_size": "low"}}, "web search",
+                     id="search-options"),
+        pytest.param({"tools": [{"type": "web_search_preview"}]}, "web search",
+                     id="search-tool"),
+        pytest.param({"tools": [{"type": "function", "function": {"name": "f"}}]}, None,
+                     id="function-tool"),
+        pytest.param({"service_tier": "priority"}, "priority", id="priority"),
+        pytest.param({"service_tier": "flex"}, None, id="flex"),
+        pytest.param({"service_tier": "auto"}, None, id="auto"),
+    ],
+)  # fmt: skip
+def test_what_an_admission_estimate_does_not_bound(
+    extra: dict[str, Any], reason: str | None
+) -> None:
+    found = unbounded_cost(request(**extra))
+    assert (found is None) == (reason is None), found
+    if reason is not None:
+        assert found is not None and reason in found
+
+
+def test_a_request_the_estimate_does_not_bound_is_decided_by_the_guard(
+    tmp_path: Path, callbacks: list[Any]
+) -> None:
+    admitter = FakeAdmitter(ALLOW)
+    handler = admitting(tmp_path, admitter)
+    proxy = proxy_with(handler, callbacks)
+    picture = [{"role": "user", "content": [TEXT_PART, IMAGE]}]
+    with pytest.raises(HTTPException) as raised:
+        pre_call(proxy, request(messages=picture), "blocked")
+    assert raised.value.status_code == 429
+    data = pre_call(proxy, request(messages=picture), "alice")
+    assert RESERVATION_ID_KEY not in data["metadata"] and "max_tokens" not in data
+    assert admitter.asked == [] and admitter.starts == 0
+    stats = handler.stats()
+    assert stats.unadmitted == 2 and stats.blocked == 1
+    assert stats.last_error is not None and "image_url" in stats.last_error
+    # A text request through the same handler is admitted.
+    assert RESERVATION_ID_KEY in pre_call(proxy, request(), "alice")["metadata"]
+    assert len(admitter.asked) == 1
 
 
 def test_other_calls_and_enforcement_off_are_not_admitted(
