@@ -40,6 +40,8 @@ class BenchOptions:
     producer_events: int = 200_000
     worker_events: int = 100_000
     worker_users: int = 2_000
+    worker_processes: int = 1
+    """Workers of the worker section (one consumer group, a state folder each)."""
     sink_rows: int = 500_000
     caps_rates: tuple[int, ...] = (2_000, 10_000)
     caps_seconds: float = 10.0
@@ -138,7 +140,12 @@ def _round_steps(
         steps.append(
             (
                 "worker",
-                lambda: run_worker_bench(settings, options.worker_events, options.worker_users),
+                lambda: run_worker_bench(
+                    settings,
+                    options.worker_events,
+                    options.worker_users,
+                    processes=options.worker_processes,
+                ),
             )
         )
     if "sink" not in options.skip:
@@ -160,8 +167,10 @@ def _round_steps(
 
         def baselines() -> dict[str, Any]:
             # Same events and users as the worker section: the input is deterministic, so its
-            # figure is reused rather than measured twice.
-            worker = results.get("worker", {}).get("worker_events_per_s")
+            # figure is reused rather than measured twice (if it is one worker's).
+            section = results.get("worker", {})
+            one = section.get("processes", 1) == 1
+            worker = section.get("worker_events_per_s") if one else None
             return run_baselines(
                 settings,
                 options.worker_events,

@@ -171,11 +171,11 @@ def bench_input(
 
 
 def run_worker_bench(
-    settings: Settings, events: int = 100_000, users: int = 2_000
+    settings: Settings, events: int = 100_000, users: int = 2_000, *, processes: int = 1
 ) -> dict[str, Any]:
-    """Measure one worker on the broker ``settings`` point at; return the figures."""
+    """Measure ``processes`` workers (one group) on the broker ``settings`` point at."""
     with bench_input(settings, events, users) as data:
-        return measure_worker(data)
+        return measure_worker(data, processes)
 
 
 def progress_rates(
@@ -246,13 +246,32 @@ class TopicSize:
         self._consumer.close()
 
 
-def measure_worker(data: BenchInput) -> dict[str, Any]:
-    """Run one worker over ``data`` (its app id has not consumed it yet); return the figures."""
+def _partitions_opened(state_dir: Path, s: Settings) -> int:
+    """Input partitions whose state a worker opened (its store folders) during the run; the
+    section reports them per worker, e.g. ``"3 / 3"``."""
+    folder = state_dir / "store" / s.processor.app_id
+    return sum(1 for p in folder.glob("p*") if p.is_dir()) if folder.is_dir() else 0
+
+
+def measure_worker(data: BenchInput, processes: int = 1) -> dict[str, Any]:
+    """Run ``processes`` workers in one group over ``data`` (its app id has not consumed it
+    yet); return the figures.
+
+    Each worker has a state folder of its own, as on machines of their own. They start
+    together, so the group's first rebalances fall into the run; the steady rate (10 % to
+    90 % of the events) is the figure to compare across process counts.
+    """
     from spendstream.runner import WorkerProcess
 
     s, conf, payloads = data.settings, data.conf, data.payloads
     pure = pure_rate(s, payloads, data.subscriptions)
-    worker = WorkerProcess(s, data.workdir / "worker.log")
+    workers = [
+        WorkerProcess(
+            s if processes == 1 else s.model_copy(update={"state_dir": data.workdir / f"w{i}"}),
+            data.workdir / ("worker.log" if processes == 1 else f"worker-{i}.log"),
+        )
+        for i in range(processes)
+    ]
     # Progress is read on the output side (priced events written) rather than from
     # committed offsets, which move only every commit interval.
     samples: list[tuple[float, int]] = []
@@ -260,7 +279,8 @@ def measure_worker(data: BenchInput) -> dict[str, Any]:
     t0 = time.monotonic()
     try:
         while True:
-            worker.check_alive()
+            for worker in workers:
+                worker.check_alive()
             done = size()
             now = time.monotonic()
             samples.append((now, done))
@@ -271,12 +291,19 @@ def measure_worker(data: BenchInput) -> dict[str, Any]:
             time.sleep(0.1)
         lag_zero = _wait_committed(conf, s, t0)
     finally:
-        worker.stop()
+        for worker in workers:
+            worker.stop()
         size.close()
+    opened = [
+        _partitions_opened(data.workdir if processes == 1 else data.workdir / f"w{i}", s)
+        for i in range(processes)
+    ]
     first, rate, steady = progress_rates(samples, len(payloads))
     return {
         "events": len(payloads),
         "users": data.users,
+        "processes": processes,
+        "partitions_opened": " / ".join(map(str, opened)),
         "worker_events_per_s": rate,
         "worker_steady_events_per_s": steady,
         "pure_events_per_s": pure,

@@ -26,6 +26,15 @@ def register(app: typer.Typer) -> None:
             help="Events for the worker and baselines sections.",
         ),
         worker_users: int = typer.Option(2_000, "--worker-users", min=1, help="Users simulated."),
+        worker_processes: int = typer.Option(
+            1,
+            "--worker-processes",
+            min=1,
+            help=(
+                "Worker processes (one consumer group, a state folder each) for the worker "
+                "section; above 1, the baselines measure one worker of their own."
+            ),
+        ),
         sink_rows: int = typer.Option(
             500_000, "--sink-rows", min=1000, help="Priced events inserted into chDB."
         ),
@@ -113,6 +122,7 @@ def register(app: typer.Typer) -> None:
             producer_events=producer_events,
             worker_events=worker_events,
             worker_users=worker_users,
+            worker_processes=worker_processes,
             sink_rows=sink_rows,
             caps_rates=tuple(caps_rate),
             caps_seconds=caps_seconds,
