@@ -101,8 +101,8 @@ def settle(state: UserCapState, reservation_id: str) -> bool:
     reservation = state.reservations.get(reservation_id)
     if reservation is None or not reservation.held:
         return False
-    reservation.settled = True
-    reservation.expires = min(reservation.expires, reservation.at + SETTLED_MEMORY_S)
+    expires = min(reservation.expires, reservation.at + SETTLED_MEMORY_S)
+    state.reservations[reservation_id] = Reservation.done(reservation.admission, expires)
     return True
 
 

@@ -311,7 +311,14 @@ class UserCapState:
         if self.windows:
             out["x"] = {key: ws.to_obj() for key, ws in self.windows.items()}
         if self.reservations:
-            out["r"] = [r.to_row() for r in self.reservations.values()]
+            # Settled ones under a key of their own: a worker of the version before the compact
+            # settled rows ignores the key (it would refuse their rows, and the whole state).
+            held = [r.to_row() for r in self.reservations.values() if not r.settled]
+            done = [r.to_row() for r in self.reservations.values() if r.settled]
+            if held:
+                out["r"] = held
+            if done:
+                out["d"] = done
         return out
 
     @classmethod
@@ -342,7 +349,7 @@ class UserCapState:
                 state.windows[key] = FixedState.from_obj(wobj, usd)
             else:
                 state.windows[key] = RollingState.from_obj(wobj, usd, bucket_count)
-        for row in obj.get("r", ()):
+        for row in (*obj.get("r", ()), *obj.get("d", ())):
             reservation = Reservation.from_row(row)
             state.reservations[reservation.admission.reservation_id] = reservation
         return state

@@ -427,6 +427,31 @@ def test_a_settled_reservation_is_forgotten_sooner_than_a_held_one() -> None:
     assert set(restored.reservations) == {"open"}
 
 
+def test_a_settled_reservation_is_remembered_as_its_id_action_and_model() -> None:
+    from stream_processors.caps.reservations import NOTHING, SETTLED, Reservation
+
+    state = fresh("month")
+    first = admit(state, "month", E("0.10"), rid="done")
+    spend(state, "month", "0.05", reservation_id="done")
+    kept = state.reservations["done"]
+    assert kept.to_row() == ["done", kept.expires, first.action, first.model]
+    # A repeat is answered with the first action and model, holds nothing, spends nothing.
+    again = admit(state, "month", E("0.10"), rid="done")
+    assert (again.action, again.model, again.reason, again.reserved) == (
+        first.action, first.model, SETTLED, NOTHING
+    )  # fmt: skip
+    assert admit(state, "month", E("0.95")).action == "allow"  # 0.05 spent of 1.00, no hold
+    # Rows as written before the compact form still restore, as the compact form.
+    old_row = ["done", 7, 99, "month", first.action, first.reason, first.model, "0.1", 0, 1,
+               None, None, "0", "0", 1]  # fmt: skip
+    restored = Reservation.from_row(old_row)
+    assert restored.to_row() == ["done", 99, first.action, first.model] and not restored.held
+    with pytest.raises(ValueError, match="4 or 15 fields"):
+        Reservation.from_row(["done", 99, "allow"])
+    with pytest.raises(ValueError, match="unknown admission action"):
+        Reservation.from_row(["done", 99, "maybe", None])
+
+
 def test_settle_unknown_twice_or_expired_is_a_no_op() -> None:
     state = fresh("month")
     assert not ENGINE.settle(state, "nope")
@@ -519,7 +544,9 @@ def test_reservations_round_trip_and_old_states_restore() -> None:
         k: (r.admission, r.at, r.expires, r.plan_id, r.settled)
         for k, r in state.reservations.items()
     }
-    old = {key: value for key, value in obj.items() if key != "r"}
+    # A worker of the version before the compact settled rows reads only "r", rows of 15.
+    assert [len(row) for row in obj["r"]] == [15] and [len(row) for row in obj["d"]] == [4]
+    old = {key: value for key, value in obj.items() if key not in ("r", "d")}
     assert ENGINE.restore(old).reservations == {}
     assert "r" not in fresh("month", "0.10").to_dict()
 
