@@ -134,9 +134,10 @@ class Reservation:
 
         It holds nothing; it is kept so that a repeat of its id reserves nothing more, and is
         answered with its action and model (reason ``settled``). Only that is kept: a busy
-        user remembers every call of the last :data:`~stream_processors.caps.admission.
-        SETTLED_MEMORY_S`, and the whole answer took 140 bytes of the user's state per call
-        (this form about 70), written with every batch of the user's events.
+        user remembers every call of the last
+        :data:`~stream_processors.caps.admission.SETTLED_MEMORY_S`, and the whole answer took
+        140 bytes of the user's state per call (this form 74), written with every batch of the
+        user's events (docs/DESIGN.md, "Admission (reservations)", Durable).
         """
         a = admission
         kept = Admission(a.reservation_id, a.action, SETTLED, a.model, NOTHING)
