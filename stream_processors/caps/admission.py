@@ -83,11 +83,26 @@ _FITS = _Check(True, None, "ok", 0, 0)
 
 
 def expire(state: UserCapState, at: int) -> int:
-    """Drop the reservations expired at ``at`` (epoch seconds); how many were dropped."""
+    """Drop the reservations expired at ``at`` (epoch seconds); how many were dropped.
+
+    Settled ones go from the oldest settled on, up to the first one not expired yet: a
+    settled one expires :data:`SETTLED_MEMORY_S` after its request, so they expire in about
+    the order they were settled, and one that outlives its time a little holds nothing (a
+    repeat of its id is answered ``settled`` rather than decided afresh). This keeps each
+    admission's cost independent of how many calls the user made in the last two minutes.
+    """
     gone = [rid for rid, r in state.reservations.items() if r.expires <= at]
     for rid in gone:
         del state.reservations[rid]
-    return len(gone)
+    settled = state.settled
+    n = len(gone)
+    while settled:
+        rid = next(iter(settled))
+        if settled[rid].expires > at:
+            break
+        del settled[rid]
+        n += 1
+    return n
 
 
 def settle(state: UserCapState, reservation_id: str) -> bool:
@@ -102,7 +117,8 @@ def settle(state: UserCapState, reservation_id: str) -> bool:
     if reservation is None or not reservation.held:
         return False
     expires = min(reservation.expires, reservation.at + SETTLED_MEMORY_S)
-    state.reservations[reservation_id] = Reservation.done(reservation.admission, expires)
+    del state.reservations[reservation_id]
+    state.settled[reservation_id] = Reservation.done(reservation.admission, expires)
     return True
 
 

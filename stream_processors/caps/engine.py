@@ -143,7 +143,7 @@ class CapEngine:
         state.org_id = sub.org_id
         for event in events:
             self._apply_one(state, sub, event, detected, out)
-        if state.reservations and state.watermark != NEVER:
+        if (state.reservations or state.settled) and state.watermark != NEVER:
             admission.expire(state, state.watermark)
         if state.watermark != NEVER:
             self._enforce(state, sub, state.watermark, detected, out)
@@ -174,9 +174,9 @@ class CapEngine:
         if sub.user_id != state.user_id:
             raise ValueError(f"subscription of {sub.user_id!r} applied to {state.user_id!r}")
         t = epoch_s(at)
-        if state.reservations:
+        if state.reservations or state.settled:
             admission.expire(state, t)
-            known = state.reservations.get(reservation_id)
+            known = state.reservation(reservation_id)
             if known is not None:
                 return known.admission
         plan = self._plan(sub.plan_at(at))

@@ -335,7 +335,7 @@ class CapStage:
             n = self.pool_zone + 1  # the pooled one itself, then pool_zone more
             far = Estimate(estimate.cost * n, estimate.tokens * n, estimate.requests * n)
             for pid in pool_ids(req.reservation_id, req.pool):
-                if state.reservations.get(pid) is None:
+                if state.reservation(pid) is None:
                     probe = self.engine.probe(state, sub, req.model, far, at)
                     if probe.action != "allow" or probe.reason != "ok":
                         break
@@ -351,13 +351,13 @@ class CapStage:
     ) -> None:
         """A replayed request the state already decided: the remembered answer, again."""
         req = item.request
-        known = state.reservations.get(req.reservation_id)
+        known = state.reservation(req.reservation_id)
         if known is None:
             return  # expired or forgotten: the gateway asks again and is decided afresh
         pooled = [
             pid
             for pid in pool_ids(req.reservation_id, req.pool)
-            if (r := state.reservations.get(pid)) is not None and r.admission.action == "allow"
+            if (r := state.reservation(pid)) is not None and r.admission.action == "allow"
         ]
         self._reply(req, self._answer(req, known.admission, pooled, now), out)
         out.counters["admission_replayed"] += 1

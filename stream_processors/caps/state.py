@@ -9,7 +9,8 @@ The serialized form (:meth:`UserCapState.to_dict`, its one-letter keys and their
 what the changelog stores: a worker restores states written by earlier versions from it, so it
 changes only with :data:`FORMAT_VERSION`. Attribute names here are free to change; keys are not.
 Optional keys may be added without a new version when a state without them restores as before
-(``"r"``, the open reservations, was added so: a state written before it has none).
+(``"r"``, the open reservations, and ``"d"``, the settled ones, were added so: a state written
+before them has none).
 """
 
 from __future__ import annotations
@@ -258,6 +259,7 @@ class UserCapState:
         "months",
         "org_id",
         "reservations",
+        "settled",
         "topups",
         "user_id",
         "version",
@@ -286,8 +288,18 @@ class UserCapState:
         self.windows: dict[str, WindowState] = {}
         """Window key (``plan.window``) -> its state."""
         self.reservations: dict[str, Reservation] = {}
-        """Reservation id -> the admission request remembered (held, settled or blocked), in
-        the order they were made (see :mod:`~stream_processors.caps.admission`)."""
+        """Reservation id -> the admission request remembered, held or blocked, in the order
+        they were made (see :mod:`~stream_processors.caps.admission`)."""
+        self.settled: dict[str, Reservation] = {}
+        """Reservation id -> a settled reservation (:meth:`Reservation.done
+        <stream_processors.caps.reservations.Reservation.done>`), in the order they were
+        settled. Apart from :attr:`reservations`, so that deciding a request scans only what
+        holds budget: a busy user remembers every call of the last two minutes."""
+
+    def reservation(self, reservation_id: str) -> Reservation | None:
+        """The reservation remembered under ``reservation_id``, held, blocked or settled."""
+        found = self.reservations.get(reservation_id)
+        return found if found is not None else self.settled.get(reservation_id)
 
     def to_dict(self) -> dict[str, Any]:
         """Compact JSON-safe form (ints, strings, lists; money as decimal strings)."""
@@ -311,14 +323,11 @@ class UserCapState:
         if self.windows:
             out["x"] = {key: ws.to_obj() for key, ws in self.windows.items()}
         if self.reservations:
-            # Settled ones under a key of their own: a worker of the version before the compact
-            # settled rows ignores the key (it would refuse their rows, and the whole state).
-            held = [r.to_row() for r in self.reservations.values() if not r.settled]
-            done = [r.to_row() for r in self.reservations.values() if r.settled]
-            if held:
-                out["r"] = held
-            if done:
-                out["d"] = done
+            out["r"] = [r.to_row() for r in self.reservations.values()]
+        if self.settled:
+            # Under a key of its own: a worker of the version before the compact settled rows
+            # ignores the key (it would refuse their rows, and with them the whole state).
+            out["d"] = [r.to_row() for r in self.settled.values()]
         return out
 
     @classmethod
@@ -351,5 +360,6 @@ class UserCapState:
                 state.windows[key] = RollingState.from_obj(wobj, usd, bucket_count)
         for row in (*obj.get("r", ()), *obj.get("d", ())):
             reservation = Reservation.from_row(row)
-            state.reservations[reservation.admission.reservation_id] = reservation
+            into = state.settled if reservation.settled else state.reservations
+            into[reservation.admission.reservation_id] = reservation
         return state

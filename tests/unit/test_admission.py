@@ -402,7 +402,7 @@ def test_settle_with_actual_below_estimate_releases_the_difference() -> None:
     assert admit(state, "month", E("0.50"), rid="r").action == "allow"
     assert admit(state, "month", E("0.100000000000000000000001")).action == "block"
     spend(state, "month", "0.30", reservation_id="r")  # settles r: 0.70 spent, 0.30 left
-    assert not state.reservations["r"].held
+    assert not state.reservation("r").held
     assert admit(state, "month", E("0.300000000000000000000001")).action == "block"
     assert admit(state, "month", E("0.30")).action == "allow"
 
@@ -419,12 +419,12 @@ def test_a_settled_reservation_is_forgotten_sooner_than_a_held_one() -> None:
     again = admit(
         state, "month", E("0.10"), T0 + timedelta(seconds=SETTLED_MEMORY_S - 1), rid="done"
     )
-    assert again.action == "allow" and not state.reservations["done"].held
+    assert again.action == "allow" and not state.reservation("done").held
     ENGINE.expire_reservations(state, T0 + timedelta(seconds=SETTLED_MEMORY_S))
-    assert "done" not in state.reservations  # settled: forgotten
-    assert state.reservations["open"].held  # still holding until its TTL
+    assert state.reservation("done") is None  # settled: forgotten
+    assert state.reservation("open").held  # still holding until its TTL
     restored = ENGINE.restore(orjson.loads(orjson.dumps(state.to_dict())))
-    assert set(restored.reservations) == {"open"}
+    assert set(restored.reservations) == {"open"} and not restored.settled
 
 
 def test_a_settled_reservation_is_remembered_as_its_id_action_and_model() -> None:
@@ -433,7 +433,7 @@ def test_a_settled_reservation_is_remembered_as_its_id_action_and_model() -> Non
     state = fresh("month")
     first = admit(state, "month", E("0.10"), rid="done")
     spend(state, "month", "0.05", reservation_id="done")
-    kept = state.reservations["done"]
+    kept = state.reservation("done")
     assert kept.to_row() == ["done", kept.expires, first.action, first.model]
     # A repeat is answered with the first action and model, holds nothing, spends nothing.
     again = admit(state, "month", E("0.10"), rid="done")
@@ -452,6 +452,25 @@ def test_a_settled_reservation_is_remembered_as_its_id_action_and_model() -> Non
         Reservation.from_row(["done", 99, "maybe", None])
 
 
+def test_settled_reservations_expire_in_the_order_they_were_settled() -> None:
+    from stream_processors.caps.admission import SETTLED_MEMORY_S
+    from stream_processors.caps.reservations import SETTLED
+
+    state = fresh("month")
+    admit(state, "month", E("0.10"), T0, rid="a")
+    admit(state, "month", E("0.10"), T0 + timedelta(seconds=50), rid="b")
+    ENGINE.settle(state, "b")  # remembered until T0 + 50 + SETTLED_MEMORY_S
+    ENGINE.settle(state, "a")  # until T0 + SETTLED_MEMORY_S, but settled after b
+    assert list(state.settled) == ["b", "a"] and not state.reservations
+    ENGINE.expire_reservations(state, T0 + timedelta(seconds=SETTLED_MEMORY_S))
+    # a's time is up, but b, settled before it, is not: a stays (holding nothing) until b goes.
+    assert list(state.settled) == ["b", "a"]
+    late = admit(state, "month", E("0.10"), T0 + timedelta(seconds=SETTLED_MEMORY_S), rid="a")
+    assert late.reason == SETTLED and late.reserved.cost == 0 and not state.reservations
+    ENGINE.expire_reservations(state, T0 + timedelta(seconds=50 + SETTLED_MEMORY_S))
+    assert not state.settled
+
+
 def test_settle_unknown_twice_or_expired_is_a_no_op() -> None:
     state = fresh("month")
     assert not ENGINE.settle(state, "nope")
@@ -460,7 +479,7 @@ def test_settle_unknown_twice_or_expired_is_a_no_op() -> None:
     assert not ENGINE.settle(state, "r")
     admit(state, "month", E("0.50"), rid="s")
     ENGINE.expire_reservations(state, T0 + timedelta(seconds=TTL))
-    assert "s" not in state.reservations and not ENGINE.settle(state, "s")
+    assert state.reservation("s") is None and not ENGINE.settle(state, "s")
     # The late usage still counts as usage.
     spend(state, "month", "0.50", T0 + timedelta(seconds=TTL), reservation_id="s")
     window = state.windows["month.m"]

@@ -124,10 +124,10 @@ def test_the_caps_stage_settles_the_reservation_an_event_carries() -> None:
 
     assert out.counters["caps_applied"] == 2
     state = stored(engine, caps)
-    assert not state.reservations["res-1"].held  # settled by its usage event
-    assert state.reservations["res-1"].settled
-    assert state.reservations["res-2"].held  # no event named it: still held
-    assert not state.reservations["res-2"].settled
+    assert not state.reservation("res-1").held  # settled by its usage event
+    assert state.reservation("res-1").settled
+    assert state.reservation("res-2").held  # no event named it: still held
+    assert not state.reservation("res-2").settled
 
 
 def test_a_settled_hold_frees_its_budget_for_the_next_admission() -> None:
@@ -154,8 +154,8 @@ def test_an_unknown_reservation_id_changes_nothing() -> None:
 
     assert out.counters["caps_applied"] == 1
     state = stored(engine, caps)
-    assert state.reservations["res-1"].held
-    assert "res-other" not in state.reservations
+    assert state.reservation("res-1").held
+    assert state.reservation("res-other") is None
 
 
 def test_the_worker_pipeline_settles_a_reservation_from_the_message_bytes() -> None:
@@ -183,8 +183,8 @@ def test_the_worker_pipeline_settles_a_reservation_from_the_message_bytes() -> N
     assert not out.poison and not out.result.dead
     assert out.capped.counters["caps_applied"] == 2
     state = stored(engine, states[3])
-    assert state.reservations["res-1"].settled and not state.reservations["res-1"].held
-    assert state.reservations["res-2"].held
+    assert state.reservation("res-1").settled and not state.reservation("res-1").held
+    assert state.reservation("res-2").held
     # The priced output does not carry the field (its schema is unchanged).
     for _, value in out.result.priced:
         assert b"reservation_id" not in value
