@@ -168,7 +168,8 @@ class CapEngine:
         wall clock); ``model`` the requested model; ``downgrade_estimate`` the estimate on the
         plan's downgrade model (or a callable from the model's name), needed only when a
         downgrade is due. Idempotent on ``reservation_id``: while it is remembered, the same
-        id returns the stored answer and reserves nothing more. Raises ``ValueError`` for a
+        id returns the stored answer and reserves nothing more (once settled: its action and
+        model, reason ``settled``). Raises ``ValueError`` for a
         subscription of another user, :class:`ConfigError` for a plan the catalog lacks.
         """
         if sub.user_id != state.user_id:
