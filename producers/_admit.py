@@ -68,7 +68,8 @@ class Ticket:
     action: Literal["allow", "downgrade", "block"]
     reason: str
     """``ok``, ``overage``, ``credit``, ``cap``, ``ceiling``, ``downgrade_without_estimate``,
-    ``no_plan`` (caps do not apply to the user; nothing is held)."""
+    ``no_plan`` (caps do not apply to the user; nothing is held), ``settled`` (a repeat of an
+    id whose usage already arrived; nothing more is held)."""
     model: str | None
     """The model to serve (the requested one, or the downgrade model); ``None`` when blocked."""
     reservation_id: str

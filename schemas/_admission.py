@@ -82,7 +82,8 @@ class AdmissionAnswer(msgspec.Struct, kw_only=True, omit_defaults=True):
     action: Literal["allow", "downgrade", "block"]
     reason: str
     """``ok``, ``overage``, ``credit``, ``cap``, ``ceiling``, ``downgrade_without_estimate``;
-    ``no_plan`` (no subscription or plan: caps do not apply, nothing is held)."""
+    ``no_plan`` (no subscription or plan: caps do not apply, nothing is held); ``settled`` (a
+    repeat of a request whose call's usage already settled it: nothing more is held)."""
     model: str | None = None
     """The model to serve (``None`` when blocked)."""
     window: str | None = None
