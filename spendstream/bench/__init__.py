@@ -245,7 +245,7 @@ def caps_latency(settings: Settings, rate: int, seconds: float, workers: int = 1
     from pathlib import Path
 
     from spendstream.bench.caps import run_caps_bench
-    from spendstream.bench.worker import isolated
+    from spendstream.bench.worker import isolated, wait_for_group
     from spendstream.kafka_admin import delete_topics, ensure_topics, topic_partitions
     from spendstream.runner import WorkerProcess
 
@@ -258,7 +258,7 @@ def caps_latency(settings: Settings, rate: int, seconds: float, workers: int = 1
     try:
         if workers > 1:
             # Measure only once the group has settled: a rebalance mid-run would be measured.
-            _wait_for_group(conf, s.processor.app_id, workers, procs)
+            wait_for_group(conf, s.processor.app_id, workers, procs)
         figures = run_caps_bench(s, rate, seconds, users=min(2_000, max(rate // 5, 100)))
         for proc in procs:
             proc.check_alive()
@@ -268,34 +268,6 @@ def caps_latency(settings: Settings, rate: int, seconds: float, workers: int = 1
             proc.stop()
         delete_topics(conf, [t for t in topic_partitions(conf) if t.startswith(prefix)])
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _wait_for_group(
-    conf: dict[str, Any], group_id: str, members: int, procs: list[Any], timeout_s: float = 180.0
-) -> None:
-    """Block until ``group_id`` is stable with ``members`` members (faust's assignor encodes
-    assignments in its own format, so the members' partitions are not read here)."""
-    from confluent_kafka import ConsumerGroupState, KafkaException
-
-    from spendstream.kafka_admin import admin_client
-
-    admin = admin_client(conf, quiet=True)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for proc in procs:
-            proc.check_alive()
-        try:
-            group = admin.describe_consumer_groups([group_id])[group_id].result(timeout=10)
-        except (KafkaException, TimeoutError):  # no group yet, or its coordinator is loading
-            group = None
-        if (
-            group is not None
-            and group.state == ConsumerGroupState.STABLE
-            and len(group.members) == members
-        ):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"group {group_id!r} did not settle with {members} members in time")
 
 
 @contextmanager

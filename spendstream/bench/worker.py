@@ -120,6 +120,34 @@ def _wait_committed(conf: dict[str, Any], s: Settings, t0: float) -> float:
     return time.monotonic() - t0
 
 
+def wait_for_group(
+    conf: dict[str, Any], group_id: str, members: int, procs: list[Any], timeout_s: float = 180.0
+) -> None:
+    """Block until ``group_id`` is stable with ``members`` members (faust's assignor encodes
+    assignments in its own format, so the members' partitions are not read here)."""
+    from confluent_kafka import ConsumerGroupState, KafkaException
+
+    from spendstream.kafka_admin import admin_client
+
+    admin = admin_client(conf, quiet=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in procs:
+            proc.check_alive()
+        try:
+            group = admin.describe_consumer_groups([group_id])[group_id].result(timeout=10)
+        except (KafkaException, TimeoutError):  # no group yet, or its coordinator is loading
+            group = None
+        if (
+            group is not None
+            and group.state == ConsumerGroupState.STABLE
+            and len(group.members) == members
+        ):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"group {group_id!r} did not settle with {members} members in time")
+
+
 @dataclass
 class BenchInput:
     """Simulated events pre-produced on a topic of their own, shared by the measurements."""
@@ -132,23 +160,37 @@ class BenchInput:
     payloads: list[tuple[str, bytes]]
     subscriptions: list[Any]
     users: int
+    filled: bool = False
+    """Whether the events are on the input topic yet (:meth:`fill`)."""
 
     @property
     def conf(self) -> dict[str, Any]:
         """librdkafka configuration of the broker."""
         return self.settings.kafka.confluent_config()
 
+    def fill(self) -> None:
+        """Produce the events to the input topic (once)."""
+        from producers import UsageProducer
+
+        if self.filled:
+            return
+        with UsageProducer(self.settings) as producer:
+            for key, value in self.payloads:
+                producer.send_raw(key.encode(), value)
+        self.filled = True
+
 
 @contextmanager
 def bench_input(
-    settings: Settings, events: int, users: int, *, name: str = "bench"
+    settings: Settings, events: int, users: int, *, name: str = "bench", fill: bool = True
 ) -> Iterator[BenchInput]:
     """Produce ``events`` simulated events (seed 7) to fresh topics; delete them afterwards.
 
     The plan schedules go to the subscriptions topic first. The data are the same for the same
-    ``events`` and ``users``, so figures measured on different inputs stay comparable.
+    ``events`` and ``users``, so figures measured on different inputs stay comparable. With
+    ``fill=False`` the events are produced only by :meth:`BenchInput.fill`.
     """
-    from producers import UsageProducer, publish_subscriptions
+    from producers import publish_subscriptions
     from spendstream.kafka_admin import delete_topics, ensure_topics, topic_partitions
 
     prefix = f"{name}-{uuid.uuid4().hex[:8]}"
@@ -160,9 +202,8 @@ def bench_input(
     try:
         ensure_topics(s)
         publish_subscriptions(s, subs)
-        with UsageProducer(s) as producer:
-            for key, value in payloads:
-                producer.send_raw(key.encode(), value)
+        if fill:
+            data.fill()
         yield data
     finally:
         # Ours and whatever the measured processes created under the prefix (changelogs).
@@ -174,7 +215,7 @@ def run_worker_bench(
     settings: Settings, events: int = 100_000, users: int = 2_000, *, processes: int = 1
 ) -> dict[str, Any]:
     """Measure ``processes`` workers (one group) on the broker ``settings`` point at."""
-    with bench_input(settings, events, users) as data:
+    with bench_input(settings, events, users, fill=processes == 1) as data:
         return measure_worker(data, processes)
 
 
@@ -257,9 +298,10 @@ def measure_worker(data: BenchInput, processes: int = 1) -> dict[str, Any]:
     """Run ``processes`` workers in one group over ``data`` (its app id has not consumed it
     yet); return the figures.
 
-    Each worker has a state folder of its own, as on machines of their own. They start
-    together, so the group's first rebalances fall into the run; the steady rate (10 % to
-    90 % of the events) is the figure to compare across process counts.
+    Each worker has a state folder of its own, as on machines of their own. With more than
+    one, the events are produced only once the group is stable with every worker in it (if
+    ``data`` is not filled yet), so that no rebalance falls into the run; ``group_settle_s``
+    is how long that took.
     """
     from spendstream.runner import WorkerProcess
 
@@ -276,6 +318,18 @@ def measure_worker(data: BenchInput, processes: int = 1) -> dict[str, Any]:
     # committed offsets, which move only every commit interval.
     samples: list[tuple[float, int]] = []
     size = TopicSize(conf, s.topics.priced)
+    settle_s = 0.0
+    try:
+        if not data.filled:
+            started = time.monotonic()
+            wait_for_group(conf, s.processor.app_id, processes, workers)
+            settle_s = time.monotonic() - started
+            data.fill()
+    except BaseException:
+        for worker in workers:
+            worker.stop()
+        size.close()
+        raise
     t0 = time.monotonic()
     try:
         while True:
@@ -304,6 +358,7 @@ def measure_worker(data: BenchInput, processes: int = 1) -> dict[str, Any]:
         "users": data.users,
         "processes": processes,
         "partitions_opened": " / ".join(map(str, opened)),
+        "group_settle_s": settle_s,
         "worker_events_per_s": rate,
         "worker_steady_events_per_s": steady,
         "pure_events_per_s": pure,

@@ -20,3 +20,5 @@ def test_two_worker_processes_price_every_event_and_share_the_partitions(
     opened = [int(n) for n in figures["partitions_opened"].split(" / ")]
     assert len(opened) == 2 and all(n >= 1 for n in opened), opened
     assert sum(opened) >= settings.topics.partitions
+    # The events were produced once the group was stable with both workers in it.
+    assert figures["group_settle_s"] > 0
