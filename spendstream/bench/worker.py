@@ -307,12 +307,15 @@ def measure_worker(data: BenchInput, processes: int = 1) -> dict[str, Any]:
 
     s, conf, payloads = data.settings, data.conf, data.payloads
     pure = pure_rate(s, payloads, data.subscriptions)
+    folders = (
+        [data.workdir] if processes == 1 else [data.workdir / f"w{i}" for i in range(processes)]
+    )
     workers = [
         WorkerProcess(
-            s if processes == 1 else s.model_copy(update={"state_dir": data.workdir / f"w{i}"}),
+            s if processes == 1 else s.model_copy(update={"state_dir": folder}),
             data.workdir / ("worker.log" if processes == 1 else f"worker-{i}.log"),
         )
-        for i in range(processes)
+        for i, folder in enumerate(folders)
     ]
     # Progress is read on the output side (priced events written) rather than from
     # committed offsets, which move only every commit interval.
@@ -325,13 +328,7 @@ def measure_worker(data: BenchInput, processes: int = 1) -> dict[str, Any]:
             wait_for_group(conf, s.processor.app_id, processes, workers)
             settle_s = time.monotonic() - started
             data.fill()
-    except BaseException:
-        for worker in workers:
-            worker.stop()
-        size.close()
-        raise
-    t0 = time.monotonic()
-    try:
+        t0 = time.monotonic()
         while True:
             for worker in workers:
                 worker.check_alive()
@@ -348,10 +345,7 @@ def measure_worker(data: BenchInput, processes: int = 1) -> dict[str, Any]:
         for worker in workers:
             worker.stop()
         size.close()
-    opened = [
-        _partitions_opened(data.workdir if processes == 1 else data.workdir / f"w{i}", s)
-        for i in range(processes)
-    ]
+    opened = [_partitions_opened(folder, s) for folder in folders]
     first, rate, steady = progress_rates(samples, len(payloads))
     return {
         "events": len(payloads),

@@ -3,7 +3,8 @@
 Pure data and its compact JSON-safe form (docs/DESIGN.md, "Admission (reservations)"). The
 decision itself is :mod:`stream_processors.caps.admission`; the per-user state keeps one
 :class:`Reservation` per reservation id in :attr:`UserCapState.reservations
-<stream_processors.caps.UserCapState.reservations>`.
+<stream_processors.caps.UserCapState.reservations>` (held and blocked ones) or
+:attr:`UserCapState.settled <stream_processors.caps.UserCapState.settled>`.
 
 Money is integer units of 10**-MONEY_SCALE USD (:mod:`stream_processors._money`), never float.
 """
