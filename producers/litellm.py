@@ -40,7 +40,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,6 +155,11 @@ class LiteLLMOptions(BaseSettings):
     admit_max_output_tokens: int = Field(default=4096, ge=1)
     """The output limit set on an admitted request that gives neither ``max_tokens`` nor
     ``max_completion_tokens``: the call cannot exceed what was reserved."""
+    guard_models: str = ""
+    """Comma-separated models (the names requests ask for) never admitted on an estimate: the
+    guard decides their requests. List those the proxy's router falls back from (its
+    ``fallbacks``, ``context_window_fallbacks`` or ``content_policy_fallbacks``): an estimate
+    prices the requested model, and a fallback may cost more."""
 
     @property
     def user_path(self) -> tuple[str, ...]:
@@ -165,6 +170,11 @@ class LiteLLMOptions(BaseSettings):
     def org_path(self) -> tuple[str, ...]:
         """``org_fields`` as a tuple."""
         return _split(self.org_fields)
+
+    @property
+    def guard_model_set(self) -> frozenset[str]:
+        """``guard_models`` as a set."""
+        return frozenset(_split(self.guard_models))
 
 
 def _split(fields: str) -> tuple[str, ...]:
@@ -565,16 +575,20 @@ _TEXT_PARTS = frozenset({"text"})
 """Content part types whose tokens :func:`input_token_bound` bounds by their bytes."""
 
 
-def unbounded_cost(data: Mapping[str, Any]) -> str | None:
+def unbounded_cost(data: Mapping[str, Any], guard_models: Collection[str] = ()) -> str | None:
     """Why an admission estimate would not bound the chat request ``data``'s cost (``None``:
     it does).
 
-    An admission holds the call's token maxima priced at the standard tier, with text rates,
-    no cache and no search. A request that can cost more than that is not admitted on such an
-    estimate; the guard decides it instead: one with image, audio or file input (content parts
-    other than text), audio output (``modalities`` other than text, or ``audio``), web search
-    (``web_search_options``, or a tool whose type starts with ``web_search``), or the
-    ``priority`` tier.
+    An admission holds the call's token maxima on the requested model, priced at the standard
+    tier, with text rates, no cache and no search. A request that can cost more than that is
+    not admitted on such an estimate; the guard decides it instead: one with image, audio or
+    file input (content parts other than text), audio output (``modalities`` other than text,
+    or ``audio``), web search (``web_search_options``, or a tool whose type starts with
+    ``web_search``), the ``priority`` tier, or fallbacks of its own (``fallbacks``,
+    ``context_window_fallback_dict``: LiteLLM may serve the call on another model, which the
+    estimate did not price). So is a request for a model in ``guard_models``: the proxy
+    configuration's fallbacks are not in the request, and the operator lists the models that
+    have some (``LiteLLMOptions.guard_models``).
     """
     messages = data.get("messages")
     for message in messages if isinstance(messages, list) else ():
@@ -596,6 +610,12 @@ def unbounded_cost(data: Mapping[str, Any]) -> str | None:
         return "web search is priced per search"
     if data.get("service_tier") == "priority":
         return "the priority tier costs more than the standard estimate"
+    # An empty list or mapping names no other model: only a non-empty one can move the call.
+    if data.get("fallbacks") or data.get("context_window_fallback_dict"):
+        return "its fallbacks may serve a model the estimate did not price"
+    model = data.get("model")
+    if isinstance(model, str) and model in guard_models:
+        return "the proxy falls back from this model (guard_models)"
     return None
 
 
@@ -632,6 +652,7 @@ class SpendstreamLogger(CustomLogger):
         super().__init__()
         self.settings = settings if settings is not None else load_settings()
         self.options = options if options is not None else LiteLLMOptions()
+        self._guard_models = self.options.guard_model_set
         self._producer_config = dict(producer_config) if producer_config is not None else None
         self._clock = clock
         self._lock = threading.Lock()
@@ -912,11 +933,12 @@ class SpendstreamLogger(CustomLogger):
         both), times ``n`` choices. A request that gives neither limit gets ``max_tokens`` =
         ``options.admit_max_output_tokens`` once admitted. A request whose cost such maxima
         do not bound (:func:`unbounded_cost`: image, audio or file input, audio output, web
-        search, the priority tier) is not admitted. The first request waits up to
+        search, the priority tier, fallbacks in the request, a model in
+        ``options.guard_models``) is not admitted. The first request waits up to
         10 s for the Admitter to connect; one that gets no answer waits up to
         ``admission.deadline_s`` before the guard decides it.
         """
-        unbounded = unbounded_cost(data)
+        unbounded = unbounded_cost(data, self._guard_models)
         if unbounded is not None:
             self._unadmitted(f"not bounded by an estimate: {unbounded}")
             return None

@@ -1138,15 +1138,47 @@ TEXT_PART = {"type": "text", "text": "hello"}
         pytest.param({"service_tier": "priority"}, "priority", id="priority"),
         pytest.param({"service_tier": "flex"}, None, id="flex"),
         pytest.param({"service_tier": "auto"}, None, id="auto"),
+        pytest.param({"fallbacks": ["claude-opus-4"]}, "fallbacks", id="fallbacks"),
+        pytest.param({"fallbacks": [{"gpt-4o": ["o1-pro"]}]}, "fallbacks",
+                     id="fallbacks-by-model"),
+        pytest.param({"fallbacks": []}, None, id="no-fallbacks"),
+        pytest.param({"fallbacks": None}, None, id="fallbacks-none"),
+        pytest.param({"context_window_fallback_dict": {"gpt-4o": "gpt-4.1"}}, "fallbacks",
+                     id="context-window-fallbacks"),
+        pytest.param({"context_window_fallback_dict": {}}, None,
+                     id="no-context-window-fallbacks"),
+        pytest.param({"model": "gpt-4o-with-fallbacks"}, "guard_models", id="guard-model"),
+        pytest.param({"model": "gpt-4o-mini"}, None, id="other-model"),
+        pytest.param({"model": ["gpt-4o-with-fallbacks"]}, None, id="model-not-a-string"),
     ],
 )  # fmt: skip
 def test_what_an_admission_estimate_does_not_bound(
     extra: dict[str, Any], reason: str | None
 ) -> None:
-    found = unbounded_cost(request(**extra))
+    found = unbounded_cost(request(**extra), frozenset({"gpt-4o-with-fallbacks", "o3"}))
     assert (found is None) == (reason is None), found
     if reason is not None:
         assert found is not None and reason in found
+
+
+def test_guard_models_are_read_from_the_environment_and_decided_by_the_guard(
+    tmp_path: Path, callbacks: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPENDSTREAM_LITELLM_GUARD_MODELS", " gpt-4o , o3,")
+    assert LiteLLMOptions().guard_model_set == frozenset({"gpt-4o", "o3"})
+    assert LiteLLMOptions(guard_models="").guard_model_set == frozenset()
+    admitter = FakeAdmitter(ALLOW)
+    handler = admitting(tmp_path, admitter, guard_models="gpt-4o")
+    proxy = proxy_with(handler, callbacks)
+    with pytest.raises(HTTPException) as raised:
+        pre_call(proxy, request(), "blocked")  # gpt-4o: the guard blocks, nobody is asked
+    assert raised.value.status_code == 429
+    assert admitter.asked == [] and admitter.starts == 0
+    data = pre_call(proxy, request(model="gpt-4o-mini"), "alice")
+    assert RESERVATION_ID_KEY in data["metadata"] and len(admitter.asked) == 1
+    stats = handler.stats()
+    assert stats.unadmitted == 1 and stats.last_error is not None
+    assert "guard_models" in stats.last_error
 
 
 def test_a_request_the_estimate_does_not_bound_is_decided_by_the_guard(
