@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 from spendstream.errors import KafkaError
+from spendstream.kafka_fetch import fetch_ready
 
 V = TypeVar("V")
 log = logging.getLogger(__name__)
@@ -142,15 +143,9 @@ class CompactedTopicView(Generic[V]):
         pending_eof = set(parts)
         try:
             while not self._stop.is_set():
-                # consume(n, timeout) returns only once it has n messages or the timeout
-                # passed, so each change waited out the poll interval (measured: one record,
-                # consume(1000, 0.05) returned after 50 ms, poll after 1-2 ms). Wait for the
-                # first record, then take what else is there without waiting.
-                first = consumer.poll(self._poll_interval_s)
+                batch = fetch_ready(consumer, self._poll_interval_s)
                 self.last_poll_monotonic = time.monotonic()
-                if first is None:
-                    continue
-                for msg in [first, *consumer.consume(num_messages=1000, timeout=0)]:
+                for msg in batch:
                     err = msg.error()
                     if err is not None:
                         if err.code() == err._PARTITION_EOF:

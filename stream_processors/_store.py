@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteBufferManager
 
+from spendstream.kafka_fetch import fetch_ready
 from stream_processors._output import OutputProducer
 from stream_processors._state import StateNotReady, seen_hour
 
@@ -519,7 +520,7 @@ def restore_partitions(
                     return
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"restore did not finish in {timeout_s:.0f} s")
-                msgs: list[Any] = consumer.consume(50_000, 0.5)
+                msgs: list[Any] = fetch_ready(consumer, 0.5, 50_000)
                 batches: dict[tuple[str, int], list[Any]] = {}  # where -> [batch, n, last]
                 for m in msgs:
                     err = m.error()

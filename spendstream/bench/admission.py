@@ -42,6 +42,7 @@ import orjson
 
 from producers import Admitter, UsageProducer, publish_subscriptions
 from schemas import PlanPeriod, Subscription
+from spendstream.kafka_fetch import fetch_ready
 from spendstream.settings import Settings
 
 ORG = "bench"
@@ -253,7 +254,7 @@ def priced_of(s: Settings, user: str, want: int, limit_s: float) -> list[dict[st
     quiet_until: float | None = None
     try:
         while time.monotonic() < deadline:
-            for msg in consumer.consume(1000, 0.2):
+            for msg in fetch_ready(consumer, 0.2):
                 if msg.error() is None and msg.key() == key:
                     row = orjson.loads(msg.value() or b"{}")
                     seen[row["event_id"]] = row

@@ -29,6 +29,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from producers import UsageProducer, publish_subscriptions
 from schemas import PlanPeriod, Subscription
+from spendstream.kafka_fetch import fetch_ready
 from spendstream.settings import Settings, load_settings
 from stream_processors import to_micros
 
@@ -87,12 +88,9 @@ class _OutputReader(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            # Not consume(1000, 0.05) alone: it returns only with 1,000 messages or after the
-            # whole 50 ms, which stamped arrivals up to 50 ms late (up to 2026-12-05 16:50 UTC).
-            first = self.consumer.poll(0.05)
-            if first is None:
+            batch = fetch_ready(self.consumer, 0.05)
+            if not batch:
                 continue
-            batch = [first, *self.consumer.consume(1000, 0)]
             now = time.monotonic()  # one stamp per fetch: when these messages arrived
             for msg in batch:
                 value = msg.value()

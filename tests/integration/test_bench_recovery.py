@@ -23,7 +23,9 @@ def test_the_recovery_section_restarts_restores_and_fails_over(make_settings: An
     assert figures["fresh_restore_changelog_records"] >= 3_000
     assert 0 < figures["restart_same_machine_s"] < 120
     assert 0 < figures["restart_fresh_machine_s"] < 120
-    # Fail-over waits for the session timeout before another worker takes the partitions.
-    assert figures["failover_to_other_machine_s"] >= 6
+    # Fail-over waits for the session timeout before another worker takes the partitions. The
+    # broker counts it from the killed worker's last heartbeat, which can precede the kill by
+    # one heartbeat interval (session timeout / 10, stream_processors/_app.py).
+    assert figures["failover_to_other_machine_s"] >= 6 - 6 / 10
     assert figures["state_disk_bytes_per_event"] > 0
     assert figures["dedupe_heap_growth_bytes_per_event"] < 100
