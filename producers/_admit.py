@@ -69,7 +69,8 @@ class Ticket:
     reason: str
     """``ok``, ``overage``, ``credit``, ``cap``, ``ceiling``, ``downgrade_without_estimate``,
     ``no_plan`` (caps do not apply to the user; nothing is held), ``settled`` (a repeat of an
-    id whose usage already arrived; nothing more is held)."""
+    id whose usage already arrived; nothing more is held), ``wrong_org`` (blocked: the request
+    named an org other than the user's subscription's; nothing is held)."""
     model: str | None
     """The model to serve (the requested one, or the downgrade model); ``None`` when blocked."""
     reservation_id: str

@@ -83,7 +83,8 @@ class AdmissionAnswer(msgspec.Struct, kw_only=True, omit_defaults=True):
     reason: str
     """``ok``, ``overage``, ``credit``, ``cap``, ``ceiling``, ``downgrade_without_estimate``;
     ``no_plan`` (no subscription or plan: caps do not apply, nothing is held); ``settled`` (a
-    repeat of a request whose call's usage already settled it: nothing more is held)."""
+    repeat of a request whose call's usage already settled it: nothing more is held);
+    ``wrong_org`` (a block: the request's ``org_id`` is not the subscription's; nothing held)."""
     model: str | None = None
     """The model to serve (``None`` when blocked)."""
     window: str | None = None

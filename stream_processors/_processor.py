@@ -438,9 +438,14 @@ class UsageProcessor:
                 # kept; each state below knows the last offset it applied: nothing counts twice.
                 counters["replayed"] += 1
                 late = prior.endswith(b":1")
-            plan_id = self._plan_of(event)
-            if plan_id == NO_PLAN:
+            sub = self._subscriptions(event.user_id)
+            if sub is None:
+                plan_id = NO_PLAN
                 counters["no_subscription"] += 1
+            else:
+                plan_id = sub.plan_at(event.occurred_at)
+                if sub.org_id != event.org_id:
+                    counters["org_mismatch"] += 1
             quote = self.catalog.quote(event)
             if quote.unknown_model:
                 counters["unknown_model"] += 1
@@ -596,10 +601,6 @@ class UsageProcessor:
         if len(st) == _EVICTED_LEN:
             return int(st[1]), True, skey, st
         return int(st[13]), False, skey, st
-
-    def _plan_of(self, event: DecodedEvent) -> str:
-        sub = self._subscriptions(event.user_id)
-        return sub.plan_at(event.occurred_at) if sub is not None else NO_PLAN
 
     @staticmethod
     def _priced(

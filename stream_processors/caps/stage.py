@@ -220,6 +220,10 @@ class CapStage:
                 counters["caps_no_subscription"] += usage_n
                 self._answer_uncapped(items, now, out)
                 continue
+            if admissions:
+                items = self._refuse_other_orgs(sub, items, now, out)
+                if not items:
+                    continue
             # The batch is in partition order, so the user's last record names the partition
             # their state and outputs belong to (all of a user's events share one anyway).
             partition = items[-1].partition
@@ -274,6 +278,38 @@ class CapStage:
             if plan_id != NO_PLAN and plan_id in self.engine.catalog:
                 return True
         return False
+
+    def _refuse_other_orgs(
+        self,
+        sub: Subscription,
+        items: list[PricedRecord | AdmissionItem],
+        now: datetime,
+        out: CapOutputs,
+    ) -> list[PricedRecord | AdmissionItem]:
+        """Block the requests that name an org other than the subscription's; the rest.
+
+        A gateway reserves on behalf of its own tenant: a request for another org's user would
+        hold (and could exhaust) that user's budget. It is answered ``block``, reason
+        ``wrong_org``, and nothing is held or remembered; the same request gets the same answer
+        on a replay, since the subscription decides it.
+        """
+        kept: list[PricedRecord | AdmissionItem] = []
+        for item in items:
+            if isinstance(item, AdmissionItem) and item.request.org_id != sub.org_id:
+                req = item.request
+                answer = AdmissionAnswer(
+                    reservation_id=req.reservation_id,
+                    gateway=req.gateway,
+                    user_id=req.user_id,
+                    action="block",
+                    reason="wrong_org",
+                    answered_at=micros_to_iso(to_micros(now)),
+                )
+                self._reply(req, answer, out)
+                out.counters["admission_wrong_org"] += 1
+            else:
+                kept.append(item)
+        return kept
 
     def _answer_uncapped(
         self, items: Sequence[PricedRecord | AdmissionItem], now: datetime, out: CapOutputs

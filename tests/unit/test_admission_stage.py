@@ -106,10 +106,10 @@ def _pipeline(states: list[DictState] | None = None) -> tuple[BatchPipeline, lis
     return BatchPipeline(processor, caps, states), states
 
 
-def _request(user: str, rid: str, pool: int = 0, gateway: str = "gw-1") -> bytes:
+def _request(user: str, rid: str, pool: int = 0, gateway: str = "gw-1", org: str = "org") -> bytes:
     return encode_request(
         AdmissionRequest(
-            org_id="org",
+            org_id=org,
             user_id=user,
             reservation_id=rid,
             gateway=gateway,
@@ -283,6 +283,39 @@ def test_a_user_without_a_plan_is_admitted_and_nothing_is_held() -> None:
     out = _answers(pipeline.run(_records([_request("nobody", "q")]), T0))
     assert (out[0]["action"], out[0]["reason"]) == ("allow", "no_plan")
     assert states[3].get("nobody") is None
+
+
+def test_a_request_naming_another_org_is_blocked_and_holds_nothing() -> None:
+    pipeline, states = _pipeline()
+    # A gateway of another tenant asks for "near"'s budget, pools included, between and
+    # around the user's own requests: it is refused and the user's budget is untouched.
+    batch = [
+        _request("near", "x0", org="intruder"),
+        _request("near", "own0"),
+        *[_request("near", f"x{i}", pool=8, org="intruder") for i in range(1, 10)],
+        *[_request("near", f"own{i}") for i in range(1, 10)],
+        _request("far", "x-far", pool=8, org="ORG"),  # ids compare exactly
+    ]
+    records = _records(batch)
+    out = pipeline.run(records, T0)
+    answers = {a["reservation_id"]: a for a in _answers(out)}
+    assert len(answers) == len(batch)
+    refused = [rid for rid, a in answers.items() if rid.startswith("x")]
+    assert len(refused) == 11
+    for rid in refused:
+        a = answers[rid]
+        assert (a["action"], a["reason"], a.get("pooled", [])) == ("block", "wrong_org", [])
+        assert a.get("model") is None
+    # The user's own requests see the whole 0.10: six calls of 0.015 fit, as without them.
+    fit = int(Decimal("0.10") / (ESTIMATE * UNIT))
+    own = [answers[f"own{i}"]["action"] for i in range(10)]
+    assert own == ["allow"] * fit + ["block"] * (10 - fit)
+    assert out.capped.counters["admission_wrong_org"] == 11
+    # Replayed (a crash before the commit): the same refusals, nothing held for them.
+    again = {a["reservation_id"]: a for a in _answers(pipeline.run(records, T0))}
+    assert {rid: again[rid]["reason"] for rid in refused} == dict.fromkeys(refused, "wrong_org")
+    state = states[3].get("far")
+    assert state is None or b"x-far" not in state
 
 
 def _stage_with(windows: list[dict[str, Any]]) -> BatchPipeline:

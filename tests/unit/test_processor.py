@@ -245,6 +245,16 @@ def test_unknown_user_and_model_are_counted_not_dropped() -> None:
     assert r.counters["no_subscription"] == 1 and r.counters["unknown_model"] == 1
 
 
+def test_an_event_naming_another_org_still_counts_on_its_user_and_is_counted() -> None:
+    p = make()
+    r = p.process([rec(ev(1, T0, org_id="other")), rec(ev(2, T0))])
+    priced = [orjson.loads(v) for _, v in r.priced]
+    # Billed on the user's plan (the call was made), labelled with the org it named.
+    assert [(e["org_id"], e["plan_id"]) for e in priced] == [("other", "pro"), ("o", "pro")]
+    assert r.counters["org_mismatch"] == 1
+    assert len(r.accepted) == 2
+
+
 def test_plan_follows_the_subscription_schedule_at_event_time() -> None:
     schedule = Subscription(
         user_id="u9",
