@@ -19,6 +19,11 @@ Two paths, per user and model:
   other, so a locally admitted call was reserved there already: the local path cannot overshoot
   a cap either. Near a cap the worker grants none, and every request is strict again.
 
+Pooled reservations this process will not hand out are given back (a :class:`ReleaseRequest
+<schemas.ReleaseRequest>`): all of them at :meth:`Admitter.close`, and those past their
+usable half-life when met, so that they stop holding the user's budget before their TTL. Only a
+crash leaves a pool held until it expires.
+
 A request that gets no answer within ``admission.timeout_s`` is sent again with the same id (the
 worker answers a replay with its first answer); after ``admission.deadline_s``
 :class:`AdmissionTimeout` is raised and the gateway chooses (CapGuard's view is a fallback).
@@ -43,8 +48,10 @@ from typing import Any, Literal
 
 from producers._config import producer_config
 from schemas import (
+    MAX_RELEASE,
     AdmissionAnswer,
     AdmissionRequest,
+    ReleaseRequest,
     decode_answer,
     encode_request,
     reply_partition,
@@ -159,12 +166,15 @@ class Admitter:
         self._error: BaseException | None = None
         self._waiters: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
-        self._pools: dict[_PoolKey, deque[tuple[str, float, Decimal]]] = {}
+        self._pools: dict[_PoolKey, deque[tuple[str, float, Decimal, str]]] = {}
+        """Pooled reservations by shape: (id, usable until, cost, the org asked for)."""
         self._ids = itertools.count(1)
         self._prefix = uuid.uuid4().hex[:12]
         self.local_decisions = 0
         self.strict_decisions = 0
         self.resent = 0
+        self.released = 0
+        """Pooled reservations given back unused (at close, or past their usable life)."""
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, *, wait_s: float = 30.0) -> Admitter:
@@ -197,13 +207,26 @@ class Admitter:
         return self
 
     def close(self) -> None:
-        """Stop reading answers; deliver queued requests. Unused pooled holds expire."""
+        """Stop reading answers; give back the unused pooled reservations; deliver what is
+        queued (within 10 s)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
         if self._producer is not None:
-            self._producer.flush(10)
+            with self._lock:
+                pools, self._pools = self._pools, {}
+            unused: dict[tuple[str, str], list[str]] = {}
+            for (user_id, *_), queue in pools.items():
+                for rid, _, _, org_id in queue:
+                    unused.setdefault((user_id, org_id), []).append(rid)
+            for (user_id, org_id), rids in unused.items():
+                self._release(user_id, org_id, rids)
+            remaining = self._producer.flush(10)
+            if remaining:
+                log.warning(
+                    "admission: %d requests or releases were not delivered at close", remaining
+                )
             self._producer = None
 
     def __enter__(self) -> Admitter:
@@ -294,17 +317,37 @@ class Admitter:
         if key not in self._pools:
             return None
         now = time.monotonic()
+        stale: dict[str, list[str]] = {}
+        ticket = None
         with self._lock:
             queue = self._pools.get(key)
             while queue:
-                rid, usable_until, cost = queue.popleft()
+                rid, usable_until, cost, org_id = queue.popleft()
                 if now < usable_until:
                     if not queue:
                         del self._pools[key]
                     self.local_decisions += 1
-                    return Ticket("allow", "ok", model, rid, local=True, cost=cost)
-            self._pools.pop(key, None)
-        return None
+                    ticket = Ticket("allow", "ok", model, rid, local=True, cost=cost)
+                    break
+                stale.setdefault(org_id, []).append(rid)
+            else:
+                self._pools.pop(key, None)
+        for org_id, rids in stale.items():
+            self._release(user_id, org_id, rids)
+        return ticket
+
+    def _release(self, user_id: str, org_id: str, rids: list[str]) -> None:
+        """Give back pooled reservations no call will be made under (not answered)."""
+        if self._producer is None:
+            return
+        for i in range(0, len(rids), MAX_RELEASE):
+            chunk = rids[i : i + MAX_RELEASE]
+            self._send(
+                ReleaseRequest(
+                    org_id=org_id, user_id=user_id, gateway=self.gateway, reservation_ids=chunk
+                )
+            )
+            self.released += len(chunk)
 
     def _ask(
         self,
@@ -338,7 +381,7 @@ class Admitter:
         self._send(request)
         return request, waiter
 
-    def _send(self, request: AdmissionRequest) -> None:
+    def _send(self, request: AdmissionRequest | ReleaseRequest) -> None:
         value = encode_request(request)
         while True:
             try:
@@ -372,7 +415,7 @@ class Admitter:
             with self._lock:
                 # Pooled ones are granted only as plain admissions of the same estimate.
                 pool = self._pools.setdefault(key, deque())
-                pool.extend((p, until, cost) for p in answer.pooled)
+                pool.extend((p, until, cost, request.org_id) for p in answer.pooled)
         return Ticket(
             answer.action,
             answer.reason,

@@ -8,9 +8,11 @@ Importable without Kafka or ClickHouse: producers in any process can validate ag
 from schemas import topics
 from schemas._admission import (
     MAX_POOL,
+    MAX_RELEASE,
     REQUEST_PREFIX,
     AdmissionAnswer,
     AdmissionRequest,
+    ReleaseRequest,
     decode_answer,
     decode_request,
     encode_answer,
@@ -71,6 +73,7 @@ __all__ = [
     "MAX_LATENCY_MS",
     "MAX_POOL",
     "MAX_PRICE_PER_TOKEN",
+    "MAX_RELEASE",
     "MAX_TOKENS",
     "MONEY_SCALE",
     "REQUEST_PREFIX",
@@ -89,6 +92,7 @@ __all__ = [
     "OverageRecord",
     "PlanPeriod",
     "PricedEvent",
+    "ReleaseRequest",
     "Rollup",
     "Subscription",
     "UsageEvent",

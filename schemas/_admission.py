@@ -10,6 +10,10 @@ A request is told from a usage event by its first bytes: its JSON starts with ``
 (:data:`REQUEST_PREFIX`; a usage event has no ``kind`` field, so it can never start so), which is
 how :func:`encode_request` writes it. Anything starting so that is not a valid request goes to
 the dead-letter topic with stage ``admission``.
+
+Two kinds travel so: ``admission`` (:class:`AdmissionRequest`, answered) and ``release``
+(:class:`ReleaseRequest`, not answered): a gateway gives back reservations it will not use, such
+as the pool it holds when it stops, so that they stop holding the user's budget before their TTL.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from spendstream.errors import InvalidEventError
 
 __all__ = [
     "MAX_POOL",
+    "MAX_RELEASE",
     "MAX_RESERVATION_ID_CHARS",
     "REQUEST_PREFIX",
     "AdmissionAnswer",
     "AdmissionRequest",
+    "ReleaseRequest",
     "decode_answer",
     "decode_request",
     "encode_answer",
@@ -41,6 +47,8 @@ REQUEST_PREFIX = b'{"kind":'
 """How an admission request's JSON starts (and a usage event's never does)."""
 MAX_POOL = 64
 """At most this many extra reservations per request (the gateway's local pool)."""
+MAX_RELEASE = 1024
+"""At most this many reservation ids per release request."""
 MAX_RESERVATION_ID_CHARS = 200
 """A request's reservation id; pooled ones add ``.N`` and stay within the contract's 256."""
 
@@ -50,7 +58,9 @@ _Name = Annotated[str, Meta(min_length=1, max_length=128)]
 _Tokens = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
 
 
-class AdmissionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class AdmissionRequest(
+    msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="kind", tag="admission"
+):
     """Reserve budget for one model call of at most the given tokens (and, maybe, a pool).
 
     The worker prices the estimate itself, with its catalog: ``input_tokens`` and
@@ -60,7 +70,6 @@ class AdmissionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     asking, granted only while the user stays far from every cap after them.
     """
 
-    kind: Literal["admission"] = "admission"
     v: Literal[1] = 1
     org_id: _Id
     user_id: _Id
@@ -71,6 +80,25 @@ class AdmissionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     input_tokens: _Tokens = 0
     output_tokens: _Tokens = 0
     pool: Annotated[int, Meta(ge=0, le=MAX_POOL)] = 0
+
+
+class ReleaseRequest(
+    msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="kind", tag="release"
+):
+    """Give back reservations that no call will use: their holds end now, not at their TTL.
+
+    Not answered. The worker releases each listed id the user's state holds (admitted, not yet
+    settled) as if its usage had arrived with nothing spent; unknown, expired, blocked or
+    settled ids change nothing, so a replay or a repeat is harmless. An id released while its
+    call is still running leaves that call's usage unreserved: release only ids that no call
+    was or will be made under (``Admitter.close`` releases its unused pool).
+    """
+
+    v: Literal[1] = 1
+    org_id: _Id
+    user_id: _Id
+    gateway: _Name
+    reservation_ids: Annotated[list[_Id], Meta(min_length=1, max_length=MAX_RELEASE)]
 
 
 class AdmissionAnswer(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -98,18 +126,19 @@ class AdmissionAnswer(msgspec.Struct, kw_only=True, omit_defaults=True):
     answered_at: str = ""
 
 
-_request_decoder = msgspec.json.Decoder(AdmissionRequest)
+_request_decoder = msgspec.json.Decoder(AdmissionRequest | ReleaseRequest)
 _answer_decoder = msgspec.json.Decoder(AdmissionAnswer)
 _encoder = msgspec.json.Encoder()
 
 
-def encode_request(request: AdmissionRequest) -> bytes:
+def encode_request(request: AdmissionRequest | ReleaseRequest) -> bytes:
     """The request's JSON (starting with :data:`REQUEST_PREFIX`)."""
     return _encoder.encode(request)
 
 
-def decode_request(value: bytes | None) -> AdmissionRequest:
-    """Parse one request; :class:`InvalidEventError` with the reason when it is not one."""
+def decode_request(value: bytes | None) -> AdmissionRequest | ReleaseRequest:
+    """Parse one request of either kind; :class:`InvalidEventError` with the reason when it is
+    not one."""
     if value is None:
         raise InvalidEventError("admission request: empty message")
     try:

@@ -39,6 +39,7 @@ from schemas import (
     AdmissionRequest,
     DeadLetter,
     PricedEvent,
+    ReleaseRequest,
     Rollup,
     Subscription,
     decode_request,
@@ -110,14 +111,15 @@ class PricedRecord:
 
 @dataclass(slots=True)
 class AdmissionItem:
-    """An admission request read from the events topic, where it was in the log, and when.
+    """An admission (or release) request read from the events topic, where it was in the log,
+    and when.
 
     ``arrived_ms`` is the record's timestamp (never later than the worker's clock; with
     CreateTime, the gateway's clock at the send, which also dates its usage events): the
     request's time, at which its estimate is held (docs/DESIGN.md, "Admission (reservations)").
     """
 
-    request: AdmissionRequest
+    request: AdmissionRequest | ReleaseRequest
     partition: int
     offset: int
     arrived_ms: int
@@ -545,7 +547,10 @@ class UsageProcessor:
         now_ms = now_us // 1000
         at_ms = now_ms if arrived_ms is None or arrived_ms <= 0 else min(arrived_ms, now_ms)
         result.admissions.append(AdmissionItem(request, rec.partition, rec.offset, at_ms))
-        result.counters["admission_requests"] += 1
+        if isinstance(request, ReleaseRequest):
+            result.counters["release_requests"] += 1
+        else:
+            result.counters["admission_requests"] += 1
 
     # -- eviction -----------------------------------------------------------------------------
     def _index(self) -> dict[int, dict[int, set[str]]]:

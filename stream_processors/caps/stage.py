@@ -64,6 +64,7 @@ from schemas import (
     AdmissionAnswer,
     AdmissionRequest,
     DeadLetter,
+    ReleaseRequest,
     Subscription,
     encode_answer,
     encode_event,
@@ -255,7 +256,10 @@ class CapStage:
                     self.engine.apply_batch(state, sub, [cap_event(r) for r in run], now, effects)
                     recs += run
                     run = []
-                self._admit(state, sub, entry, now, out)
+                if isinstance(entry.request, ReleaseRequest):
+                    self._release(state, entry.request, out)
+                else:
+                    self._admit(state, sub, entry, now, out)
             if run:
                 self.engine.apply_batch(state, sub, [cap_event(r) for r in run], now, effects)
                 recs += run
@@ -297,6 +301,9 @@ class CapStage:
         for item in items:
             if isinstance(item, AdmissionItem) and item.request.org_id != sub.org_id:
                 req = item.request
+                if isinstance(req, ReleaseRequest):
+                    out.counters["release_wrong_org"] += 1  # not answered; releases nothing
+                    continue
                 answer = AdmissionAnswer(
                     reservation_id=req.reservation_id,
                     gateway=req.gateway,
@@ -314,10 +321,15 @@ class CapStage:
     def _answer_uncapped(
         self, items: Sequence[PricedRecord | AdmissionItem], now: datetime, out: CapOutputs
     ) -> None:
-        """Answer the requests of a user caps do not apply to: admitted, nothing held."""
+        """Answer the requests of a user caps do not apply to: admitted, nothing held.
+
+        A release for such a user has nothing to release (and is not answered)."""
         for item in items:
             if isinstance(item, AdmissionItem):
                 req = item.request
+                if isinstance(req, ReleaseRequest):
+                    out.counters["release_no_plan"] += 1
+                    continue
                 answer = AdmissionAnswer(
                     reservation_id=req.reservation_id,
                     gateway=req.gateway,
@@ -346,6 +358,8 @@ class CapStage:
     ) -> None:
         """Decide one request (and its pool) on the user's state; queue the answer."""
         req = item.request
+        if not isinstance(req, AdmissionRequest):
+            return
         at = _at(item.arrived_ms)
         counters = out.counters
         plan_id = sub.plan_at(at)
@@ -382,11 +396,19 @@ class CapStage:
             counters["admission_pooled"] += len(pooled)
         self._reply(req, self._answer(req, decision, pooled, now), out)
 
+    def _release(self, state: UserCapState, req: ReleaseRequest, out: CapOutputs) -> None:
+        """End the holds of the listed reservations (docs/DESIGN.md, "Admission")."""
+        released = sum(self.engine.settle(state, rid) for rid in req.reservation_ids)
+        out.counters["release_released"] += released
+        out.counters["release_not_held"] += len(req.reservation_ids) - released
+
     def _answer_again(
         self, state: UserCapState, item: AdmissionItem, now: datetime, out: CapOutputs
     ) -> None:
         """A replayed request the state already decided: the remembered answer, again."""
         req = item.request
+        if not isinstance(req, AdmissionRequest):
+            return  # a release is not answered; replayed, it was applied already
         known = state.reservation(req.reservation_id)
         if known is None:
             return  # expired or forgotten: the gateway asks again and is decided afresh

@@ -246,3 +246,42 @@ def test_the_demo_burst_admits_what_the_free_plan_holds(make_settings: Any, tmp_
         assert sum((Decimal(r["cost"]) for r in landed), Decimal(0)) == Decimal("0.078")
     finally:
         worker.stop()
+
+
+def test_a_closed_gateway_gives_back_its_pool_and_another_can_use_the_budget(
+    setup: tuple[Settings, Path],
+) -> None:
+    """0.50 USD, nothing spent: 33 estimates fit. Gateway A asks once with a pool of 8 (all
+    granted: far from the cap) and closes; gateway B then asks one call at a time. With A's
+    pool given back only A's own call stays held, so B gets 32; were the pool still held
+    until its TTL, B would get 24."""
+    from producers import Admitter
+
+    settings, tmp_path = setup
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC).replace(microsecond=0)
+    publish_subscriptions(
+        settings,
+        [
+            Subscription(
+                user_id=user,
+                org_id="org-1",
+                billing_anchor=now - timedelta(days=3),
+                plans=[PlanPeriod(plan_id="hard", effective_at=now - timedelta(days=3))],
+            )
+        ],
+    )
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        assert worker.wait_state_ready(120) is not None
+        shape = {"input_tokens": 4_000, "output_tokens": 500}
+        with Admitter(settings, gateway="gw-a", pool=8) as a:
+            first = a.admit(user, "org-1", "gpt-4o", **shape)
+            assert (first.action, first.cost) == ("allow", ESTIMATE)
+            assert a.pooled(user, "gpt-4o", 4_000, 500) == 8
+        assert a.released == 8
+        with Admitter(settings, gateway="gw-b", pool=0) as b:
+            actions = [b.admit(user, "org-1", "gpt-4o", **shape).action for _ in range(34)]
+        assert actions == ["allow"] * 32 + ["block"] * 2, actions
+    finally:
+        worker.stop()

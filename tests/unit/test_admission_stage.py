@@ -18,6 +18,7 @@ import pytest
 from schemas import (
     AdmissionRequest,
     PlanPeriod,
+    ReleaseRequest,
     Subscription,
     encode_request,
     pool_ids,
@@ -376,3 +377,114 @@ def test_an_overage_ceiling_admits_billed_calls_until_the_ceiling() -> None:
         ("block", "ceiling"),
         ("block", "ceiling"),
     ]
+
+
+def _release(user: str, rids: list[str], org: str = "org") -> bytes:
+    return encode_request(
+        ReleaseRequest(org_id=org, user_id=user, gateway="gw-1", reservation_ids=rids)
+    )
+
+
+def _pooled_pipeline() -> tuple[BatchPipeline, DictState]:
+    """One user, a block cap of 20 estimates, pools granted while 6 more estimates fit."""
+    plans = parse_plans(
+        {
+            "plans": [
+                {
+                    "id": "p",
+                    "monthly_price": "0",
+                    "windows": [
+                        {
+                            "name": "monthly",
+                            "kind": "billing_month",
+                            "unit": "usd",
+                            "allowance": str(ESTIMATE * UNIT * 20),
+                            "at_cap": {"action": "block"},
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+    subs = {"u": _sub("u", "p")}
+    states = [DictState() for _ in range(4)]
+    processor = UsageProcessor(
+        CATALOG, subs.get, seen=states[0], windows=states[1], marks=states[2]
+    )
+    caps = CapStage(
+        CapEngine(plans, reservation_ttl_s=600),
+        subs.get,
+        states[3],
+        estimator=CATALOG.estimate,
+        pool_zone=5,
+        reply_partitions=6,
+    )
+    return BatchPipeline(processor, caps, states), states[3]
+
+
+def _pool_of_eight(pipeline: BatchPipeline) -> list[str]:
+    first = _answers(pipeline.run(_records([_request("u", "r0", pool=8)]), T0))
+    assert (first[0]["action"], len(first[0]["pooled"])) == ("allow", 8)
+    return list(first[0]["pooled"])
+
+
+# (what precedes a burst of 20 strict requests, allowed in the burst, released, counters)
+RELEASES = [
+    ("nothing", lambda pooled: [], 11, {}),
+    ("the pool", lambda pooled: [_release("u", pooled)], 19, {"release_released": 8}),
+    ("half", lambda pooled: [_release("u", pooled[:4])], 15, {"release_released": 4}),
+    (
+        "the pool twice, and ids never held",
+        lambda pooled: [_release("u", pooled), _release("u", [*pooled, "nope", "r0.99"])],
+        19,
+        {"release_released": 8, "release_not_held": 10},
+    ),
+    (
+        "the pool, by another org",
+        lambda pooled: [_release("u", pooled, org="intruder")],
+        11,
+        {"release_wrong_org": 1},
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "before", "allowed", "counters"), RELEASES)
+def test_released_pooled_reservations_stop_holding_budget(
+    name: str, before: Any, allowed: int, counters: dict[str, int]
+) -> None:
+    pipeline, _ = _pooled_pipeline()
+    pooled = _pool_of_eight(pipeline)  # 1 + 8 estimates held: 11 of 20 left
+    releases = before(pooled)
+    burst = [_request("u", f"b{i}") for i in range(20)]
+    out = pipeline.run(_records([*releases, *burst], first_offset=1), T0)
+    answers = _answers(out)
+    assert [a["reservation_id"] for a in answers] == [f"b{i}" for i in range(20)]
+    assert [a["action"] for a in answers] == ["allow"] * allowed + ["block"] * (20 - allowed)
+    for key in ("release_released", "release_not_held", "release_wrong_org"):
+        assert out.capped.counters[key] == counters.get(key, 0), key
+    assert out.result.counters["release_requests"] == len(releases)
+
+
+def test_a_replayed_release_releases_nothing_more_and_is_not_answered() -> None:
+    pipeline, _ = _pooled_pipeline()
+    pooled = _pool_of_eight(pipeline)
+    records = _records([_release("u", pooled), _request("u", "after")], first_offset=1)
+    first = pipeline.run(records, T0)
+    again = pipeline.run(records, T0)  # a crash before the commit: the same records
+    assert first.capped.counters["release_released"] == 8
+    assert again.capped.counters["release_released"] == 0
+    assert [a["reservation_id"] for a in _answers(again)] == ["after"]
+    assert _answers(again)[0]["action"] == _answers(first)[0]["action"] == "allow"
+
+
+def test_a_torn_or_empty_release_is_a_dead_letter() -> None:
+    pipeline, _ = _pooled_pipeline()
+    pooled = _pool_of_eight(pipeline)
+    torn = _release("u", pooled)[:-3]
+    empty = (
+        b'{"kind":"release","v":1,"org_id":"org","user_id":"u","gateway":"g","reservation_ids":[]}'
+    )
+    out = pipeline.run(_records([torn, empty], first_offset=1), T0)
+    letters = [orjson.loads(letter) for _, letter, _ in out.result.dead]
+    assert [letter["stage"] for letter in letters] == ["admission", "admission"]
+    assert out.capped.counters["release_released"] == 0

@@ -8,11 +8,12 @@ one carrying the cost it holds, and gone when empty.
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
 from producers import Admitter
-from schemas import AdmissionAnswer, AdmissionRequest, pool_ids
+from schemas import MAX_RELEASE, AdmissionAnswer, AdmissionRequest, decode_request, pool_ids
 from spendstream.errors import KafkaError
 from spendstream.settings import Settings
 
@@ -106,3 +107,64 @@ def test_the_answers_end_offset_is_asked_again_while_the_topic_is_young() -> Non
     with pytest.raises(KafkaException):
         admitter._end_offset(denied, TopicPartition("t", 0))
     assert denied.calls == 1  # not transient: said at once
+
+
+class _Recorder:
+    """A confluent-kafka Producer's surface the Admitter uses, recording what it sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+
+    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Any = None) -> None:
+        self.sent.append((topic, key, value))
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+    def flush(self, timeout: float = 0) -> int:
+        return 0
+
+
+def _recording(admitter: Admitter) -> _Recorder:
+    recorder = _Recorder()
+    admitter._producer = recorder
+    return recorder
+
+
+def test_close_gives_back_the_unused_pool_in_one_release_per_user() -> None:
+    admitter = Admitter(Settings(), gateway="gw")
+    _answer(admitter, 5)
+    admitter.admit("u", "o", "gpt-4o", input_tokens=100, output_tokens=10)  # r.1 used
+    sent = _recording(admitter)
+    admitter.close()
+    assert len(sent.sent) == 1
+    topic, key, value = sent.sent[0]
+    release = decode_request(value)
+    assert (topic, key) == (Settings().topics.events, b"u")
+    assert (release.org_id, release.user_id, release.gateway) == ("o", "u", "gw")
+    assert getattr(release, "reservation_ids", None) == ["r.2", "r.3", "r.4", "r.5"]
+    assert admitter.released == 4 and admitter._pools == {}
+
+
+def test_expired_pool_entries_are_given_back_when_met(monkeypatch: pytest.MonkeyPatch) -> None:
+    admitter = Admitter(Settings(), gateway="gw")
+    _answer(admitter, 3)
+    sent = _recording(admitter)
+    import producers._admit as admit_module
+
+    later = admit_module.time.monotonic() + admitter._pool_life_s + 1
+    monkeypatch.setattr(admit_module.time, "monotonic", lambda: later)
+    assert admitter._local("u", "gpt-4o", 100, 10) is None
+    assert [getattr(decode_request(v), "reservation_ids", None) for _, _, v in sent.sent] == [
+        ["r.1", "r.2", "r.3"]
+    ]
+    admitter.close()  # nothing left to give back
+    assert len(sent.sent) == 1 and admitter.released == 3
+
+
+def test_a_release_of_many_ids_is_cut_to_the_contract_limit() -> None:
+    admitter = Admitter(Settings(), gateway="gw")
+    sent = _recording(admitter)
+    admitter._release("u", "o", [f"x.{i}" for i in range(2 * MAX_RELEASE + 1)])
+    sizes = [len(getattr(decode_request(v), "reservation_ids", [])) for _, _, v in sent.sent]
+    assert sizes == [MAX_RELEASE, MAX_RELEASE, 1]
