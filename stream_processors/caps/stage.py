@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -304,16 +304,7 @@ class CapStage:
                 if isinstance(req, ReleaseRequest):
                     out.counters["release_wrong_org"] += 1  # not answered; releases nothing
                     continue
-                answer = AdmissionAnswer(
-                    reservation_id=req.reservation_id,
-                    gateway=req.gateway,
-                    user_id=req.user_id,
-                    action="block",
-                    reason="wrong_org",
-                    answered_at=micros_to_iso(to_micros(now)),
-                )
-                self._reply(req, answer, out)
-                out.counters["admission_wrong_org"] += 1
+                self._answer_holding_nothing(req, "block", "wrong_org", None, now, out)
             else:
                 kept.append(item)
         return kept
@@ -330,17 +321,29 @@ class CapStage:
                 if isinstance(req, ReleaseRequest):
                     out.counters["release_no_plan"] += 1
                     continue
-                answer = AdmissionAnswer(
-                    reservation_id=req.reservation_id,
-                    gateway=req.gateway,
-                    user_id=req.user_id,
-                    action="allow",
-                    reason="no_plan",
-                    model=req.model,
-                    answered_at=micros_to_iso(to_micros(now)),
-                )
-                self._reply(req, answer, out)
-                out.counters["admission_no_plan"] += 1
+                self._answer_holding_nothing(req, "allow", "no_plan", req.model, now, out)
+
+    def _answer_holding_nothing(
+        self,
+        req: AdmissionRequest,
+        action: Literal["allow", "block"],
+        reason: str,
+        model: str | None,
+        now: datetime,
+        out: CapOutputs,
+    ) -> None:
+        """Answer a request that neither holds nor remembers anything; count it by reason."""
+        answer = AdmissionAnswer(
+            reservation_id=req.reservation_id,
+            gateway=req.gateway,
+            user_id=req.user_id,
+            action=action,
+            reason=reason,
+            model=model,
+            answered_at=micros_to_iso(to_micros(now)),
+        )
+        self._reply(req, answer, out)
+        out.counters[f"admission_{reason}"] += 1
 
     def _estimate(self, req: AdmissionRequest, model: str, at: datetime) -> Estimate:
         if self.estimator is None:

@@ -72,7 +72,8 @@ def setup(make_settings: Any, tmp_path: Path) -> Iterator[tuple[Settings, Path]]
     yield settings, tmp_path
 
 
-def _subscribe_and_prespend(settings: Settings) -> tuple[str, datetime]:
+def _subscribe(settings: Settings) -> tuple[str, datetime]:
+    """A new user on the hard plan (org-1); the user and the time the plan starts from."""
     user = f"u-{uuid.uuid4().hex[:8]}"
     now = datetime.now(UTC).replace(microsecond=0)
     publish_subscriptions(
@@ -86,6 +87,11 @@ def _subscribe_and_prespend(settings: Settings) -> tuple[str, datetime]:
             )
         ],
     )
+    return user, now
+
+
+def _subscribe_and_prespend(settings: Settings) -> tuple[str, datetime]:
+    user, now = _subscribe(settings)
     prespend(settings, user, now, org="org-1")  # 0.40 USD
     return user, now
 
@@ -258,19 +264,7 @@ def test_a_closed_gateway_gives_back_its_pool_and_another_can_use_the_budget(
     from producers import Admitter
 
     settings, tmp_path = setup
-    user = f"u-{uuid.uuid4().hex[:8]}"
-    now = datetime.now(UTC).replace(microsecond=0)
-    publish_subscriptions(
-        settings,
-        [
-            Subscription(
-                user_id=user,
-                org_id="org-1",
-                billing_anchor=now - timedelta(days=3),
-                plans=[PlanPeriod(plan_id="hard", effective_at=now - timedelta(days=3))],
-            )
-        ],
-    )
+    user, _ = _subscribe(settings)
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     try:
         assert worker.wait_state_ready(120) is not None

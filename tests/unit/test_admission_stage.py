@@ -91,14 +91,16 @@ ESTIMATE = CATALOG.estimate(MODEL, IN, OUT, T0)  # USD units of one call at most
 UNIT = Decimal(10) ** -24
 
 
-def _pipeline(states: list[DictState] | None = None) -> tuple[BatchPipeline, list[DictState]]:
+def _pipeline(
+    states: list[DictState] | None = None, plans: Any = PLANS, subs: Any = SUBS
+) -> tuple[BatchPipeline, list[DictState]]:
     states = states or [DictState() for _ in range(4)]
     processor = UsageProcessor(
-        CATALOG, SUBS.get, seen=states[0], windows=states[1], marks=states[2]
+        CATALOG, subs.get, seen=states[0], windows=states[1], marks=states[2]
     )
     caps = CapStage(
-        CapEngine(PLANS, reservation_ttl_s=600),
-        SUBS.get,
+        CapEngine(plans, reservation_ttl_s=600),
+        subs.get,
         states[3],
         estimator=CATALOG.estimate,
         pool_zone=5,
@@ -406,20 +408,8 @@ def _pooled_pipeline() -> tuple[BatchPipeline, DictState]:
             ]
         }
     )
-    subs = {"u": _sub("u", "p")}
-    states = [DictState() for _ in range(4)]
-    processor = UsageProcessor(
-        CATALOG, subs.get, seen=states[0], windows=states[1], marks=states[2]
-    )
-    caps = CapStage(
-        CapEngine(plans, reservation_ttl_s=600),
-        subs.get,
-        states[3],
-        estimator=CATALOG.estimate,
-        pool_zone=5,
-        reply_partitions=6,
-    )
-    return BatchPipeline(processor, caps, states), states[3]
+    pipeline, states = _pipeline(plans=plans, subs={"u": _sub("u", "p")})
+    return pipeline, states[3]
 
 
 def _pool_of_eight(pipeline: BatchPipeline) -> list[str]:
