@@ -230,10 +230,16 @@ def progress_rates(
     batch at a time, so the rate of single sampling steps says little.) ``total`` defaults to
     the last sample's count; without two distinct samples in that span it is the overall rate.
     """
-    first = next(((t, n) for t, n in samples if n > 0), None)
-    if first is None:
+    at = next((i for i, (_, n) in enumerate(samples) if n > 0), None)
+    if at is None:
         raise ValueError("no progress in the samples: nothing was processed")
-    last = samples[-1]
+    first, last = samples[at], samples[-1]
+    if last[1] == first[1] and at > 0:
+        # Everything showed in one sampling step (a small run, or one batch per worker): the
+        # rate over that step, a lower bound, rather than 0 events/s.
+        before = samples[at - 1]
+        step = (first[1] - before[1]) / max(first[0] - before[0], 1e-9)
+        return first[0], step, step
     rate = (last[1] - first[1]) / max(last[0] - first[0], 1e-9)
     total = last[1] if total is None else total
     low = next(((t, n) for t, n in samples if n >= 0.1 * total), None)

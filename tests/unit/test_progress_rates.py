@@ -37,6 +37,12 @@ from spendstream.bench.worker import progress_rates
             (0.0, 200.0, 200.0),
             id="90 % of the total never reached: the overall rate",
         ),
+        pytest.param(
+            [(0.0, 0), (0.1, 0), (0.25, 6000), (0.35, 6000), (0.45, 6000)],
+            6000,
+            (0.25, 6000 / 0.15, 6000 / 0.15),
+            id="all progress in one step: the rate over that step, not 0",
+        ),
         pytest.param([(5.0, 100)], None, (5.0, 0.0, 0.0), id="a single sample"),
     ],
 )  # fmt: skip
