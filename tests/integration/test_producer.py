@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import json
 import os
 import threading
 import time
@@ -205,10 +206,14 @@ def test_produce_command_reports_bad_lines_and_sends_the_rest(
     settings = make_topics(make_settings)
     monkeypatch.setenv("SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS", settings.kafka.bootstrap_servers)
     monkeypatch.setenv("SPENDSTREAM_TOPICS__EVENTS", settings.topics.events)
-    good = iter(sim_events(997, seed=5))
+    good_events = sim_events(997, seed=5)
+    good = iter(good_events)
     bad = iter(payload for _, payload in malformed_payloads(3, seed=5))
     bad_lines = {17, 500, 1000}
     lines = [next(bad) if n in bad_lines else orjson.dumps(next(good)) for n in range(1, 1001)]
+    # Valid lines in other spellings than the canonical encoding: spaces, another key order.
+    lines[1] = json.dumps(good_events[1]).encode()
+    lines[2] = orjson.dumps(dict(reversed(list(good_events[2].items()))))
     path = tmp_path / "events.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
 
@@ -217,4 +222,11 @@ def test_produce_command_reports_bad_lines_and_sends_the_rest(
     reported = [line for line in result.stderr.splitlines() if line.startswith("line ")]
     assert [int(line.split()[1].rstrip(":")) for line in reported] == sorted(bad_lines)
     assert "sent 997 events" in result.stdout
-    assert len(read_topic(settings, settings.topics.events, 997)) == 997
+    # Each valid line went out as it is, keyed by its user.
+    got = sorted((m.key(), m.value()) for m in read_topic(settings, settings.topics.events, 997))
+    want = sorted(
+        (orjson.loads(line)["user_id"].encode(), line)
+        for n, line in enumerate(lines, start=1)
+        if n not in bad_lines
+    )
+    assert got == want
