@@ -36,6 +36,66 @@ def _fraction(value: float) -> float:
     return value
 
 
+class _LineProgress:
+    """A progress bar on standard error while ``produce`` reads its lines, on a terminal only.
+
+    Invalid lines are reported above the bar (or as plain lines when there is none), one line
+    each. Off a terminal (a pipe, a log, the tests' runner) nothing but the reports is written.
+    """
+
+    _EVERY_S = 0.2
+
+    def __init__(self, total_bytes: int | None) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._bar: Progress | None = None
+        self._task: Any = None
+        self._t0 = self._last = time.monotonic()
+        if err_console.is_terminal:
+            self._bar = Progress(
+                TextColumn("[bold]produce"),
+                BarColumn(),
+                DownloadColumn(),
+                TextColumn("{task.fields[lines]} lines"),
+                TextColumn("[cyan]{task.fields[rate]:.0f} lines/s"),
+                TimeElapsedColumn(),
+                console=err_console,
+            )
+            self._task = self._bar.add_task("lines", total=total_bytes, lines=0, rate=0.0)
+
+    def __enter__(self) -> _LineProgress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def advance(self, read_bytes: int, lines: int, *, last: bool = False) -> None:
+        """Show ``read_bytes`` and ``lines`` read so far (at most every 0.2 s unless ``last``)."""
+        if self._bar is None:
+            return
+        now = time.monotonic()
+        if last or now - self._last >= self._EVERY_S:
+            self._last = now
+            rate = lines / max(now - self._t0, 1e-9)
+            self._bar.update(self._task, completed=read_bytes, lines=lines, rate=rate)
+
+    def report(self, text: str) -> None:
+        """One line on standard error, above the bar when there is one."""
+        if self._bar is None:
+            typer.echo(text, err=True)
+        else:
+            self._bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``produce``, ``simulate`` and ``consume`` commands."""
 
@@ -48,25 +108,29 @@ def register(app: typer.Typer) -> None:
         """Validate and send usage events, one JSON object per line, to the events topic.
 
         Every invalid line is reported on standard error with its line number and the reason;
-        each valid line is sent as it is, keyed by its user. Exits 1 if any line was invalid or
-        not delivered.
+        each valid line is sent as it is, keyed by its user. On a terminal a progress bar shows
+        the bytes and lines read. Exits 1 if any line was invalid or not delivered.
         """
         from producers import UsageProducer
         from schemas.wire import decode_usage
         from spendstream.errors import InvalidEventError
 
         settings = settings_or_exit()
+        total: int | None = None
         if file == "-":
             stream: IO[bytes] = sys.stdin.buffer
         else:
             path = Path(file)
             if not path.is_file():
                 fail(f"no such file: {path}")
+            total = path.stat().st_size
             stream = path.open("rb")
-        sent = invalid = blank = 0
+        sent = invalid = blank = read = number = 0
         try:
-            with stream, UsageProducer(settings) as producer:
+            with stream, UsageProducer(settings) as producer, _LineProgress(total) as shown:
                 for number, raw in enumerate(stream, start=1):
+                    read += len(raw)
+                    shown.advance(read, number)
                     line = raw.rstrip(b"\r\n")
                     if not line.strip():
                         blank += 1
@@ -79,10 +143,11 @@ def register(app: typer.Typer) -> None:
                         event = decode_usage(line)
                     except InvalidEventError as exc:
                         invalid += 1
-                        typer.echo(f"line {number}: {printable(str(exc))}", err=True)
+                        shown.report(f"line {number}: {printable(str(exc))}")
                         continue
                     producer.send_raw(event.user_id, line)
                     sent += 1
+                shown.advance(read, number, last=True)
         except SpendstreamError as exc:
             fail(f"{exc} ({sent} events sent before the error)")
         console.print(

@@ -230,3 +230,38 @@ def test_produce_command_reports_bad_lines_and_sends_the_rest(
         if n not in bad_lines
     )
     assert got == want
+
+
+def test_produce_command_shows_progress_on_a_terminal_and_reports_above_it(
+    make_settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    from spendstream.cli import app
+    from spendstream.commands import traffic
+
+    settings = make_topics(make_settings)
+    monkeypatch.setenv("SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS", settings.kafka.bootstrap_servers)
+    monkeypatch.setenv("SPENDSTREAM_TOPICS__EVENTS", settings.topics.events)
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=100, emoji=False)
+    monkeypatch.setattr(traffic, "err_console", terminal)
+    lines = [orjson.dumps(e) for e in sim_events(300, seed=6)]
+    lines[41] = orjson.dumps({"event_id": "e"})  # five fields missing: a long reason
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+    result = CliRunner().invoke(app, ["produce", str(path)])
+    assert result.exit_code == 1, result.output
+    assert "sent 299 events" in result.stdout
+    shown = screen.getvalue()
+    report = [line for line in shown.splitlines() if "line 42:" in line]
+    # Wider than the terminal and still one line, whole.
+    assert len(report) == 1 and len(report[0]) > 100, shown
+    assert report[0].endswith("requested_model: Field required"), shown
+    # The bar's last state: every byte and line of the file read.
+    size = path.stat().st_size
+    assert "300 lines" in shown and f"{size / 1000:.1f}/{size / 1000:.1f} kB" in shown, shown
+    assert "line 42:" not in result.stderr  # reported through the terminal, not twice
