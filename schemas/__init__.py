@@ -34,6 +34,7 @@ from schemas._events import (
     encode_event,
     event_from_obj,
     event_json_schema,
+    oversize_reason,
 )
 from schemas._records import (
     ENFORCEMENT_STATES,
@@ -109,6 +110,7 @@ __all__ = [
     "from_cloudevent",
     "from_openai_chat_usage",
     "from_openai_responses_usage",
+    "oversize_reason",
     "pool_ids",
     "reply_partition",
     "service_tier_of",

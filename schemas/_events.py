@@ -259,12 +259,17 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def oversize_reason(size: int) -> str:
+    """Why an event of ``size`` bytes (over :data:`MAX_EVENT_BYTES`) is refused."""
+    return f"event is {size} bytes, over the {MAX_EVENT_BYTES} limit"
+
+
 def decode_event(data: bytes | str | None) -> UsageEvent:
     """Parse and validate one wire message; raise :class:`InvalidEventError` with the reason."""
     if data is None:
         raise InvalidEventError("message has no value (a null or tombstone record)")
     if len(data) > MAX_EVENT_BYTES:
-        raise InvalidEventError(f"event is {len(data)} bytes, over the {MAX_EVENT_BYTES} limit")
+        raise InvalidEventError(oversize_reason(len(data)))
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:

@@ -6,6 +6,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -13,6 +14,7 @@ from typing import IO, Any
 import orjson
 import typer
 
+from schemas import MAX_EVENT_BYTES
 from spendstream.commands._common import console, err_console, fail, settings_or_exit
 from spendstream.commands._safe import printable
 from spendstream.errors import SpendstreamError
@@ -34,6 +36,37 @@ def _fraction(value: float) -> float:
     if not 0.0 <= value <= 1.0:
         raise typer.BadParameter("must be a fraction between 0 and 1")
     return value
+
+
+_LINE_LIMIT = MAX_EVENT_BYTES + 2
+"""The longest line ``produce`` keeps: the largest event and a CRLF ending."""
+_SKIP_CHUNK = 1 << 16
+
+
+def _bounded_lines(stream: IO[bytes]) -> Iterator[tuple[bytes | None, int, int]]:
+    """Each line of ``stream`` without its end, the bytes it took and its length.
+
+    The line is ``None`` when it is longer than any event can be: it is read past in chunks
+    and never held whole, so a torn or binary file with no line end for gigabytes does not
+    take that much memory.
+    """
+    while raw := stream.readline(_LINE_LIMIT + 1):
+        if len(raw) <= _LINE_LIMIT or raw.endswith(b"\n"):
+            line = raw.rstrip(b"\r\n")
+            yield line, len(raw), len(line)
+            continue
+        size, last = len(raw), raw[-1:]
+        content = size
+        while chunk := stream.readline(_SKIP_CHUNK):
+            size += len(chunk)
+            if chunk.endswith(b"\n"):
+                before = chunk[-2:-1] if len(chunk) > 1 else last
+                content = size - (2 if before == b"\r" else 1)
+                break
+            last = chunk[-1:]
+        else:
+            content = size  # the file ended inside the line
+        yield None, size, content
 
 
 class _LineProgress:
@@ -112,6 +145,7 @@ def register(app: typer.Typer) -> None:
         the bytes and lines read. Exits 1 if any line was invalid or not delivered.
         """
         from producers import UsageProducer
+        from schemas import oversize_reason
         from schemas.wire import decode_usage
         from spendstream.errors import InvalidEventError
 
@@ -128,10 +162,14 @@ def register(app: typer.Typer) -> None:
         sent = invalid = blank = read = number = 0
         try:
             with stream, UsageProducer(settings) as producer, _LineProgress(total) as shown:
-                for number, raw in enumerate(stream, start=1):
-                    read += len(raw)
+                lines = _bounded_lines(stream)
+                for number, (line, size, length) in enumerate(lines, start=1):
+                    read += size
                     shown.advance(read, number)
-                    line = raw.rstrip(b"\r\n")
+                    if line is None:
+                        invalid += 1
+                        shown.report(f"line {number}: {oversize_reason(length)}")
+                        continue
                     if not line.strip():
                         blank += 1
                         continue

@@ -64,6 +64,7 @@ PUBLIC: dict[str, list[str]] = {
         "from_cloudevent",
         "from_openai_chat_usage",
         "from_openai_responses_usage",
+        "oversize_reason",
         "pool_ids",
         "reply_partition",
         "service_tier_of",
