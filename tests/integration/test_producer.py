@@ -198,14 +198,20 @@ def test_publish_subscriptions(make_settings: Any) -> None:
     assert by_user == {s.user_id: s for s in subs}
 
 
+def _cli_settings(make_settings: Any, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Topics of their own, and the environment that points the CLI at them."""
+    settings = make_topics(make_settings)
+    monkeypatch.setenv("SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS", settings.kafka.bootstrap_servers)
+    monkeypatch.setenv("SPENDSTREAM_TOPICS__EVENTS", settings.topics.events)
+    return settings
+
+
 def test_produce_command_reports_bad_lines_and_sends_the_rest(
     make_settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from spendstream.cli import app
 
-    settings = make_topics(make_settings)
-    monkeypatch.setenv("SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS", settings.kafka.bootstrap_servers)
-    monkeypatch.setenv("SPENDSTREAM_TOPICS__EVENTS", settings.topics.events)
+    settings = _cli_settings(make_settings, monkeypatch)
     good_events = sim_events(997, seed=5)
     good = iter(good_events)
     bad = iter(payload for _, payload in malformed_payloads(3, seed=5))
@@ -242,9 +248,7 @@ def test_produce_command_shows_progress_on_a_terminal_and_reports_above_it(
     from spendstream.cli import app
     from spendstream.commands import traffic
 
-    settings = make_topics(make_settings)
-    monkeypatch.setenv("SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS", settings.kafka.bootstrap_servers)
-    monkeypatch.setenv("SPENDSTREAM_TOPICS__EVENTS", settings.topics.events)
+    _cli_settings(make_settings, monkeypatch)
     screen = io.StringIO()
     terminal = Console(file=screen, force_terminal=True, width=100, emoji=False)
     monkeypatch.setattr(traffic, "err_console", terminal)

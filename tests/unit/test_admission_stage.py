@@ -109,6 +109,29 @@ def _pipeline(
     return BatchPipeline(processor, caps, states), states
 
 
+def _block_at_20_estimates(plan_id: str) -> Any:
+    """One plan whose billing month blocks at 20 estimated calls."""
+    return parse_plans(
+        {
+            "plans": [
+                {
+                    "id": plan_id,
+                    "monthly_price": "0",
+                    "windows": [
+                        {
+                            "name": "monthly",
+                            "kind": "billing_month",
+                            "unit": "usd",
+                            "allowance": str(ESTIMATE * UNIT * 20),
+                            "at_cap": {"action": "block"},
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+
 def _request(user: str, rid: str, pool: int = 0, gateway: str = "gw-1", org: str = "org") -> bytes:
     return encode_request(
         AdmissionRequest(
@@ -231,39 +254,9 @@ def test_a_pool_is_granted_far_from_every_cap_and_never_near_one() -> None:
 
 
 def test_pooled_reservations_are_held_and_settled_like_any() -> None:
-    pipeline, states = _pipeline()
     # A user with room for 20 calls, pool zone 5: the pool stops where 5 more would not fit.
     subs = {**SUBS, "mid": _sub("mid", "capped")}
-    processor = UsageProcessor(
-        CATALOG, subs.get, seen=states[0], windows=states[1], marks=states[2]
-    )
-    plans = parse_plans(
-        {
-            "plans": [
-                {
-                    "id": "capped",
-                    "monthly_price": "0",
-                    "windows": [
-                        {
-                            "name": "monthly",
-                            "kind": "billing_month",
-                            "unit": "usd",
-                            "allowance": str(ESTIMATE * UNIT * 20),
-                            "at_cap": {"action": "block"},
-                        }
-                    ],
-                }
-            ]
-        }
-    )
-    caps = CapStage(
-        CapEngine(plans, reservation_ttl_s=600),
-        subs.get,
-        states[3],
-        estimator=CATALOG.estimate,
-        pool_zone=5,
-    )
-    pipeline = BatchPipeline(processor, caps, states)
+    pipeline, _ = _pipeline(plans=_block_at_20_estimates("capped"), subs=subs)
     out = _answers(pipeline.run(_records([_request("mid", "m", pool=64)]), T0))
     # 1 + pooled held; each pooled one left room for 5 more: 1 + k + 5 <= 20.
     assert len(out[0]["pooled"]) == 14
@@ -389,26 +382,7 @@ def _release(user: str, rids: list[str], org: str = "org") -> bytes:
 
 def _pooled_pipeline() -> tuple[BatchPipeline, DictState]:
     """One user, a block cap of 20 estimates, pools granted while 6 more estimates fit."""
-    plans = parse_plans(
-        {
-            "plans": [
-                {
-                    "id": "p",
-                    "monthly_price": "0",
-                    "windows": [
-                        {
-                            "name": "monthly",
-                            "kind": "billing_month",
-                            "unit": "usd",
-                            "allowance": str(ESTIMATE * UNIT * 20),
-                            "at_cap": {"action": "block"},
-                        }
-                    ],
-                }
-            ]
-        }
-    )
-    pipeline, states = _pipeline(plans=plans, subs={"u": _sub("u", "p")})
+    pipeline, states = _pipeline(plans=_block_at_20_estimates("p"), subs={"u": _sub("u", "p")})
     return pipeline, states[3]
 
 
