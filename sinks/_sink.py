@@ -169,6 +169,7 @@ class Sink:
         except Exception as exc:
             raise KafkaError(f"cannot start the sink consumer: {exc}") from exc
         self._assigned: set[tuple[str, int]] = set()
+        self._admin: Any = None  # made by the first lag() (the demo and tests only)
         self._closed = False
         self._stop = threading.Event()
 
@@ -389,22 +390,19 @@ class Sink:
         }
 
     def lag(self) -> dict[tuple[str, int], int]:
-        """Committed-offset lag of every assigned partition (high watermark - committed)."""
+        """Committed-offset lag of every assigned partition (end offset - committed)."""
         from confluent_kafka import TopicPartition
+
+        from spendstream.lag import admin_client, lag_of
 
         parts = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
         if not parts:
             return {}
         try:
+            if self._admin is None:
+                self._admin = admin_client(self.settings.kafka.confluent_config())
             committed = self._consumer.committed(parts, timeout=10)
-            out: dict[tuple[str, int], int] = {}
-            for tp in committed:
-                low, high = self._consumer.get_watermark_offsets(
-                    TopicPartition(tp.topic, tp.partition), timeout=10, cached=False
-                )
-                position = tp.offset if tp.offset >= 0 else low
-                out[(tp.topic, tp.partition)] = max(high - position, 0)
-            return out
+            return lag_of(self._admin, committed, 10.0)
         except Exception as exc:
             raise KafkaError(f"cannot read the sink's lag: {exc}") from exc
 
