@@ -38,8 +38,14 @@ def _offsets(admin: Any, parts: Sequence[Any], spec: Any, timeout_s: float) -> d
 def lag_of(admin: Any, committed: Sequence[Any], timeout_s: float) -> dict[tuple[str, int], int]:
     """(topic, partition) -> end offset minus ``committed`` (a partition with no committed
     offset counts from its first offset); ``committed`` as confluent-kafka TopicPartitions."""
+    from confluent_kafka import KafkaException
+
     # The documented import path; OffsetSpec is untyped and not in the package's __all__.
     from confluent_kafka.admin import OffsetSpec  # type: ignore[attr-defined]
+
+    for tp in committed:
+        if tp.error is not None:  # the group's offset of this partition could not be read
+            raise KafkaException(tp.error)
 
     ends = _offsets(admin, committed, OffsetSpec.latest(), timeout_s)  # type: ignore[no-untyped-call]
     unset = [tp for tp in committed if tp.offset < 0]
@@ -73,5 +79,5 @@ def group_lag(
         answer = admin.list_consumer_group_offsets(request, request_timeout=timeout_s)
         committed = answer[group_id].result(timeout_s).topic_partitions
         return lag_of(admin, committed, timeout_s)
-    except KafkaException as exc:
+    except (KafkaException, TimeoutError) as exc:
         raise KafkaError(f"cannot read the lag of group {group_id!r}: {exc}") from exc
