@@ -438,6 +438,7 @@ class Sink:
             if len(self.buffer):
                 self.flush()
         finally:
+            self._admin = None  # the lag probe's client goes with its last reference
             try:
                 self._consumer.close()
             except Exception as exc:
